@@ -1,0 +1,286 @@
+"""The one place that opens storage: URIs (`s3://bucket/key`, `file:///path`, `/path`) to filesystems.
+
+Credentials and the endpoint come from the standard AWS chain: `AWS_ACCESS_KEY_ID` /
+`AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`, `AWS_PROFILE` and ~/.aws files, instance profiles,
+and `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`) for S3-compatible stores such as SeaweedFS or
+MinIO. Nothing here prints or logs a credential; errors name the endpoint, bucket and key only.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    """A storage failure with what to check; never carries a credential."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI: `scheme` is "s3" or "file"; `path` is what the filesystem takes."""
+
+    uri: str
+    scheme: str
+    bucket: str | None
+    key: str
+    path: str  # "bucket/key" for S3 (no scheme), absolute path for files
+
+    def join(self, *parts: str) -> "Location":
+        if self.scheme == "s3":
+            key = posixpath.join(self.key, *parts) if self.key else posixpath.join(*parts)
+            return parse_uri(f"s3://{self.bucket}/{key}")
+        return parse_uri(os.path.join(self.path, *parts))
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        return s3_filesystem() if self.scheme == "s3" else pafs.LocalFileSystem()
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def parse_uri(uri: str | os.PathLike) -> Location:
+    uri = str(uri)
+    if uri.startswith("s3://") or uri.startswith("s3a://"):
+        parsed = urlparse(uri)
+        bucket, key = parsed.netloc, parsed.path.lstrip("/")
+        if not bucket:
+            raise StorageError(f"{uri!r} names no bucket: write s3://BUCKET/KEY")
+        key = key.rstrip("/")
+        return Location(f"s3://{bucket}/{key}" if key else f"s3://{bucket}", "s3", bucket, key, f"{bucket}/{key}".rstrip("/"))
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"unsupported URI scheme in {uri!r}: use s3://, file:// or a local path")
+    path = urlparse(uri).path if uri.startswith("file://") else uri
+    path = str(Path(path).expanduser().absolute())
+    return Location(path, "file", None, path, path)
+
+
+def endpoint_url() -> str | None:
+    """The S3 endpoint (e.g. http://127.0.0.1:8333) or None for AWS itself."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def _where(loc: Location) -> str:
+    return f"bucket {loc.bucket!r} at endpoint {endpoint_url() or 'AWS S3 (no AWS_ENDPOINT_URL set)'}"
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str, key_id: str | None, profile: str | None) -> pafs.S3FileSystem:
+    kwargs: dict = {"region": region}
+    if endpoint:
+        u = urlparse(endpoint)
+        kwargs.update(endpoint_override=u.netloc or u.path, scheme=u.scheme or "https")
+    if key_id and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        kwargs.update(
+            access_key=key_id,
+            secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+            session_token=os.environ.get("AWS_SESSION_TOKEN"),
+        )
+    # Otherwise pyarrow's AWS SDK walks the default chain: profile files, instance metadata, ...
+    return pafs.S3FileSystem(**kwargs, connect_timeout=10, request_timeout=60,
+                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5))
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    # Keyed on the settings (not the secret) so a changed environment gives a new filesystem.
+    return _s3_filesystem(endpoint_url(), _region(), os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+
+
+def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """URI -> (pyarrow filesystem, path). The path has no scheme, as Ray Data and Ray Train want it."""
+    loc = parse_uri(uri)
+    return loc.filesystem, loc.path
+
+
+def ray_storage_path(uri: str | os.PathLike) -> tuple[str, pafs.FileSystem]:
+    """(storage_path, storage_filesystem) for `ray.train.RunConfig`.
+
+    Ray Train V2 refuses `s3://bucket/key` together with an explicit filesystem (ArrowInvalid):
+    it wants `bucket/key`. Local paths are made absolute.
+    """
+    loc = parse_uri(uri)
+    if loc.scheme == "file":
+        Path(loc.path).mkdir(parents=True, exist_ok=True)
+    return loc.path, loc.filesystem
+
+
+@functools.lru_cache(maxsize=4)
+def _boto3_client(endpoint: str | None, region: str, key_id: str | None, profile: str | None):
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session(profile_name=profile) if profile and not key_id else boto3.session.Session()
+    cfg = Config(
+        region_name=region,
+        retries={"max_attempts": 5, "mode": "standard"},
+        s3={"addressing_style": "path" if endpoint else "auto"},
+        connect_timeout=10,
+        read_timeout=60,
+    )
+    return session.client("s3", endpoint_url=endpoint, config=cfg)
+
+
+def s3_client():
+    """A boto3 S3 client for the configured endpoint (path-style when an endpoint is set)."""
+    return _boto3_client(endpoint_url(), _region(), os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+
+
+def explain(exc: BaseException, loc: Location, action: str) -> StorageError:
+    """Turn a pyarrow/boto3 failure into a StorageError that says what to check."""
+    text = str(exc)
+    code = ""
+    resp = getattr(exc, "response", None)
+    if isinstance(resp, dict):
+        code = resp.get("Error", {}).get("Code", "")
+    blob = f"{code} {text}"
+    flat = blob.replace("_", "").lower()  # pyarrow writes INVALID_ACCESS_KEY_ID, boto3 InvalidAccessKeyId
+    target = f"{loc.uri}" if loc.scheme == "file" else f"{loc.uri} ({_where(loc)})"
+    if loc.scheme == "s3":
+        if any(s in flat for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden", "403", "invalidtoken", "expiredtoken")):
+            return StorageError(
+                f"cannot {action} {target}: the credentials were refused. Check AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and that they may access this bucket"
+            )
+        if "nosuchbucket" in flat or "bucket does not exist" in flat:
+            return StorageError(f"cannot {action} {target}: the bucket does not exist. Create it or fix the URI")
+        if any(s in blob for s in ("Could not connect", "Connection refused", "curlCode: 7", "EndpointConnectionError", "Could not resolve", "Connect timeout")):
+            return StorageError(
+                f"cannot {action} {target}: the endpoint does not answer. Check AWS_ENDPOINT_URL and that the "
+                "S3 server runs (locally: `make up`)"
+            )
+    if isinstance(exc, FileNotFoundError) or "NoSuchKey" in blob or "Not Found" in blob or "404" in blob:
+        if loc.scheme == "s3":
+            try:  # pyarrow says "not found" for a missing bucket too: tell the two apart
+                check_bucket(loc.uri)
+            except StorageError as bucket_error:
+                return bucket_error
+        return StorageError(f"cannot {action} {target}: no such object or file")
+    # Unknown: keep the first line of the original message (pyarrow/boto3 never include secrets).
+    return StorageError(f"cannot {action} {target}: {text.splitlines()[0] if text else type(exc).__name__}")
+
+
+def check_bucket(uri: str | os.PathLike) -> None:
+    """Fail fast, before any cluster work, if the bucket is missing or the credentials are refused."""
+    loc = parse_uri(uri)
+    if loc.scheme != "s3":
+        return
+    try:
+        s3_client().head_bucket(Bucket=loc.bucket)
+    except Exception as e:  # botocore ClientError, EndpointConnectionError, NoCredentialsError
+        code = getattr(e, "response", {}).get("Error", {}).get("Code", "") if hasattr(e, "response") else ""
+        if code in ("404", "NoSuchBucket"):
+            raise StorageError(f"cannot open {loc.uri} ({_where(loc)}): the bucket does not exist. Create it or fix the URI") from None
+        if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+            raise StorageError(
+                f"cannot open {loc.uri} ({_where(loc)}): no credentials found. Set AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY or AWS_PROFILE (locally: `source .state/env`)"
+            ) from None
+        raise explain(e, loc, "open") from None
+
+
+# ---- small whole-object operations, all through the same filesystems --------------------------
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    loc = parse_uri(uri)
+    try:
+        with loc.filesystem.open_input_stream(loc.path) as f:
+            return f.read()
+    except Exception as e:
+        raise explain(e, loc, "read") from None
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Write a whole object. S3 PUTs are atomic; local files go through a temp name and a rename."""
+    loc = parse_uri(uri)
+    try:
+        if loc.scheme == "file":
+            Path(loc.path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{loc.path}.tmp-{uuid.uuid4().hex[:8]}"
+            Path(tmp).write_bytes(data)
+            os.replace(tmp, loc.path)
+        else:
+            with loc.filesystem.open_output_stream(loc.path) as f:
+                f.write(data)
+    except Exception as e:
+        raise explain(e, loc, "write") from None
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    loc = parse_uri(uri)
+    try:
+        return loc.filesystem.get_file_info(loc.path).type != pafs.FileType.NotFound
+    except Exception as e:
+        raise explain(e, loc, "look up") from None
+
+
+def list_files(uri: str | os.PathLike, recursive: bool = True) -> list[pafs.FileInfo]:
+    """Files under a prefix/folder, sorted by path; empty if it does not exist."""
+    loc = parse_uri(uri)
+    try:
+        infos = loc.filesystem.get_file_info(pafs.FileSelector(loc.path, recursive=recursive, allow_not_found=True))
+    except Exception as e:
+        raise explain(e, loc, "list") from None
+    return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+
+
+def to_uri(loc_like: Location, fs_path: str) -> str:
+    """A filesystem path from `list_files` back to a URI of the same scheme."""
+    return f"s3://{fs_path}" if loc_like.scheme == "s3" else fs_path
+
+
+def copy(src: str, dst: str) -> None:
+    s, d = parse_uri(src), parse_uri(dst)
+    try:
+        if s.scheme == d.scheme == "s3":
+            s3_client().copy({"Bucket": s.bucket, "Key": s.key}, d.bucket, d.key)
+        else:
+            write_bytes(dst, read_bytes(src))
+    except StorageError:
+        raise
+    except Exception as e:
+        raise explain(e, s, "copy") from None
+
+
+def delete(uri: str | os.PathLike, recursive: bool = False) -> None:
+    loc = parse_uri(uri)
+    fs = loc.filesystem
+    try:
+        info = fs.get_file_info(loc.path)
+        if info.type == pafs.FileType.Directory or (recursive and info.type == pafs.FileType.NotFound):
+            if recursive:
+                for f in list_files(loc.uri):
+                    fs.delete_file(f.path)
+                if loc.scheme == "file" and Path(loc.path).exists():
+                    fs.delete_dir(loc.path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(loc.path)
+    except Exception as e:
+        raise explain(e, loc, "delete") from None
+
+
+def upload_file(local_path: str | os.PathLike, uri: str) -> None:
+    """Upload a local file; to S3 as a parallel multipart upload with retries (boto3's transfer)."""
+    loc = parse_uri(uri)
+    try:
+        if loc.scheme == "file":
+            write_bytes(uri, Path(local_path).read_bytes())
+            return
+        from boto3.s3.transfer import TransferConfig
+
+        cfg = TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=8 << 20, max_concurrency=4)
+        s3_client().upload_file(str(local_path), loc.bucket, loc.key, Config=cfg)
+    except StorageError:
+        raise
+    except Exception as e:
+        raise explain(e, loc, "upload to") from None

@@ -1,0 +1,97 @@
+"""Session fixtures: the real local stack (SeaweedFS S3 + Ray head), a Ray connection, a bucket per test.
+
+Ray sizing, and the fix chosen for the Ray Data + Ray Train starvation on 2 cores: the head node is
+started with twice the cores as CPU slots (4 here, `cluster/local/stack.py`), so two training
+workers at 1 CPU each still leave 2 slots for Ray Data's read/decode tasks. Ray CPUs are
+scheduling slots, not cores; the jobs also refuse a run that would leave Ray Data no CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STACK_SCRIPT = ROOT / "cluster" / "local" / "stack.py"
+
+
+def _stack_module():
+    spec = importlib.util.spec_from_file_location("vitray_stack", STACK_SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_stack(cmd: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(STACK_SCRIPT), cmd], capture_output=True, text=True, timeout=180, **kw)
+
+
+@pytest.fixture(scope="session")
+def stack():
+    """Start the local stack (or reuse one that runs); stop it at the end only if we started it."""
+    started = run_stack("status").returncode != 0
+    if started:
+        up = run_stack("up")
+        assert up.returncode == 0, f"local stack failed to start:\n{up.stdout}\n{up.stderr}"
+    env = _stack_module().env_vars()
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    if started:
+        run_stack("down")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(stack):
+    import ray
+
+    ray.init(address=stack["RAY_ADDRESS"], log_to_driver=False, include_dashboard=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def bucket(stack):
+    """A fresh, empty bucket for one test: `s3://<name>`."""
+    from pipeline import storage
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    storage.s3_client().create_bucket(Bucket=name)
+    yield f"s3://{name}"
+    try:
+        storage.delete(f"s3://{name}", recursive=True)
+        storage.s3_client().delete_bucket(Bucket=name)
+    except Exception:
+        pass
+
+
+@pytest.fixture
+def digits_images(tmp_path):
+    """A small class-folder tree of real images: scikit-learn's handwritten digits as PNG files."""
+    from sklearn.datasets import load_digits
+    from PIL import Image
+    import numpy as np
+
+    d = load_digits()
+    root = tmp_path / "digits"
+    for i in range(60):
+        label = int(d.target[i])
+        img = (d.images[i] * (255 / 16)).astype(np.uint8)
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).resize((32, 32), Image.NEAREST).convert("RGB").save(folder / f"d{i:04d}.png")
+    return root
