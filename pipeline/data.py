@@ -1,0 +1,158 @@
+"""Ray Data streams: shards (or a class-folder tree) in object storage -> patchified uint8 batches.
+
+    read (one task per shard, file order shuffled per epoch)
+      -> decode + crop + resize + flip + patchify   (map_batches on CPU tasks)
+      -> {"patches": (B, N, P*P*C) uint8, "label": (B,) int64, "valid": (B,) bool}
+
+A sample that fails to decode keeps its row with `valid=False` (its key logged on the worker),
+so the training loop can count and drop it instead of losing the epoch. Nothing is materialised:
+memory is bounded by Ray Data's streaming executor (object store budget, see `configure_ray_data`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import storage
+from .shards import IMAGE_EXTS, load_manifest, shard_uris
+from .transforms import ImageDecodeError, ImageTransform
+
+log = logging.getLogger(__name__)
+_IMAGE_COLUMNS = tuple(e.lstrip(".") for e in sorted(IMAGE_EXTS)) + ("img", "image")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    img_size: int
+    patch_size: int
+    train: bool
+    batch_size: int = 64  # rows per decode task batch (not the training batch)
+    num_cpus: float = 1.0  # per decode task
+    scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    crop_fraction: float = 0.875
+    draft: bool = True
+
+
+def configure_ray_data(object_store_fraction: float | None = None, progress: bool | None = None) -> None:
+    """Ray Data settings this project relies on; call on the driver before building datasets."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    # S3-compatible stores throttle with SLOW_DOWN / 503: retry those reads instead of failing the epoch.
+    for err in ("AWS Error SLOW_DOWN", "AWS Error INTERNAL_FAILURE", "AWS Error SERVICE_UNAVAILABLE", "AWS Error NETWORK_CONNECTION"):
+        if err not in ctx.retried_io_errors:
+            ctx.retried_io_errors.append(err)
+    if progress is not None:
+        ctx.enable_progress_bars = progress
+    if object_store_fraction:
+        import ray
+
+        total = ray.cluster_resources().get("object_store_memory", 0)
+        if total:
+            ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+                object_store_memory=total * object_store_fraction)
+
+
+def _image_column(batch: dict) -> list:
+    """The encoded image of each row, whatever extension column it came in (jpg, png, gif, ...)."""
+    n = len(batch["label"])
+    out = [None] * n
+    for col in _IMAGE_COLUMNS:
+        if col in batch:
+            values = batch[col]
+            for i in range(n):
+                # missing members come back as None or NaN depending on the block's schema
+                if out[i] is None and isinstance(values[i], (bytes, bytearray, np.bytes_)):
+                    out[i] = values[i]
+    return out
+
+
+def _labels(batch: dict) -> np.ndarray:
+    raw = batch["label"] if "label" in batch else batch["cls"]
+    return np.array([int(v.decode() if isinstance(v, (bytes, bytearray)) else v) for v in raw], dtype=np.int64)
+
+
+def decode_patchify(batch: dict, cfg: StreamConfig) -> dict:
+    """map_batches step: encoded images -> patches. Bad samples: valid=False and a logged key."""
+    transform = ImageTransform(cfg.img_size, cfg.patch_size, cfg.train, scale=cfg.scale,
+                               hflip=cfg.hflip, crop_fraction=cfg.crop_fraction, draft=cfg.draft)
+    rng = np.random.default_rng()  # fresh crops every epoch; the seed fixes the file order
+    if "label" not in batch:
+        batch["label"] = batch["cls"]
+    images = _image_column(batch)
+    keys = batch.get("__key__", batch.get("key"))
+    n = len(images)
+    grid = (cfg.img_size // cfg.patch_size) ** 2
+    patches = np.zeros((n, grid, cfg.patch_size * cfg.patch_size * 3), np.uint8)
+    valid = np.ones(n, bool)
+    for i, data in enumerate(images):
+        try:
+            if data is None:
+                raise ImageDecodeError("sample has no image member")
+            patches[i] = transform(bytes(data), rng)
+        except ImageDecodeError as e:
+            valid[i] = False
+            log.warning("dropping sample %s: %s", keys[i] if keys is not None else i, e)
+    return {"patches": patches, "label": _labels(batch), "valid": valid,
+            "key": np.asarray(keys if keys is not None else [""] * n, dtype=object)}
+
+
+def _paths(uris: list[str]) -> tuple[list[str], object]:
+    fs, _ = storage.resolve(uris[0])
+    return [storage.parse_uri(u).path for u in uris], fs
+
+
+def read_encoded(manifest: dict, split: str, *, shuffle_seed: int | None = None):
+    """The raw split: one row per sample with its encoded image and label (`cls` or `label`)."""
+    import ray.data
+    from ray.data import FileShuffleConfig
+
+    uris = shard_uris(manifest, split)
+    if not uris:
+        raise ValueError(f"the {split!r} split of {manifest['_base']} has no shards (0 samples)")
+    paths, fs = _paths(uris)
+    shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
+    if manifest["format"] == "parquet":
+        return ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle, columns=["key", "image", "label", "ext"])
+    return ray.data.read_webdataset(paths, filesystem=fs, decoder=None, shuffle=shuffle)
+
+
+def read_class_tree(uri: str, classes: list[str] | None = None):
+    """A plain `<class>/<image>` tree (local or S3) as rows {image, label, key}; labels from folder names."""
+    import ray.data
+
+    loc = storage.parse_uri(uri)
+    names = classes or sorted({os.path.basename(os.path.dirname(f.path)) for f in storage.list_files(loc.uri)})
+    index = {c: i for i, c in enumerate(names)}
+    fs, path = storage.resolve(loc.uri)
+
+    def label(batch):
+        batch["label"] = np.array([index.get(os.path.basename(os.path.dirname(p)), -1) for p in batch["path"]], np.int64)
+        batch["key"] = batch["path"]
+        batch["image"] = batch.pop("bytes")
+        return batch
+
+    return ray.data.read_binary_files(path, filesystem=fs, include_paths=True).map_batches(label, batch_format="numpy"), names
+
+
+def patch_stream(ds, cfg: StreamConfig):
+    """Attach decode -> augment -> patchify to a dataset of encoded rows."""
+    # Stateless CPU tasks (not actors): Ray Data scales them to the free CPU slots.
+    return ds.map_batches(decode_patchify, fn_kwargs={"cfg": cfg}, batch_size=cfg.batch_size,
+                          batch_format="numpy", num_cpus=cfg.num_cpus)
+
+
+def split_stream(manifest_uri: str, split: str, cfg: StreamConfig, *, shuffle_seed: int | None = None):
+    """Manifest URI -> (patch dataset, manifest). The one entry point training and evaluation use."""
+    manifest = load_manifest(manifest_uri)
+    if cfg.img_size % cfg.patch_size:
+        raise ValueError(
+            f"img_size {cfg.img_size} is not divisible by patch_size {cfg.patch_size}: "
+            f"choose an img_size that is a multiple of {cfg.patch_size}"
+        )
+    return patch_stream(read_encoded(manifest, split, shuffle_seed=shuffle_seed), cfg), manifest

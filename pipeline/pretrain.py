@@ -1,0 +1,236 @@
+"""The pretraining driver: validate, build the Ray Data streams and the TorchTrainer, run, summarise.
+
+Run layout under `{train.output}/{train.name}/`:
+  config.yaml                  the resolved configuration
+  checkpoint_*/                Ray Train checkpoints (the last `keep_checkpoints`)
+  best/, model/                exported models (safetensors + config.json with class names)
+  metrics.jsonl                one line per report (loss, lr, images/s, val top-1, ...)
+  tensorboard/                 TensorBoard event files
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+from . import storage
+from .config import to_yaml
+from .pretrain_config import PretrainConfig
+from .shards import load_manifest
+
+
+class JobError(RuntimeError):
+    """A problem found before any cluster work: the message says what to change."""
+
+
+def run_dir(cfg: PretrainConfig) -> storage.Location:
+    return storage.parse_uri(cfg.train.output).join(cfg.train.name)
+
+
+def preflight(cfg: PretrainConfig) -> dict:
+    """Every check that needs no cluster: output reachable, manifest readable and non-empty, weights fit."""
+    if not cfg.data.manifest:
+        raise JobError("no data: pass --data s3://bucket/prefix/manifest.json (or set data.manifest in the config)")
+    if not cfg.train.output:
+        raise JobError("no output: pass --output s3://bucket/runs or a local folder (train.output)")
+    storage.check_bucket(cfg.train.output)
+    manifest = load_manifest(cfg.data.manifest)
+    splits = manifest["splits"]
+    if cfg.data.train_split not in splits or splits[cfg.data.train_split]["count"] == 0:
+        raise JobError(f"the manifest {cfg.data.manifest} has 0 samples in split {cfg.data.train_split!r}: nothing to train on")
+    if cfg.data.val_split and (cfg.data.val_split not in splits or splits[cfg.data.val_split]["count"] == 0):
+        raise JobError(f"the manifest has no samples in the val split {cfg.data.val_split!r}: set data.val_split to null or make shards with --val-fraction > 0")
+    train_count = splits[cfg.data.train_split]["count"]
+    if train_count // cfg.train.batch_size < 1:
+        raise JobError(f"{train_count} training samples do not fill one global batch of {cfg.train.batch_size}: lower --batch-size")
+    num_classes = len(manifest["classes"])
+    # Build the model once on the meta device: catches img/patch mismatches and bad --init-from early.
+    import vit_model
+
+    try:
+        mcfg = vit_model.variant_config(cfg.model.name, **cfg.model.overrides(num_classes))
+    except ValueError as e:
+        raise JobError(f"model: {e}") from None
+    if cfg.train.init_from:
+        from .train_loop import load_init_weights
+
+        try:
+            load_init_weights(vit_model.VisionTransformer(mcfg), cfg.train.init_from)
+        except (ValueError, storage.StorageError) as e:
+            raise JobError(f"--init-from {cfg.train.init_from}: {e}") from None
+    return {"manifest": manifest, "num_classes": num_classes, "train_count": train_count, "model_cfg": mcfg}
+
+
+def _check_cpu_budget(cfg: PretrainConfig) -> None:
+    """Refuse a run whose training workers would take every CPU slot (Ray Data would starve forever)."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    taken = cfg.train.num_workers * cfg.train.cpus_per_worker
+    if cpus - taken < 1:
+        raise JobError(
+            f"the cluster has {cpus:g} CPU slots and {cfg.train.num_workers} training workers take {taken:g}: "
+            "Ray Data needs at least one to decode images. Lower train.cpus_per_worker (e.g. 0.5), add CPU "
+            "nodes, or start Ray with more CPU slots (the local stack uses 2 x cores)"
+        )
+
+
+def export_to_output(cfg: PretrainConfig, model, kind: str, metrics: dict, class_names: list[str]) -> str:
+    """Write `{run}/{kind}/model.safetensors + config.json` (kind: best or model); returns its URI."""
+    import vit_model
+
+    dest = run_dir(cfg).join(kind)
+    weights, config = vit_model.export_bytes(
+        model, class_names=class_names, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        train_config=json.loads(cfg.model_dump_json()))
+    storage.write_bytes(dest.join("model.safetensors").uri, weights)
+    storage.write_bytes(dest.join("config.json").uri, config)  # last: its presence means complete
+    return dest.uri
+
+
+class MetricsSink:
+    """metrics.jsonl and TensorBoard events under the run folder.
+
+    Lives in a Ray Train callback, which runs in the Train controller (any node): it writes straight
+    to the run's storage, appending to what an earlier attempt of the same run wrote.
+    """
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.uri = run_dir(cfg).join("metrics.jsonl").uri
+        self.lines: list[str] | None = None
+        self.pending = 0
+        self.tb_dir = None
+        self.writer = None
+        self.mlflow = None
+
+    def add(self, metrics: dict, flush: bool) -> None:
+        if self.lines is None:  # resume: continue the curve
+            self.lines = storage.read_bytes(self.uri).decode().splitlines() if storage.exists(self.uri) else []
+        self.lines.append(json.dumps(metrics))
+        self.pending += 1
+        step = int(metrics.get("step", len(self.lines)))
+        try:
+            if self.writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb_dir = tempfile.mkdtemp(prefix="vitray-tb-")
+                self.writer = SummaryWriter(self.tb_dir)
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        except ImportError:  # tensorboard is a dependency, but metrics.jsonl is what matters
+            pass
+        if self.cfg.train.mlflow_tracking_uri:
+            import mlflow
+
+            if self.mlflow is None:
+                mlflow.set_tracking_uri(self.cfg.train.mlflow_tracking_uri)
+                self.mlflow = mlflow.start_run(run_name=self.cfg.train.name)
+            mlflow.log_metrics(metrics, step=step)
+        if flush or self.pending >= 20:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.lines is None:
+            return
+        storage.write_bytes(self.uri, "".join(line + "\n" for line in self.lines).encode())
+        self.pending = 0
+        base = run_dir(self.cfg)
+        for name in os.listdir(self.tb_dir) if self.tb_dir else []:
+            storage.upload_file(os.path.join(self.tb_dir, name), base.join("tensorboard", name).uri)
+
+
+def _callbacks(cfg: PretrainConfig):
+    from ray.train import UserCallback
+
+    class MetricsCallback(UserCallback):
+        def __init__(self):
+            self.sink = MetricsSink(cfg)
+
+        def after_report(self, run_context, metrics, checkpoint):
+            # rank 0's metrics; validation metrics are already reduced across workers
+            self.sink.add({k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}, flush=checkpoint is not None)
+
+    return [MetricsCallback()]
+
+
+def run(cfg: PretrainConfig) -> dict:
+    """Preflight, then train on the Ray cluster at RAY_ADDRESS (or a local one)."""
+    info = preflight(cfg)
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .data import StreamConfig, configure_ray_data, split_stream
+    from .train_loop import train_loop_per_worker
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    _check_cpu_budget(cfg)
+    configure_ray_data(cfg.data.object_store_fraction)
+    rdir = run_dir(cfg)
+    storage.write_bytes(rdir.join("config.yaml").uri, to_yaml(cfg).encode())
+    mcfg = info["model_cfg"]
+    d = cfg.data
+    common = dict(img_size=mcfg.img_size, patch_size=mcfg.patch_size, batch_size=d.decode_batch_size, num_cpus=d.decode_cpus)
+    train_ds, _ = split_stream(d.manifest, d.train_split, StreamConfig(train=True, scale=(d.scale_min, 1.0), hflip=d.hflip, **common),
+                               shuffle_seed=d.shuffle_seed)
+    datasets = {d.train_split: train_ds}
+    if d.val_split:
+        datasets[d.val_split], _ = split_stream(d.manifest, d.val_split, StreamConfig(train=False, **common))
+    storage_path, fs = storage.ray_storage_path(cfg.train.output)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump_json(), "num_classes": info["num_classes"],
+                           "train_count": info["train_count"], "class_names": info["manifest"]["classes"]},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+            placement_strategy="SPREAD" if not cfg.train.use_gpu else "PACK",
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.name, storage_path=storage_path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=_callbacks(cfg),
+        ),
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    elapsed = time.time() - t0
+    if result.error:
+        raise result.error
+    m = result.metrics or {}
+    summary = {
+        "run": rdir.uri, "best_val_top1": max((json.loads(l).get("val_top1", -1) for l in _metric_lines(rdir)), default=None),
+        "val_top1": m.get("val_top1"), "step": m.get("step"), "elapsed_s": elapsed,
+        "images_per_s": m.get("images_per_s"), "model": rdir.join("model").uri, "best_model": rdir.join("best").uri,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    }
+    return summary
+
+
+def _metric_lines(rdir: storage.Location) -> list[str]:
+    uri = rdir.join("metrics.jsonl").uri
+    return [l for l in storage.read_bytes(uri).decode().splitlines() if l.strip()] if storage.exists(uri) else []
+
+
+def print_summary(s: dict) -> None:
+    pct = lambda v: f"{v * 100:.2f}%" if isinstance(v, (int, float)) and v >= 0 else "n/a"  # noqa: E731
+    ips = f"{s['images_per_s']:.1f}" if s.get("images_per_s") else "n/a"
+    print("\n".join([
+        "=" * 64,
+        f"run          {s['run']}",
+        f"best val top-1 {pct(s['best_val_top1'])}   last val top-1 {pct(s['val_top1'])}",
+        f"steps        {s['step']}   time {s['elapsed_s'] / 60:.1f} min   images/s {ips}",
+        f"model        {s['model']}",
+        f"best model   {s['best_model']}",
+        f"checkpoint   {s['checkpoint']}",
+        "=" * 64,
+    ]), flush=True)

@@ -1,0 +1,132 @@
+"""The pretraining job's one config schema (`configs/*.yaml` are instances of it)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from .config import Section
+
+
+class ModelSection(Section):
+    name: str = Field("vit_micro_patch4_32", description="variant name (vit_model.list_models())")
+    img_size: int | None = Field(None, description="input size in pixels; default: the variant's")
+    patch_size: int | None = Field(None, description="patch size; default: the variant's")
+    global_pool: Literal["token", "avg"] | None = Field(None, description="token (class token) or avg (gap)")
+    pos_embed: Literal["learn", "sincos2d"] | None = Field(None, description="learned or fixed 2-D sin-cos")
+    pre_logits: bool | None = Field(None, description="Linear+tanh before the head, as the paper's pretraining")
+    drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth, linear in depth")
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from vit_model import list_models
+
+        if v not in list_models():
+            raise ValueError(f"unknown variant {v!r}; known: {', '.join(list_models())}")
+        return v
+
+    def overrides(self, num_classes: int) -> dict:
+        o = {k: v for k, v in self.model_dump().items() if k != "name" and v is not None}
+        o["num_classes"] = num_classes
+        return o
+
+
+class DataSection(Section):
+    manifest: str | None = Field(None, description="shards manifest URI (s3://.../manifest.json or a local path)")
+    train_split: str = Field("train", description="split to train on")
+    val_split: str | None = Field("val", description="split to evaluate every epoch (null: none)")
+    shuffle_seed: int = Field(0, description="file-order shuffle seed (reshuffled every epoch)")
+    local_shuffle_buffer: int = Field(1024, ge=0, description="rows in each worker's shuffle buffer")
+    prefetch_batches: int = Field(2, ge=0, description="batches prefetched per worker")
+    decode_batch_size: int = Field(64, ge=1, description="rows per decode task batch")
+    decode_cpus: float = Field(1.0, gt=0, description="CPUs per decode task")
+    scale_min: float = Field(0.08, gt=0, le=1, description="random-resized-crop minimum area fraction")
+    hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
+    object_store_fraction: float | None = Field(None, gt=0, le=1, description="cap Ray Data's object store use")
+
+
+class OptimSection(Section):
+    lr: float = Field(1e-3, gt=0, description="peak learning rate at the global batch size")
+    min_lr: float = Field(1e-6, ge=0, description="learning rate at the end of the cosine")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW decoupled weight decay (matrices only)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    warmup_steps: int | None = Field(None, ge=0, description="linear warmup steps (overrides warmup_epochs)")
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warmup in epochs")
+    clip_grad: float | None = Field(1.0, gt=0, description="global gradient-norm clip (null: off)")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="cross-entropy label smoothing")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of weights, e.g. 0.9999 (null: off)")
+
+
+class TrainSection(Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$", description="run name: same output + name resumes")
+    output: str | None = Field(None, description="where runs go: s3://bucket/runs or a local folder")
+    epochs: int = Field(10, ge=1, description="training epochs")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (smoke tests)")
+    batch_size: int = Field(256, ge=1, description="global batch size (all workers, after accumulation)")
+    micro_batch_size: int | None = Field(None, ge=1, description="per-worker batch per forward; accumulation fills the rest")
+    num_workers: int = Field(1, ge=1, description="training workers (one per GPU)")
+    use_gpu: bool = Field(False, description="one GPU per worker, NCCL, bf16 autocast")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPU slots each training worker reserves")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    compile: bool = Field(False, description="torch.compile the model")
+    seed: int = Field(0, description="initialisation and RNG seed")
+    init_from: str | None = Field(None, description="weights to start from: a model folder/URI of this project or timm-format .safetensors")
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (epoch ends always)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept (the best model is exported separately)")
+    log_every_steps: int = Field(20, ge=1, description="progress line every N steps")
+    max_failures: int = Field(2, ge=0, description="restarts of the worker group from the latest checkpoint")
+    peak_tflops: float | None = Field(None, gt=0, description="per-device peak for the MFU estimate (default: known GPUs)")
+    mlflow_tracking_uri: str | None = Field(None, description="log metrics to MLflow too")
+
+    @model_validator(mode="after")
+    def _batch_divides(self):
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}: "
+                f"use a multiple of {self.num_workers}"
+            )
+        per_worker = self.batch_size // self.num_workers
+        if self.micro_batch_size and per_worker % self.micro_batch_size:
+            raise ValueError(
+                f"per-worker batch {per_worker} (batch_size / num_workers) is not divisible by micro_batch_size "
+                f"{self.micro_batch_size}"
+            )
+        return self
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.batch_size // self.num_workers
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.per_worker_batch
+
+    @property
+    def accum_steps(self) -> int:
+        return self.per_worker_batch // self.micro_batch
+
+
+class PretrainConfig(Section):
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+
+
+ALIASES = {
+    "data": "data.manifest",
+    "output": "train.output",
+    "name": "train.name",
+    "epochs": "train.epochs",
+    "batch-size": "train.batch_size",
+    "num-workers": "train.num_workers",
+    "use-gpu": "train.use_gpu",
+    "model": "model.name",
+    "img-size": "model.img_size",
+    "patch-size": "model.patch_size",
+    "init-from": "train.init_from",
+    "lr": "optim.lr",
+}

@@ -1,0 +1,165 @@
+"""Image steps on CPU workers, one small named function each: decode -> crop box -> resize -> flip -> patchify.
+
+Everything stays uint8 here; normalisation to float happens on the accelerator inside the model.
+Crops are chosen in the source image's coordinates from its header alone, so JPEG draft mode can
+decode at 1/2, 1/4 or 1/8 scale whenever the crop will be shrunk that much anyway.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile
+
+log = logging.getLogger(__name__)
+Image.MAX_IMAGE_PIXELS = 200_000_000  # refuse decompression bombs beyond ~14k x 14k
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a grey half-image
+
+Box = tuple[float, float, float, float]
+
+
+class ImageDecodeError(ValueError):
+    """An input that is not a decodable image, or too small to cut one patch from."""
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Open (header only) encoded bytes; raises ImageDecodeError with the reason."""
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as e:
+        raise ImageDecodeError(f"not an image Pillow can read ({type(e).__name__}: {e})") from None
+
+
+def check_decodes(data: bytes) -> tuple[int, int, str]:
+    """Fully decode once (catches truncation); returns (width, height, format)."""
+    img = open_image(data)
+    try:
+        img.load()
+    except Exception as e:
+        raise ImageDecodeError(f"does not decode ({type(e).__name__}: {e})") from None
+    return img.width, img.height, (img.format or "").lower()
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Box:
+    """Inception-style crop: area fraction in `scale`, aspect ratio log-uniform in `ratio`.
+
+    Ten tries as torchvision does, then a center crop clamped to the ratio range.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = rng.integers(0, width - w + 1)
+            top = rng.integers(0, height - h + 1)
+            return float(left), float(top), float(left + w), float(top + h)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    left, top = (width - w) / 2, (height - h) / 2
+    return left, top, left + w, top + h
+
+
+def center_crop_box(width: int, height: int, crop_fraction: float = 0.875) -> Box:
+    """Resize-shorter-side-to size/crop_fraction then center-crop `size`, expressed as one box."""
+    side = min(width, height) * crop_fraction
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
+
+
+def crop_resize(img: Image.Image, box: Box, size: int, draft: bool = True) -> np.ndarray:
+    """Cut `box` out of an opened image and resize it to (size, size, 3) uint8, antialiased.
+
+    With `draft`, a JPEG is decoded directly at the smallest 1/2^k scale that still leaves the
+    crop at least `size` pixels, which skips most of the decode work on large photos.
+    """
+    w, h = img.size
+    if draft and img.format == "JPEG":
+        cw, ch = box[2] - box[0], box[3] - box[1]
+        img.draft("RGB", (math.ceil(w * size / cw), math.ceil(h * size / ch)))
+        sx, sy = img.size[0] / w, img.size[1] / h
+        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    try:
+        out = img.resize((size, size), Image.BILINEAR, box=box)
+    except Exception as e:
+        raise ImageDecodeError(f"does not decode ({type(e).__name__}: {e})") from None
+    return np.asarray(out)
+
+
+def patchify(image: np.ndarray, patch_size: int) -> np.ndarray:
+    """(H, W, C) uint8 -> (N, P*P*C), patches row-major, pixels (row, col, channel) inside.
+
+    Same order as `vit_model.patchify`, so the model's linear patch embedding sees the same vector.
+    """
+    h, w, c = image.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
+    x = image.reshape(h // p, p, w // p, p, c).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(x.reshape((h // p) * (w // p), p * p * c))
+
+
+def unpatchify(patches: np.ndarray, patch_size: int, channels: int = 3) -> np.ndarray:
+    """(N, P*P*C) -> (H, W, C) for a square grid; the inverse of `patchify`."""
+    n = patches.shape[0]
+    g, p = math.isqrt(n), patch_size
+    return patches.reshape(g, g, p, p, channels).transpose(0, 2, 1, 3, 4).reshape(g * p, g * p, channels)
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """decode -> crop (random-resized for training, center for eval) -> resize -> flip -> patchify.
+
+    `__call__(data, rng)` returns (N, P*P*C) uint8; raises ImageDecodeError for bad input.
+    """
+
+    img_size: int
+    patch_size: int
+    train: bool
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    crop_fraction: float = 0.875
+    draft: bool = True
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: "
+                f"choose an img_size that is a multiple of {self.patch_size}"
+            )
+
+    def __call__(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
+        img = open_image(data)
+        w, h = img.size
+        if min(w, h) < self.patch_size:
+            raise ImageDecodeError(f"image of {w}x{h} px is smaller than one {self.patch_size}x{self.patch_size} patch")
+        if self.train:
+            box = random_resized_crop_box(w, h, rng, self.scale, self.ratio)
+        else:
+            box = center_crop_box(w, h, self.crop_fraction)
+        try:
+            pixels = crop_resize(img, box, self.img_size, self.draft)
+        except ImageDecodeError:
+            raise
+        except Exception as e:
+            raise ImageDecodeError(f"does not decode ({type(e).__name__}: {e})") from None
+        if self.train and self.hflip and rng.random() < self.hflip:
+            pixels = pixels[:, ::-1]
+        return patchify(pixels, self.patch_size)
