@@ -76,6 +76,8 @@ def build_parser(schema: type[BaseModel], aliases: dict[str, str], description: 
             short.add_argument(f"--{flag}", dest=dotted, default=None, metavar="V", help=f"{help_text} (= --{dotted})")
     every = ap.add_argument_group("every field (dotted)")
     for dotted, (help_text, ann, default) in fields.items():
+        if dotted in aliases:  # a flat schema: the short flag is the field itself
+            continue
         shown = "" if default is None else f" [default: {default}]"
         every.add_argument(f"--{dotted}", dest=dotted, default=None, metavar="V", help=f"{help_text}{shown}")
     return ap

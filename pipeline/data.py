@@ -149,10 +149,10 @@ def patch_stream(ds, cfg: StreamConfig):
 
 def split_stream(manifest_uri: str, split: str, cfg: StreamConfig, *, shuffle_seed: int | None = None):
     """Manifest URI -> (patch dataset, manifest). The one entry point training and evaluation use."""
-    manifest = load_manifest(manifest_uri)
     if cfg.img_size % cfg.patch_size:
         raise ValueError(
             f"img_size {cfg.img_size} is not divisible by patch_size {cfg.patch_size}: "
             f"choose an img_size that is a multiple of {cfg.patch_size}"
         )
+    manifest = load_manifest(manifest_uri)
     return patch_stream(read_encoded(manifest, split, shuffle_seed=shuffle_seed), cfg), manifest

@@ -1,0 +1,85 @@
+"""The CPU image steps, one at a time, on the local filesystem."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vit_model
+from pipeline import transforms as T
+
+
+def _jpeg(w, h, seed=0, quality=90):
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_random_resized_crop_box_respects_scale_ratio_and_bounds():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        l, t, r, b = T.random_resized_crop_box(500, 375, rng)
+        w, h = r - l, b - t
+        assert 0 <= l < r <= 500 and 0 <= t < b <= 375
+        area = w * h / (500 * 375)
+        assert 0.07 <= area <= 1.0
+        assert 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02 or area > 0.9
+
+
+def test_patchify_matches_model_patchify_and_inverts():
+    img = np.random.default_rng(1).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    p = T.patchify(img, 8)
+    assert p.shape == (24, 192) and p.dtype == np.uint8
+    torch_p = vit_model.patchify(torch.from_numpy(img).permute(2, 0, 1)[None], 8)[0].numpy()
+    assert np.array_equal(p, torch_p)
+    sq = img[:, :32]
+    assert np.array_equal(T.unpatchify(T.patchify(sq, 8), 8), sq)
+
+
+def test_eval_transform_at_full_crop_keeps_pixels():
+    img = np.random.default_rng(2).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "PNG")
+    t = T.ImageTransform(32, 4, train=False, crop_fraction=1.0)
+    assert np.array_equal(T.unpatchify(t(buf.getvalue(), None), 4), img)
+
+
+def test_draft_mode_decodes_large_jpeg_smaller_with_same_output_shape():
+    data = _jpeg(2000, 1500)
+    img = T.open_image(data)
+    out = T.crop_resize(img, (0, 0, 2000, 1500), 224, draft=True)
+    assert out.shape == (224, 224, 3)
+    img2 = T.open_image(data)
+    img2.draft("RGB", (2000 * 224 // 2000 + 1, 1500 * 224 // 1500 + 1))
+    assert img2.size[0] < 2000  # libjpeg scaled the decode down
+    full = T.crop_resize(T.open_image(data), (0, 0, 2000, 1500), 224, draft=False)
+    assert np.abs(out.astype(int) - full.astype(int)).mean() < 40  # same picture, noise image: loose
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty file"),
+    (b"this is text, not a jpeg", "not an image"),
+    (_jpeg(64, 64)[:1500], "does not decode"),
+])
+def test_bad_inputs_raise_image_decode_error(data, reason):
+    t = T.ImageTransform(32, 4, train=True)
+    with pytest.raises(T.ImageDecodeError, match=reason):
+        if reason == "does not decode":
+            T.check_decodes(data)
+        t(data, np.random.default_rng(0))
+
+
+def test_image_smaller_than_a_patch_is_refused():
+    buf = io.BytesIO()
+    Image.new("RGB", (3, 3)).save(buf, "PNG")
+    with pytest.raises(T.ImageDecodeError, match="smaller than one 16x16 patch"):
+        T.ImageTransform(224, 16, train=False)(buf.getvalue(), None)
+
+
+def test_patch_size_must_divide_image_size():
+    with pytest.raises(ValueError, match="not divisible by patch_size 16"):
+        T.ImageTransform(100, 16, train=True)
