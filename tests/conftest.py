@@ -95,3 +95,28 @@ def digits_images(tmp_path):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).resize((32, 32), Image.NEAREST).convert("RGB").save(folder / f"d{i:04d}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def digits_shards(stack):
+    """The embedded digits, sharded once per session into a bucket of their own: the manifest URI."""
+    from pipeline import shards, storage
+
+    name = f"digits-{uuid.uuid4().hex[:8]}"
+    storage.s3_client().create_bucket(Bucket=name)
+    shards.make_shards("digits", f"s3://{name}/digits", val_fraction=0.1, seed=0, shard_size=256, progress=False)
+    return f"s3://{name}/digits/manifest.json"
+
+
+@pytest.fixture(scope="session")
+def trained_digits(ray_cluster, digits_shards):
+    """The demo config trained once (about 100 s on 2 cores): (summary, manifest URI, output URI)."""
+    from pipeline import pretrain
+    from pipeline.pretrain_config import PretrainConfig
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / "digits_demo.yaml").read_text())
+    cfg["data"]["manifest"] = digits_shards
+    cfg["train"]["output"] = digits_shards.rsplit("/", 2)[0] + "/runs"
+    summary = pretrain.run(PretrainConfig.model_validate(cfg))
+    return summary, digits_shards, cfg["train"]["output"]
