@@ -9,6 +9,7 @@ MinIO. Nothing here prints or logs a credential; errors name the endpoint, bucke
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import posixpath
 import uuid
@@ -77,7 +78,7 @@ def _where(loc: Location) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _s3_filesystem(endpoint: str | None, region: str, key_id: str | None, profile: str | None) -> pafs.S3FileSystem:
+def _s3_filesystem(endpoint: str | None, region: str, key_id: str | None, profile: str | None, _secret_digest: str) -> pafs.S3FileSystem:
     kwargs: dict = {"region": region}
     if endpoint:
         u = urlparse(endpoint)
@@ -93,9 +94,16 @@ def _s3_filesystem(endpoint: str | None, region: str, key_id: str | None, profil
                              retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5))
 
 
+def _settings() -> tuple:
+    """Cache key of the current settings: a changed environment gives a new client. The secret
+    enters only as a digest, so it never sits in a cache key or a repr."""
+    secret = (os.environ.get("AWS_SECRET_ACCESS_KEY") or "") + (os.environ.get("AWS_SESSION_TOKEN") or "")
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    return endpoint_url(), _region(), os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"), digest
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
-    # Keyed on the settings (not the secret) so a changed environment gives a new filesystem.
-    return _s3_filesystem(endpoint_url(), _region(), os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+    return _s3_filesystem(*_settings())
 
 
 def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -117,7 +125,7 @@ def ray_storage_path(uri: str | os.PathLike) -> tuple[str, pafs.FileSystem]:
 
 
 @functools.lru_cache(maxsize=4)
-def _boto3_client(endpoint: str | None, region: str, key_id: str | None, profile: str | None):
+def _boto3_client(endpoint: str | None, region: str, key_id: str | None, profile: str | None, _secret_digest: str):
     import boto3
     from botocore.config import Config
 
@@ -134,7 +142,7 @@ def _boto3_client(endpoint: str | None, region: str, key_id: str | None, profile
 
 def s3_client():
     """A boto3 S3 client for the configured endpoint (path-style when an endpoint is set)."""
-    return _boto3_client(endpoint_url(), _region(), os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+    return _boto3_client(*_settings())
 
 
 def explain(exc: BaseException, loc: Location, action: str) -> StorageError:
