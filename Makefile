@@ -23,7 +23,7 @@ test-fast: setup
 	$(PY) -m pytest tests -m "not e2e and not multinode"
 
 demo: setup
-	$(PY) jobs/quickstart.py
+	$(PY) cluster/local/quickstart.py
 
 up: setup
 	$(PY) cluster/local/stack.py up

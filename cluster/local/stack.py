@@ -219,6 +219,8 @@ def _ray_pids() -> list[int]:
 def _ray_env() -> dict[str, str]:
     env = {**os.environ, **env_vars()}
     env.pop("RAY_ADDRESS", None)
+    # Job entrypoints say `python ...`: on this cluster that must be the project's venv.
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 

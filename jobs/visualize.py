@@ -1,0 +1,51 @@
+"""See inside a trained ViT, as the paper's Figure 7 does, plus attention maps and training curves.
+
+  python jobs/visualize.py --model s3://bucket/runs/digits/model --images s3://bucket/incoming/ \\
+      --output s3://bucket/runs/digits/figures --run s3://bucket/runs/digits
+--images: comma-separated files, a folder or prefix, or a shards manifest (its val split).
+Figures: filters (embedding PCA), posemb (position-embedding similarity), distance (mean attention
+distance), attention (rollout + last-layer class-token attention), curves (needs --run).
+For notebooks: pipeline.figures.compute_all(model, patches) returns the arrays.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.figures import FIGURES  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="exported model folder (local or s3://)")
+    ap.add_argument("--images", default=None, help="images for attention figures")
+    ap.add_argument("--output", required=True, help="folder or s3:// prefix for the PNGs")
+    ap.add_argument("--figures", default=",".join(FIGURES), help=f"comma-separated subset of {','.join(FIGURES)}")
+    ap.add_argument("--run", default=None, help="run folder with metrics.jsonl, for the curves")
+    ap.add_argument("--max-images", type=int, default=16)
+    args = ap.parse_args(argv)
+    which = [f for f in args.figures.split(",") if f]
+    unknown = set(which) - set(FIGURES)
+    if unknown:
+        ap.error(f"unknown figure(s) {sorted(unknown)}; choose from {', '.join(FIGURES)}")
+    from pipeline import figures, storage
+    from pipeline.transforms import ImageDecodeError
+
+    try:
+        images = figures.resolve_images(args.images, args.max_images) if args.images else []
+        result = figures.write_figures(args.model, images, args.output, which, args.run)
+    except (ImageDecodeError, storage.StorageError, ValueError) as e:
+        print(f"visualize: error: {e}", file=sys.stderr)
+        return 2
+    g = result["arrays"]["grid_structure"]
+    print(f"position embeddings: same row/column {g['same_row_or_column']:.3f} vs other {g['other']:.3f} "
+          f"({'grid structure present' if g['score'] > 0.1 else 'no grid structure'})")
+    for name, uri in result["figures"].items():
+        print(f"{name:10s} {uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""PNG figures of a trained ViT (matplotlib, headless), written to a folder or an S3 prefix.
+
+The arrays behind each figure come from `vit_model.analysis`; `compute_all` returns them for notebooks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import posixpath
+
+import numpy as np
+import torch
+
+import vit_model
+from vit_model import analysis
+
+from . import storage
+from .transforms import ImageDecodeError, ImageTransform, unpatchify
+
+FIGURES = ("filters", "posemb", "distance", "attention", "curves")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, uri: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    storage.write_bytes(uri, buf.getvalue())
+    return uri
+
+
+def load_images(uris: list[str], model: vit_model.VisionTransformer) -> tuple[torch.Tensor, list[np.ndarray], list[str]]:
+    """Encoded images -> eval-transformed patches (B, N, P*P*C) uint8 and the cropped pixels.
+
+    Raises ImageDecodeError naming the file that is not an image or is smaller than a patch."""
+    t = ImageTransform(model.cfg.img_size, model.cfg.patch_size, train=False)
+    patches, pixels = [], []
+    for uri in uris:
+        try:
+            p = t(storage.read_bytes(uri), None)
+        except ImageDecodeError as e:
+            raise ImageDecodeError(f"{uri}: {e}") from None
+        patches.append(p)
+        pixels.append(unpatchify(p, model.cfg.patch_size))
+    return torch.from_numpy(np.stack(patches)), pixels, uris
+
+
+def compute_all(model: vit_model.VisionTransformer, patches: torch.Tensor | None) -> dict:
+    out = {"filters": analysis.embedding_filters(model), "posemb_similarity": analysis.pos_embed_similarity(model)}
+    out["grid_structure"] = analysis.grid_structure_score(out["posemb_similarity"])
+    if patches is not None and len(patches):
+        attns = analysis.collect_attention(model, patches)
+        out["attention"] = attns
+        out["mean_distance"] = analysis.mean_attention_distance(torch.stack(attns).transpose(0, 1).mean(0), model.cfg.patch_size)
+        out["rollout"] = analysis.attention_rollout(attns)
+    return out
+
+
+def fig_filters(filters: np.ndarray, uri: str) -> str:
+    plt = _plt()
+    k = len(filters)
+    cols = 7
+    rows = math.ceil(k / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.3))
+    for i, ax in enumerate(np.atleast_1d(axes).ravel()):
+        ax.axis("off")
+        if i < k:
+            ax.imshow(filters[i] if filters.shape[-1] == 3 else filters[i, ..., 0], interpolation="nearest")
+    fig.suptitle(f"RGB embedding filters (first {k} principal components)")
+    return _save(fig, uri)
+
+
+def fig_posemb(sim: np.ndarray, score: dict, uri: str) -> str:
+    plt = _plt()
+    g = sim.shape[0]
+    fig, axes = plt.subplots(g, g, figsize=(min(12, g * 0.9 + 1), min(12, g * 0.9)))
+    for r in range(g):
+        for c in range(g):
+            ax = axes[r, c]
+            im = ax.imshow(sim[r, c], vmin=-1, vmax=1, cmap="viridis")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(str(r + 1), fontsize=7)
+            if r == g - 1:
+                ax.set_xlabel(str(c + 1), fontsize=7)
+    fig.supxlabel("input patch column")
+    fig.supylabel("input patch row")
+    verdict = "grid structure present" if score["score"] > 0.1 else "no grid structure"
+    fig.suptitle(f"Position embedding similarity: {verdict} (same row/column {score['same_row_or_column']:.2f} "
+                 f"vs other {score['other']:.2f})")
+    fig.colorbar(im, ax=axes, shrink=0.6, label="cosine similarity")
+    return _save(fig, uri)
+
+
+def fig_distance(dist: np.ndarray, uri: str, img_size: int) -> str:
+    plt = _plt()
+    layers, heads = dist.shape
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for h in range(heads):
+        ax.scatter(np.arange(1, layers + 1), dist[:, h], s=14, label=f"head {h + 1}")
+    ax.set_xlabel("network depth (layer)")
+    ax.set_ylabel("mean attention distance (pixels)")
+    ax.set_ylim(0, img_size)
+    ax.set_title("Mean attention distance per head")
+    if heads <= 16:
+        ax.legend(fontsize=6, ncol=2)
+    return _save(fig, uri)
+
+
+def fig_attention(pixels: list[np.ndarray], rollout: torch.Tensor, last: torch.Tensor, uri: str, names: list[str]) -> str:
+    """Rollout and the last layer's class-token attention per head, overlaid on each image."""
+    plt = _plt()
+    b, heads = len(pixels), last.shape[1]
+    g = int(round((rollout.shape[-1] - 1) ** 0.5))
+    cols = 2 + heads
+    fig, axes = plt.subplots(b, cols, figsize=(cols * 1.6, b * 1.7), squeeze=False)
+    for i in range(b):
+        img = pixels[i]
+        maps = [rollout[i, 0, 1:]] + [last[i, h, 0, 1:] for h in range(heads)]
+        axes[i, 0].imshow(img)
+        axes[i, 0].set_title(posixpath.basename(names[i])[:18], fontsize=6)
+        for j, m in enumerate(maps):
+            m = m.reshape(g, g).numpy()
+            m = (m - m.min()) / max(m.max() - m.min(), 1e-12)
+            ax = axes[i, j + 1]
+            ax.imshow(img)
+            im = ax.imshow(np.kron(m, np.ones((img.shape[0] // g, img.shape[1] // g))), alpha=0.6, cmap="inferno", vmin=0, vmax=1)
+            ax.set_title("rollout" if j == 0 else f"last layer h{j}", fontsize=6)
+        for ax in axes[i]:
+            ax.axis("off")
+    fig.colorbar(im, ax=axes, shrink=0.5, label="attention (normalised)")
+    return _save(fig, uri)
+
+
+def fig_curves(lines: list[dict], uri: str) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    for ax, key, label in zip(axes, ("loss", "lr", "val_top1", "images_per_s"), ("train loss", "learning rate", "val top-1", "images/s")):
+        pts = [(m["step"], m[key]) for m in lines if key in m and "step" in m]
+        if pts:
+            ax.plot(*zip(*pts), marker="." if key == "val_top1" else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    return _save(fig, uri)
+
+
+def write_figures(model_uri: str, image_uris: list[str], output: str, which=FIGURES, run_uri: str | None = None) -> dict:
+    """Load the model, compute the arrays, write the PNGs; returns {figure: uri} and the arrays."""
+    from .inference import load_model_bytes
+
+    model, _ = vit_model.model_from_bytes(*load_model_bytes(model_uri))
+    out = storage.parse_uri(output)
+    patches = pixels = None
+    if image_uris and ({"distance", "attention"} & set(which)):
+        patches, pixels, image_uris = load_images(image_uris, model)
+    arrays = compute_all(model, patches)
+    written = {}
+    if "filters" in which:
+        written["filters"] = fig_filters(arrays["filters"], out.join("filters.png").uri)
+    if "posemb" in which:
+        written["posemb"] = fig_posemb(arrays["posemb_similarity"], arrays["grid_structure"], out.join("posemb.png").uri)
+    if "distance" in which and patches is not None:
+        written["distance"] = fig_distance(arrays["mean_distance"], out.join("distance.png").uri, model.cfg.img_size)
+    if "attention" in which and patches is not None:
+        written["attention"] = fig_attention(pixels[:6], arrays["rollout"][:6], arrays["attention"][-1][:6],
+                                             out.join("attention.png").uri, image_uris[:6])
+    if "curves" in which and run_uri:
+        uri = storage.parse_uri(run_uri).join("metrics.jsonl").uri
+        lines = [json.loads(x) for x in storage.read_bytes(uri).decode().splitlines() if x.strip()]
+        written["curves"] = fig_curves(lines, out.join("curves.png").uri)
+    storage.write_bytes(out.join("summary.json").uri, json.dumps(
+        {"figures": written, "grid_structure": arrays["grid_structure"],
+         "mean_distance": arrays["mean_distance"].tolist() if "mean_distance" in arrays else None}, indent=2).encode())
+    return {"figures": written, "arrays": arrays}
+
+
+def resolve_images(spec: str, limit: int = 16) -> list[str]:
+    """Image URIs from a comma-separated list, a prefix/folder, or a shards manifest (its val split)."""
+    from .shards import load_manifest
+
+    parts = [p for p in spec.split(",") if p]
+    if len(parts) == 1 and (parts[0].endswith("manifest.json")):
+        return _images_from_shards(load_manifest(parts[0]), limit)
+    uris = []
+    for p in parts:
+        loc = storage.parse_uri(p)
+        files = storage.list_files(loc.uri)
+        uris += [storage.to_uri(loc, f.path) for f in files] if files else [loc.uri]
+    return uris[:limit]
+
+
+def _images_from_shards(manifest: dict, limit: int) -> list[str]:
+    """Shards hold images inside tars: extract the first `limit` of the val (or train) split to a temp folder."""
+    import tarfile
+    import tempfile
+
+    from .shards import shard_uris
+
+    split = "val" if manifest["splits"].get("val", {}).get("count") else "train"
+    folder = tempfile.mkdtemp(prefix="vitray-viz-")
+    out = []
+    for uri in shard_uris(manifest, split):
+        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(uri))) as tar:
+            for m in tar.getmembers():
+                if m.name.rsplit(".", 1)[-1] not in ("cls", "json"):
+                    path = f"{folder}/{posixpath.basename(m.name)}"
+                    with open(path, "wb") as f:
+                        f.write(tar.extractfile(m).read())
+                    out.append(path)
+                    if len(out) >= limit:
+                        return out
+    return out
+
+
+

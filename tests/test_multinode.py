@@ -1,0 +1,101 @@
+"""Two Ray nodes on one machine: a worker node joins the local head; training spreads and survives its loss."""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+import yaml
+
+from pipeline import pretrain, storage
+from pipeline.pretrain_config import PretrainConfig
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+RAY = str(ROOT / ".venv/bin/ray") if (ROOT / ".venv/bin/ray").exists() else "ray"
+
+
+@pytest.fixture
+def worker_node(stack, ray_cluster):
+    """A second raylet (2 CPU slots, resource `worker_node`) in its own process group, so it can be killed."""
+    import ray
+
+    env = {**os.environ, **stack}
+    env.pop("RAY_ADDRESS", None)
+    env["PATH"] = f"{ROOT / '.venv/bin'}{os.pathsep}{env['PATH']}"
+    proc = subprocess.Popen([RAY, "start", f"--address={stack['RAY_ADDRESS']}", "--num-cpus=2",
+                             '--resources={"worker_node": 1}', "--node-ip-address=127.0.0.1", "--block", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(n["Alive"] and "worker_node" in n["Resources"] for n in ray.nodes()):
+        time.sleep(0.5)
+    assert any(n["Alive"] and "worker_node" in n["Resources"] for n in ray.nodes()), "the worker node did not join"
+    yield proc
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def _cfg(manifest, output, name, **train):
+    cfg = yaml.safe_load((ROOT / "configs/digits_demo.yaml").read_text())
+    cfg["data"]["manifest"], cfg["train"]["output"] = manifest, output
+    cfg["train"].update({"name": name, "num_workers": 2, "batch_size": 64, "log_every_steps": 5, **train})
+    return PretrainConfig.model_validate(cfg)
+
+
+def _train_worker_nodes():
+    from ray.util.state import list_actors
+
+    return {a["node_id"] for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])}
+
+
+@pytest.mark.multinode
+def test_two_worker_run_places_one_worker_per_node(worker_node, digits_shards, bucket):
+    cfg = _cfg(digits_shards, f"{bucket}/runs", "spread", epochs=1, max_steps=12)
+    seen: list[set] = []
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            nodes = _train_worker_nodes()
+            if len(nodes) == 2 or (nodes and not seen):
+                seen.append(nodes)
+            time.sleep(0.5)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        summary = pretrain.run(cfg)
+    finally:
+        done.set()
+        t.join()
+    assert summary["step"] == 12
+    assert any(len(s) == 2 for s in seen), seen  # the two workers ran on two different nodes
+
+
+@pytest.mark.multinode
+def test_losing_the_worker_node_restarts_from_the_latest_checkpoint(worker_node, digits_shards, bucket):
+    cfg = _cfg(digits_shards, f"{bucket}/runs", "fault", epochs=2, checkpoint_every_steps=5, max_failures=2)
+    result = {}
+
+    def run():
+        try:
+            result["summary"] = pretrain.run(cfg)
+        except Exception as e:  # surfaced below
+            result["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not any("checkpoint_" in f.path for f in storage.list_files(f"{bucket}/runs/fault")):
+        time.sleep(0.5)
+    assert t.is_alive(), result
+    os.killpg(worker_node.pid, signal.SIGKILL)  # the node is gone, with its training worker
+    t.join(timeout=600)
+    assert "error" not in result, result.get("error")
+    assert result["summary"]["step"] == 2 * (1618 // 64)  # the run completed every step
+    lines = storage.read_bytes(f"{bucket}/runs/fault/metrics.jsonl").decode().splitlines()
+    assert len(lines) > 0
