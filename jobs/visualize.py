@@ -40,8 +40,8 @@ def main(argv=None) -> int:
         print(f"visualize: error: {e}", file=sys.stderr)
         return 2
     g = result["arrays"]["grid_structure"]
-    print(f"position embeddings: same row/column {g['same_row_or_column']:.3f} vs other {g['other']:.3f} "
-          f"({'grid structure present' if g['score'] > 0.1 else 'no grid structure'})")
+    print(f"position embeddings: grid neighbours {g['neighbours']:.3f} vs other pairs {g['other']:.3f}, score "
+          f"{g['score']:.2f} ({'grid structure present' if g['score'] > figures.GRID_THRESHOLD else 'no grid structure'})")
     for name, uri in result["figures"].items():
         print(f"{name:10s} {uri}")
     return 0

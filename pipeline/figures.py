@@ -20,6 +20,7 @@ from . import storage
 from .transforms import ImageDecodeError, ImageTransform, unpatchify
 
 FIGURES = ("filters", "posemb", "distance", "attention", "curves")
+GRID_THRESHOLD = 0.2  # grid_structure_score above this: the embeddings encode the 2-D layout
 
 
 def _plt():
@@ -96,9 +97,9 @@ def fig_posemb(sim: np.ndarray, score: dict, uri: str) -> str:
                 ax.set_xlabel(str(c + 1), fontsize=7)
     fig.supxlabel("input patch column")
     fig.supylabel("input patch row")
-    verdict = "grid structure present" if score["score"] > 0.1 else "no grid structure"
-    fig.suptitle(f"Position embedding similarity: {verdict} (same row/column {score['same_row_or_column']:.2f} "
-                 f"vs other {score['other']:.2f})")
+    verdict = "grid structure present" if score["score"] > GRID_THRESHOLD else "no grid structure"
+    fig.suptitle(f"Position embedding similarity: {verdict} (grid neighbours {score['neighbours']:.2f} vs other pairs "
+                 f"{score['other']:.2f}, score {score['score']:.2f})")
     fig.colorbar(im, ax=axes, shrink=0.6, label="cosine similarity")
     return _save(fig, uri)
 

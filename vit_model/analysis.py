@@ -36,19 +36,20 @@ def pos_embed_similarity(model_or_pos: VisionTransformer | torch.Tensor) -> np.n
 
 
 def grid_structure_score(sim: np.ndarray) -> dict:
-    """Mean similarity of positions sharing a row or column against all other pairs (self excluded).
+    """Mean similarity of grid neighbours (same row or column, one step apart) against all other pairs.
 
-    A model whose position embeddings encode the 2-D grid scores clearly above 0; random ones ~0.
+    `score` = (neighbours - other) / (1 - other): 0 when position carries no grid information
+    (random embeddings), towards 1 when neighbours are near-identical and distant pairs are not.
+    Normalised because some embeddings (sin-cos) share a large common component.
     """
     g = sim.shape[0]
     r, c = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
     r, c = r.ravel(), c.ravel()
     flat = sim.reshape(g * g, g * g)
-    same_line = (r[:, None] == r[None, :]) | (c[:, None] == c[None, :])
-    off_diag = ~np.eye(g * g, dtype=bool)
-    a = flat[same_line & off_diag].mean()
-    b = flat[~same_line].mean()
-    return {"same_row_or_column": float(a), "other": float(b), "score": float(a - b)}
+    neighbours = np.abs(r[:, None] - r[None, :]) + np.abs(c[:, None] - c[None, :]) == 1
+    other = ~neighbours & ~np.eye(g * g, dtype=bool)
+    a, b = float(flat[neighbours].mean()), float(flat[other].mean())
+    return {"neighbours": a, "other": b, "score": (a - b) / max(1.0 - b, 1e-6)}
 
 
 def patch_distances(grid: int, patch_size: int) -> np.ndarray:
