@@ -277,7 +277,9 @@ def predict_to_staging(cfg: InferConfig, info: dict, run_id: str, started: dt.da
         fs, _ = storage.resolve(inputs[0][0])
         labels = {storage.parse_uri(u).path: lab for u, lab in inputs}
         scheme = "s3://" if inputs[0][0].startswith("s3://") else ""
-        ds = ray.data.read_binary_files([storage.parse_uri(u).path for u, _ in inputs], filesystem=fs, include_paths=True)
+        # Images are small objects: a read task per ~64 of them, not one per file (per-block overhead).
+        ds = ray.data.read_binary_files([storage.parse_uri(u).path for u, _ in inputs], filesystem=fs, include_paths=True,
+                                        override_num_blocks=max(1, min(len(inputs) // 64, 1000)))
         ds = ds.map_batches(_file_rows, fn_kwargs={"labels": labels, "scheme": scheme}, batch_format="numpy")
     if cfg.limit and info["kind"] == "shards":
         ds = ds.limit(cfg.limit)

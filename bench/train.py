@@ -1,0 +1,130 @@
+"""Training throughput: (a) the plain loop without Ray, (b) Ray Train with 1 worker, (c) with 2 workers.
+
+Same model (vit_micro_patch4_32), data (the embedded digits shards in the local S3 server) and global
+batch; steady-state images/s is the median of the progress windows after the first. Needs `make up`.
+  python bench/train.py
+  python bench/train.py --device cuda     # no Ray: ViT-B/16, bf16, synthetic patches -> images/s, MFU
+"""
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import tarfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "cluster" / "local"))
+
+from pipeline.pretrain_config import PretrainConfig  # noqa: E402
+from pipeline.train_loop import LocalSession, train  # noqa: E402
+
+
+def steady(reports):
+    ips = [r["images_per_s"] for r in reports if "images_per_s" in r][1:]
+    waits = [r["data_wait"] for r in reports if "data_wait" in r][1:]
+    return statistics.median(ips), statistics.median(waits)
+
+
+def gpu(args):
+    """ViT-B/16 bf16 training on one GPU with synthetic uint8 patches; no Ray involved."""
+    cfg = PretrainConfig.model_validate({
+        "model": {"name": args.model},
+        "train": {"batch_size": args.batch, "epochs": 1, "max_steps": args.steps, "log_every_steps": 10,
+                  "compile": args.compile, "precision": "bf16"},
+        "optim": {"warmup_steps": 5, "label_smoothing": 0.1},
+        "data": {"val_split": None},
+    })
+    import vit_model
+
+    mcfg = vit_model.variant_config(args.model)
+    device = torch.device("cuda")
+    patches = torch.randint(0, 256, (args.batch, mcfg.num_patches, mcfg.patch_dim), dtype=torch.uint8)
+    labels = torch.randint(0, 1000, (args.batch,))
+    batch = {"patches": patches.numpy(), "label": labels.numpy(), "valid": np.ones(args.batch, bool)}
+
+    def batches(split, bs, epoch, is_train):
+        while True:
+            yield batch
+
+    s = LocalSession(batches, None, device=device)
+    train(cfg, s, num_classes=1000, train_count=args.batch * args.steps)
+    ips, wait = steady(s.reports)
+    mfu = [r["mfu"] for r in s.reports if "mfu" in r][1:]
+    print(f"{args.model} bf16 compile={args.compile} batch {args.batch} on {torch.cuda.get_device_name()}: "
+          f"{ips:.0f} images/s, MFU {statistics.median(mfu) * 100:.1f}% (data wait {wait * 100:.0f}%)")
+
+
+def cpu(args):
+    import stack
+
+    os.environ.update(stack.env_vars())  # before importing ray: its auth mode is read at import
+    import ray
+
+    from pipeline import pretrain, shards, storage
+    from pipeline.transforms import ImageTransform
+
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    bucket = f"bench-{uuid.uuid4().hex[:6]}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    shards.make_shards("digits", f"s3://{bucket}/digits", progress=False)
+    manifest = f"s3://{bucket}/digits/manifest.json"
+    base = {"model": {"name": "vit_micro_patch4_32"}, "data": {"manifest": manifest, "val_split": None, "hflip": 0.0},
+            "optim": {"warmup_steps": 2},
+            "train": {"output": f"s3://{bucket}/runs", "batch_size": args.cpu_batch, "epochs": 3, "log_every_steps": 5}}
+
+    # (a) the plain loop: same shards, decoded in the loop's own process, no Ray
+    m = shards.load_manifest(manifest)
+    samples = []
+    for uri in shards.shard_uris(m, "train"):
+        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(uri))) as tar:
+            members = {x.name: tar.extractfile(x).read() for x in tar.getmembers()}
+        samples += [(members[n], int(members[n[:-4] + ".cls"])) for n in members if n.endswith(".png")]
+    t = ImageTransform(32, 4, train=True, scale=(0.08, 1.0), hflip=0.0)
+    rng = np.random.default_rng(0)
+
+    def batches(split, bs, epoch, is_train):
+        order = rng.permutation(len(samples))
+        for i in range(0, len(order) - bs + 1, bs):
+            idx = order[i:i + bs]
+            yield {"patches": np.stack([t(samples[j][0], rng) for j in idx]),
+                   "label": np.array([samples[j][1] for j in idx]), "valid": np.ones(len(idx), bool)}
+
+    cfg = PretrainConfig.model_validate(base)
+    s = LocalSession(batches, None, device=torch.device("cpu"))
+    train(cfg, s, num_classes=10, train_count=m["splits"]["train"]["count"])
+    a, a_wait = steady(s.reports)
+    results = {}
+    for workers in (1, 2):
+        c = PretrainConfig.model_validate({**base, "train": {**base["train"], "num_workers": workers, "name": f"w{workers}"}})
+        pretrain.run(c)
+        lines = [__import__("json").loads(x) for x in storage.read_bytes(f"s3://{bucket}/runs/w{workers}/metrics.jsonl").decode().splitlines()]
+        results[workers] = steady(lines)
+    print(f"(a) plain loop, no Ray        {a:7.1f} img/s (data wait {a_wait * 100:3.0f}%, decoding in the loop)")
+    for w, (ips, wait) in results.items():
+        print(f"({'b' if w == 1 else 'c'}) Ray Train, {w} worker{'s' if w > 1 else ' '}       {ips:7.1f} img/s (data wait {wait * 100:3.0f}%) "
+              f"ratio to (a) {ips / a:4.2f}")
+    storage.delete(f"s3://{bucket}", recursive=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="vit_base_patch16_224")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--cpu-batch", type=int, default=64)
+    args = ap.parse_args()
+    gpu(args) if args.device == "cuda" else cpu(args)
+
+
+if __name__ == "__main__":
+    main()
