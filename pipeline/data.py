@@ -36,6 +36,8 @@ class StreamConfig:
     hflip: float = 0.5
     crop_fraction: float = 0.875
     draft: bool = True
+    randaug_n: int = 0
+    randaug_m: float = 9.0
 
 
 def configure_ray_data(object_store_fraction: float | None = None, progress: bool | None = None) -> None:
@@ -79,8 +81,8 @@ def _labels(batch: dict) -> np.ndarray:
 
 def decode_patchify(batch: dict, cfg: StreamConfig) -> dict:
     """map_batches step: encoded images -> patches. Bad samples: valid=False and a logged key."""
-    transform = ImageTransform(cfg.img_size, cfg.patch_size, cfg.train, scale=cfg.scale,
-                               hflip=cfg.hflip, crop_fraction=cfg.crop_fraction, draft=cfg.draft)
+    transform = ImageTransform(cfg.img_size, cfg.patch_size, cfg.train, scale=cfg.scale, hflip=cfg.hflip,
+                               crop_fraction=cfg.crop_fraction, draft=cfg.draft, randaug_n=cfg.randaug_n, randaug_m=cfg.randaug_m)
     rng = np.random.default_rng()  # fresh crops every epoch; the seed fixes the file order
     if "label" not in batch:
         batch["label"] = batch["cls"]

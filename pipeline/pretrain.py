@@ -176,7 +176,8 @@ def run(cfg: PretrainConfig) -> dict:
     mcfg = info["model_cfg"]
     d = cfg.data
     common = dict(img_size=mcfg.img_size, patch_size=mcfg.patch_size, batch_size=d.decode_batch_size, num_cpus=d.decode_cpus)
-    train_ds, _ = split_stream(d.manifest, d.train_split, StreamConfig(train=True, scale=(d.scale_min, 1.0), hflip=d.hflip, **common),
+    train_ds, _ = split_stream(d.manifest, d.train_split, StreamConfig(train=True, scale=(d.scale_min, 1.0), hflip=d.hflip,
+                                                                          randaug_n=d.randaug_n, randaug_m=d.randaug_m, **common),
                                shuffle_seed=d.shuffle_seed)
     datasets = {d.train_split: train_ds}
     if d.val_split:

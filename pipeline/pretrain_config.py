@@ -45,6 +45,8 @@ class DataSection(Section):
     decode_cpus: float = Field(1.0, gt=0, description="CPUs per decode task")
     scale_min: float = Field(0.08, gt=0, le=1, description="random-resized-crop minimum area fraction")
     hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
+    randaug_n: int = Field(0, ge=0, le=6, description="RandAugment ops per training image (0: off; DeiT: 2)")
+    randaug_m: float = Field(9.0, ge=0, le=10, description="RandAugment magnitude (DeiT: 9)")
     object_store_fraction: float | None = Field(None, gt=0, le=1, description="cap Ray Data's object store use")
 
 

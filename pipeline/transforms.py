@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageEnhance, ImageFile, ImageOps
 
 log = logging.getLogger(__name__)
 Image.MAX_IMAGE_PIXELS = 200_000_000  # refuse decompression bombs beyond ~14k x 14k
@@ -122,6 +122,41 @@ def unpatchify(patches: np.ndarray, patch_size: int, channels: int = 3) -> np.nd
     return patches.reshape(g, g, p, p, channels).transpose(0, 2, 1, 3, 4).reshape(g * p, g * p, channels)
 
 
+# RandAugment (Cubuk et al. 2020) as timm's `rand-m9-n2`: n ops drawn uniformly, magnitude m of 10.
+def _level(m: float, hi: float, rng: np.random.Generator, signed: bool = True) -> float:
+    v = m / 10.0 * hi
+    return -v if signed and rng.random() < 0.5 else v
+
+
+_FILL = (128, 128, 128)
+RAND_AUGMENT_OPS = {
+    "AutoContrast": lambda img, m, rng: ImageOps.autocontrast(img),
+    "Equalize": lambda img, m, rng: ImageOps.equalize(img),
+    "Invert": lambda img, m, rng: ImageOps.invert(img),
+    "Rotate": lambda img, m, rng: img.rotate(_level(m, 30, rng), fillcolor=_FILL),
+    "Posterize": lambda img, m, rng: ImageOps.posterize(img, max(1, 8 - int(m / 10 * 4))),
+    "Solarize": lambda img, m, rng: ImageOps.solarize(img, 256 - int(m / 10 * 256)),
+    "Color": lambda img, m, rng: ImageEnhance.Color(img).enhance(1 + _level(m, 0.9, rng)),
+    "Contrast": lambda img, m, rng: ImageEnhance.Contrast(img).enhance(1 + _level(m, 0.9, rng)),
+    "Brightness": lambda img, m, rng: ImageEnhance.Brightness(img).enhance(1 + _level(m, 0.9, rng)),
+    "Sharpness": lambda img, m, rng: ImageEnhance.Sharpness(img).enhance(1 + _level(m, 0.9, rng)),
+    "ShearX": lambda img, m, rng: img.transform(img.size, Image.AFFINE, (1, _level(m, 0.3, rng), 0, 0, 1, 0), fillcolor=_FILL),
+    "ShearY": lambda img, m, rng: img.transform(img.size, Image.AFFINE, (1, 0, 0, _level(m, 0.3, rng), 1, 0), fillcolor=_FILL),
+    "TranslateX": lambda img, m, rng: img.transform(img.size, Image.AFFINE, (1, 0, _level(m, 0.45, rng) * img.width, 0, 1, 0), fillcolor=_FILL),
+    "TranslateY": lambda img, m, rng: img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, _level(m, 0.45, rng) * img.height), fillcolor=_FILL),
+}
+
+
+def rand_augment(pixels: np.ndarray, n: int, m: float, rng: np.random.Generator) -> np.ndarray:
+    """Apply `n` RandAugment ops of magnitude `m` (0-10) to (H, W, 3) uint8, each with p=0.5 as timm."""
+    img = Image.fromarray(pixels)
+    names = list(RAND_AUGMENT_OPS)
+    for i in rng.choice(len(names), size=n, replace=True):
+        if rng.random() < 0.5:
+            img = RAND_AUGMENT_OPS[names[i]](img, m, rng)
+    return np.asarray(img)
+
+
 @dataclass(frozen=True)
 class ImageTransform:
     """decode -> crop (random-resized for training, center for eval) -> resize -> flip -> patchify.
@@ -137,6 +172,8 @@ class ImageTransform:
     hflip: float = 0.5
     crop_fraction: float = 0.875
     draft: bool = True
+    randaug_n: int = 0  # RandAugment ops per image (training only; 0: off)
+    randaug_m: float = 9.0  # RandAugment magnitude, 0-10
 
     def __post_init__(self):
         if self.img_size % self.patch_size:
@@ -162,4 +199,6 @@ class ImageTransform:
             raise ImageDecodeError(f"does not decode ({type(e).__name__}: {e})") from None
         if self.train and self.hflip and rng.random() < self.hflip:
             pixels = pixels[:, ::-1]
+        if self.train and self.randaug_n:
+            pixels = rand_augment(np.ascontiguousarray(pixels), self.randaug_n, self.randaug_m, rng)
         return patchify(pixels, self.patch_size)

@@ -83,3 +83,17 @@ def test_image_smaller_than_a_patch_is_refused():
 def test_patch_size_must_divide_image_size():
     with pytest.raises(ValueError, match="not divisible by patch_size 16"):
         T.ImageTransform(100, 16, train=True)
+
+
+def test_rand_augment_changes_pixels_keeps_shape_and_every_op_runs():
+    img = np.random.default_rng(3).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    for name, op in T.RAND_AUGMENT_OPS.items():
+        out = np.asarray(op(Image.fromarray(img), 9, rng))
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8, name
+    changed = [not np.array_equal(T.rand_augment(img, 2, 9, rng), img) for _ in range(20)]
+    assert any(changed)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "PNG")
+    t = T.ImageTransform(32, 4, train=True, randaug_n=2, randaug_m=9)
+    assert t(buf.getvalue(), rng).shape == (64, 48)
