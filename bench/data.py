@@ -57,9 +57,8 @@ def upscale(data: bytes, long_side=2000) -> bytes:
 def ray_stream_rate(folder: Path, bucket: str, epochs: int = 1):
     """Make shards of `folder` in the local S3 server and time the Ray Data patch stream."""
     import psutil
-    import ray
 
-    from pipeline import shards, storage
+    from pipeline import shards
     from pipeline.data import StreamConfig, configure_ray_data, split_stream
 
     shards.make_shards(str(folder), f"s3://{bucket}/{folder.name}", val_fraction=0.0, shard_size=32, progress=False)

@@ -12,7 +12,6 @@ import os
 import statistics
 import sys
 import tarfile
-import time
 import uuid
 from pathlib import Path
 

@@ -8,7 +8,6 @@ reported, and where a previous checkpoint is found.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -256,7 +255,7 @@ def train(cfg: PretrainConfig, session: Session, *, num_classes: int, train_coun
     dropped_total = 0
     last_metrics: dict = {}
 
-    def make_checkpoint(metrics: dict, is_end_of_epoch: bool):
+    def make_checkpoint(metrics: dict):
         ckpt_dir = None
         if session.rank == 0:
             ckpt_dir = Path(tempfile.mkdtemp(prefix="vitray-ckpt-"))
@@ -311,7 +310,7 @@ def train(cfg: PretrainConfig, session: Session, *, num_classes: int, train_coun
                 dropped_total += window["dropped"]
                 window = {"loss": 0.0, "n": 0, "images": 0, "wait": 0.0, "t0": time.time(), "dropped": 0}
             if t.checkpoint_every_steps and state["step"] % t.checkpoint_every_steps == 0 and state["step_in_epoch"] < steps_per_epoch:
-                make_checkpoint({**last_metrics, "step": state["step"], "epoch": epoch}, False)
+                make_checkpoint({**last_metrics, "step": state["step"], "epoch": epoch})
             elif log_now and state["step_in_epoch"] < steps_per_epoch:
                 session.report({**last_metrics, "step": state["step"], "epoch": epoch}, None)
         # ---- epoch end: evaluate on every worker, reduce, checkpoint, export the best
@@ -334,7 +333,7 @@ def train(cfg: PretrainConfig, session: Session, *, num_classes: int, train_coun
                 export_fn(_export_model(core, ema), "best", metrics)
         state["best_val_top1"] = max(state["best_val_top1"], metrics.get("val_top1", -1.0))
         state["images_seen"] = state["step"] * t.batch_size
-        make_checkpoint(metrics, True)
+        make_checkpoint(metrics)
         last_metrics = {}
     if session.rank == 0 and export_fn is not None:
         export_fn(_export_model(core, ema), "model", state["history"][-1] if state["history"] else {})
@@ -384,10 +383,9 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = PretrainConfig.model_validate_json(config["cfg"])
     session = RaySession(cfg)
     export_fn = None
-    if session.rank == 0:
+    if session.rank == 0:  # only rank 0 writes the exported models
         from .pretrain import export_to_output
 
-        def export_fn(model, kind, metrics):  # noqa: F811
-            export_to_output(cfg, model, kind, metrics, config["class_names"])
+        export_fn = lambda model, kind, metrics: export_to_output(cfg, model, kind, metrics, config["class_names"])  # noqa: E731
     train(cfg, session, num_classes=config["num_classes"], train_count=config["train_count"],
           class_names=config["class_names"], export_fn=export_fn)

@@ -92,7 +92,6 @@ def test_smoke_two_workers_checkpoints_and_exported_model_reproduces_val(ray_clu
     reported = summary["val_top1"]
     # the exported model, loaded with vit_model alone, on the val images in a plain loop
     from pipeline.transforms import ImageTransform
-    from pipeline.data import _image_column
     import tarfile
     model, meta = vit_model.model_from_bytes(storage.read_bytes(f"{bucket}/runs/smoke/model/model.safetensors"),
                                               storage.read_bytes(f"{bucket}/runs/smoke/model/config.json"))

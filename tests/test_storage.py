@@ -1,7 +1,6 @@
 """The storage module against the real SeaweedFS server, and the same API on local paths."""
 
 import os
-import subprocess
 
 import pyarrow.fs as pafs
 import pytest

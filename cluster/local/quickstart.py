@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         print(f"figures                  {figures}/")
     print(f"browse                   source .state/env; aws s3 ls --recursive {base}/  (or pyarrow)")
     print(f"dashboard                {env['VITRAY_DASHBOARD']}")
-    print(f"stop the stack           make down")
+    print("stop the stack           make down")
     print(f"total                    {time.time() - t0:.0f} s")
     print("=" * 72)
     summary = {"val_top1": val[-1] if val else None, "parquet_top1": parquet_top1, "rows": len(rows), "run": run, "predictions": preds}
