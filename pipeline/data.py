@@ -30,7 +30,11 @@ class StreamConfig:
     img_size: int
     patch_size: int
     train: bool
-    batch_size: int = 64  # rows per decode task batch (not the training batch)
+    # Rows per decode task (not the training batch). None: a task decodes the block its read produced,
+    # and Ray fuses read + decode into one task (no encoded bytes through the object store; measured
+    # 1.3-1.5x the stream rate of a separate decode stage here). A number re-batches the encoded rows
+    # first, for shards too large for one task's memory.
+    batch_size: int | None = None
     num_cpus: float = 1.0  # per decode task
     scale: tuple[float, float] = (0.08, 1.0)
     hflip: float = 0.5
@@ -109,8 +113,11 @@ def _paths(uris: list[str]) -> tuple[list[str], object]:
     return [storage.parse_uri(u).path for u in uris], fs
 
 
-def read_encoded(manifest: dict, split: str, *, shuffle_seed: int | None = None):
-    """The raw split: one row per sample with its encoded image and label (`cls` or `label`)."""
+def read_encoded(manifest: dict, split: str, *, shuffle_seed: int | None = None, num_cpus: float = 1.0):
+    """The raw split: one row per sample with its encoded image and label (`cls` or `label`).
+
+    `num_cpus` per read task: give it the decode step's value so that the two can fuse.
+    """
     import ray.data
     from ray.data import FileShuffleConfig
 
@@ -119,9 +126,12 @@ def read_encoded(manifest: dict, split: str, *, shuffle_seed: int | None = None)
         raise ValueError(f"the {split!r} split of {manifest['_base']} has no shards (0 samples)")
     paths, fs = _paths(uris)
     shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
+    # One read block per shard: the read can then fuse with the decode step (Ray Data does not fuse a
+    # read that splits its files into more blocks).
+    common = dict(filesystem=fs, shuffle=shuffle, override_num_blocks=len(paths), num_cpus=num_cpus)
     if manifest["format"] == "parquet":
-        return ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle, columns=["key", "image", "label", "ext"])
-    return ray.data.read_webdataset(paths, filesystem=fs, decoder=None, shuffle=shuffle)
+        return ray.data.read_parquet(paths, columns=["key", "image", "label", "ext"], **common)
+    return ray.data.read_webdataset(paths, decoder=None, **common)
 
 
 def read_class_tree(uri: str, classes: list[str] | None = None):
@@ -157,4 +167,4 @@ def split_stream(manifest_uri: str, split: str, cfg: StreamConfig, *, shuffle_se
             f"choose an img_size that is a multiple of {cfg.patch_size}"
         )
     manifest = load_manifest(manifest_uri)
-    return patch_stream(read_encoded(manifest, split, shuffle_seed=shuffle_seed), cfg), manifest
+    return patch_stream(read_encoded(manifest, split, shuffle_seed=shuffle_seed, num_cpus=cfg.num_cpus), cfg), manifest

@@ -41,7 +41,8 @@ class DataSection(Section):
     shuffle_seed: int = Field(0, description="file-order shuffle seed (reshuffled every epoch)")
     local_shuffle_buffer: int = Field(1024, ge=0, description="rows in each worker's shuffle buffer")
     prefetch_batches: int = Field(2, ge=0, description="batches prefetched per worker")
-    decode_batch_size: int = Field(64, ge=1, description="rows per decode task batch")
+    decode_batch_size: int | None = Field(
+        None, ge=1, description="rows per decode task (null: one shard block per task, fused with its read: fastest)")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs per decode task")
     scale_min: float = Field(0.08, gt=0, le=1, description="random-resized-crop minimum area fraction")
     hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
