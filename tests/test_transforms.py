@@ -60,6 +60,31 @@ def test_draft_mode_decodes_large_jpeg_smaller_with_same_output_shape():
     assert np.abs(out.astype(int) - full.astype(int)).mean() < 40  # same picture, noise image: loose
 
 
+def _photo_like(w, h):
+    """A smooth gradient with a little noise: what photos look like to a resize kernel."""
+    y, x = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(2)
+    img = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (w + h)], -1) + rng.normal(0, 8, (h, w, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_torch_and_pillow_resize_agree_and_flip_mirrors(flip):
+    data = _photo_like(500, 375)
+    box = (37.0, 20.0, 337.0, 345.0)
+    by = {b: T.crop_resize(T.open_image(data), box, 224, flip=flip, backend=b).astype(int) for b in ("torch", "pil")}
+    assert by["torch"].shape == by["pil"].shape == (224, 224, 3)
+    diff = np.abs(by["torch"] - by["pil"])
+    assert diff.mean() < 0.5 and (diff <= 1).mean() > 0.99
+    if flip:
+        plain = T.crop_resize(T.open_image(data), box, 224, backend="torch").astype(int)
+        assert np.abs(by["torch"] - plain[:, ::-1]).max() <= 1
+    with pytest.raises(ValueError, match="unknown resize backend"):
+        T.crop_resize(T.open_image(data), box, 224, backend="cv2")
+
+
 @pytest.mark.parametrize("data,reason", [
     (b"", "empty file"),
     (b"this is text, not a jpeg", "not an image"),

@@ -1,0 +1,43 @@
+"""Helper for test_stream_memory.py, run in its own process: a fresh local Ray with a tiny object store.
+
+    python tests/small_store_stream.py MANIFEST_URI OBJECT_STORE_BYTES
+Streams two epochs of the manifest's train split and prints one JSON line: rows and unique keys per
+epoch, the patch bytes that went through, and whether Ray Data reports spilling to disk.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+for var in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):  # a new cluster, not the stack's
+    os.environ.pop(var, None)
+
+import ray  # noqa: E402
+
+from pipeline.data import StreamConfig, configure_ray_data, split_stream  # noqa: E402
+
+
+def main():
+    manifest, store = sys.argv[1], int(sys.argv[2])
+    ray.init(num_cpus=2, object_store_memory=store, include_dashboard=False, log_to_driver=False)
+    try:
+        configure_ray_data(progress=False)
+        ds, _ = split_stream(manifest, "train", StreamConfig(224, 16, train=True), shuffle_seed=0)
+        epochs, patch_bytes = [], 0
+        for _ in range(2):
+            keys = []
+            for b in ds.iter_batches(batch_size=32, batch_format="numpy"):
+                keys += b["key"].tolist()
+                patch_bytes += b["patches"].nbytes
+            epochs.append({"rows": len(keys), "unique": len(set(keys))})
+        stats = ds.stats()
+        print(json.dumps({"epochs": epochs, "patch_bytes": patch_bytes, "store_bytes": store,
+                          "spilled": "Spilled to disk" in stats}))
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
