@@ -83,19 +83,18 @@ def center_crop_box(width: int, height: int, crop_fraction: float = 0.875) -> Bo
 
 
 def crop_resize(img: Image.Image, box: Box, size: int, draft: bool = True, flip: bool = False,
-                backend: str = "auto") -> np.ndarray:
+                backend: str = "torch") -> np.ndarray:
     """Cut `box` out of an opened image, mirror it if `flip`, resize it to (size, size, 3) uint8 (antialiased bilinear).
 
     With `draft`, a JPEG is decoded directly at the smallest 1/2^k scale that still leaves the
     crop at least `size` pixels, which skips most of the decode work on large photos.
     `backend="torch"` resizes with torch's vectorised uint8 antialiased kernel (the one torchvision's
     v2 transforms use; about 2.5x faster than Pillow's here, within 1 level of Pillow's output on
-    99.7% of pixels); `"pil"` uses Pillow's resize with the box directly. `"auto"` takes torch where
-    its intra-op pool has one thread (Ray's 1-CPU data tasks and actors) and Pillow elsewhere: in a
-    process whose torch pool has several threads, waking them per small image costs more than it saves.
+    99.7% of pixels); `"pil"` uses Pillow's resize with the box directly. One backend everywhere keeps
+    training, evaluation and batch inference on identical pixels. The torch kernel pays off with one
+    intra-op thread, as in Ray's 1-CPU data tasks; a plain loop in a process whose torch pool has
+    several threads spends more CPU waking them per image (`torch.set_num_threads(1)` there).
     """
-    if backend == "auto":
-        backend = "torch" if _torch_threads() == 1 else "pil"
     w, h = img.size
     if draft and img.format == "JPEG":
         cw, ch = box[2] - box[0], box[3] - box[1]
@@ -121,15 +120,9 @@ def crop_resize(img: Image.Image, box: Box, size: int, draft: bool = True, flip:
     return _resize_torch(np.asarray(crop), size)
 
 
-def _torch_threads() -> int:
-    import torch  # a dependency of the project; imported on first use so header-only users stay light
-
-    return torch.get_num_threads()
-
-
 def _resize_torch(pixels: np.ndarray, size: int) -> np.ndarray:
     """(h, w, 3) uint8 -> (size, size, 3) uint8 with torch's antialiased bilinear uint8 kernel."""
-    import torch
+    import torch  # a dependency of the project; imported on first use so header-only users stay light
 
     if pixels.shape[0] == size and pixels.shape[1] == size:
         return pixels

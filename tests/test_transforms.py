@@ -85,6 +85,22 @@ def test_torch_and_pillow_resize_agree_and_flip_mirrors(flip):
         T.crop_resize(T.open_image(data), box, 224, backend="cv2")
 
 
+def test_resize_pixels_do_not_depend_on_the_callers_thread_count():
+    # Ray's data tasks run torch with 1 thread, a CPU inference replica or a test process with more:
+    # training, evaluation and batch inference must still see identical pixels.
+    import torch
+
+    data, box, before = _photo_like(640, 480), (11.0, 7.0, 611.0, 457.0), torch.get_num_threads()
+    try:
+        out = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out[threads] = T.crop_resize(T.open_image(data), box, 224, flip=True)
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(out[1], out[2])
+
+
 @pytest.mark.parametrize("data,reason", [
     (b"", "empty file"),
     (b"this is text, not a jpeg", "not an image"),
