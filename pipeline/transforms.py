@@ -1,4 +1,4 @@
-"""Image steps on CPU workers, one small named function each: decode -> crop box -> resize -> flip -> patchify.
+"""Image steps on CPU workers, one small named function each: decode -> crop box -> flip -> resize -> patchify.
 
 Everything stays uint8 here; normalisation to float happens on the accelerator inside the model.
 Crops are chosen in the source image's coordinates from its header alone, so JPEG draft mode can
@@ -95,6 +95,8 @@ def crop_resize(img: Image.Image, box: Box, size: int, draft: bool = True, flip:
     intra-op thread, as in Ray's 1-CPU data tasks; a plain loop in a process whose torch pool has
     several threads spends more CPU waking them per image (`torch.set_num_threads(1)` there).
     """
+    if backend not in ("torch", "pil"):  # before any decoding work
+        raise ValueError(f"unknown resize backend {backend!r}: use 'torch' or 'pil'")
     w, h = img.size
     if draft and img.format == "JPEG":
         cw, ch = box[2] - box[0], box[3] - box[1]
@@ -110,8 +112,6 @@ def crop_resize(img: Image.Image, box: Box, size: int, draft: bool = True, flip:
         img.load()
     except Exception as e:
         raise ImageDecodeError(f"does not decode ({type(e).__name__}: {e})") from None
-    if backend != "torch":
-        raise ValueError(f"unknown resize backend {backend!r}: use 'torch' or 'pil'")
     left, top = int(box[0]), int(box[1])
     right, bottom = max(left + 1, round(box[2])), max(top + 1, round(box[3]))
     crop = img.crop((left, top, right, bottom))
