@@ -1,6 +1,9 @@
 """Inference throughput: (a) a plain PyTorch loop over the same decoded images, (b) the Ray Data job
-end to end from the local S3 server with 1 and 2 model replicas. Needs `make up`.
+end to end from the local S3 server with 1 and 2 model replicas; then the cost of reading the
+--since-last-run state after 1, 10 and 100 committed runs (the ledger against reading every published
+row, the way it was done before). Needs `make up`.
   python bench/infer.py
+  python bench/infer.py --state-only      # only the state-read cost (no Ray)
   python bench/infer.py --device cuda      # no Ray: ViT-B/16 bf16 inference images/s on a GPU
 """
 
@@ -90,6 +93,59 @@ def cpu(args):
     storage.delete(f"s3://{bucket}", recursive=True)
 
 
+def state_cost(args):
+    """Seconds to read the --since-last-run state as history grows: the model's ledger (one object)
+    against reading every published run's rows (embeddings included), measured in the same run."""
+    import datetime as dt
+    import statistics
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import stack
+
+    os.environ.update(stack.env_vars())
+    from pipeline import publish, storage
+    from pipeline.inference import output_schema
+    from pipeline.lease import Lease
+
+    bucket = f"bench-state-{uuid.uuid4().hex[:6]}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    out = f"s3://{bucket}/preds"
+    layout, sha, per_run, dim = publish.Layout.of(out), "cd" * 32, args.state_rows, 192
+    schema = output_schema(5, dim)
+    now = dt.datetime.now(dt.timezone.utc)
+    rng = np.random.default_rng(0)
+
+    def timed(fn, repeat=5):
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    print(f"--since-last-run state: {per_run} new images per run, embeddings of {dim} floats", flush=True)
+    with Lease(out, "bench") as lease:
+        for r in range(1, 101):
+            rows = [{"image_uri": f"s3://in/r{r:03d}/{i:05d}.jpg", "label_id": None, "label": None, "pred_id": 1,
+                     "pred": "1", "score": 0.5, "topk_ids": [1, 2, 3, 4, 5], "topk_scores": [0.5, 0.2, 0.1, 0.1, 0.1],
+                     "embedding": rng.standard_normal(dim).astype(np.float32).tolist(), "error": None,
+                     "model_uri": "m", "model_sha256": sha, "run_id": f"r{r:03d}", "inferred_at": now} for i in range(per_run)]
+            buf = io.BytesIO()
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+            staged = layout.staging(f"r{r:03d}").join("part-0.parquet.staged").uri
+            storage.write_bytes(staged, buf.getvalue())
+            publish.commit(layout, publish.plan_commit(layout, f"r{r:03d}", "2026-11-28", [staged], accuracy_report=None,
+                                                       ledger=True, rows=per_run, inputs=per_run, errors=0, model_sha256=sha), lease)
+            if r in (1, 10, 100):
+                ledger = timed(lambda: publish.done_inputs(layout, sha))
+                everything = timed(lambda: set(publish.read_published(out, sha).column("image_uri").to_pylist()), repeat=3)
+                print(f"after {r:3d} runs ({r * per_run:6d} images): ledger {ledger * 1000:7.1f} ms | every published row "
+                      f"{everything * 1000:8.1f} ms | ledger/every-row {ledger / everything:5.2f}", flush=True)
+    storage.delete(f"s3://{bucket}", recursive=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -98,10 +154,17 @@ def main():
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--cpu-model", default="vit_micro_patch4_32")
     ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--state-rows", type=int, default=50, help="new images per committed run in the state-cost part")
+    ap.add_argument("--state-only", action="store_true")
     args = ap.parse_args()
+    if args.state_only:
+        return state_cost(args)
     if args.device == "cpu":
         args.batch = min(args.batch, 128)
-    gpu(args) if args.device == "cuda" else cpu(args)
+    if args.device == "cuda":
+        return gpu(args)
+    cpu(args)
+    state_cost(args)
 
 
 if __name__ == "__main__":

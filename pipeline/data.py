@@ -83,6 +83,28 @@ def _labels(batch: dict) -> np.ndarray:
     return np.array([int(v.decode() if isinstance(v, (bytes, bytearray)) else v) for v in raw], dtype=np.int64)
 
 
+def decode_to_patches(images: list, keys, transform: ImageTransform, rng: np.random.Generator | None):
+    """Encoded images -> ((B, N, P*P*C) uint8 patches, (B,) bool valid, [error or ""] per row).
+
+    The one decode step of training, evaluation and batch inference: a sample that cannot be used
+    keeps its row, marked invalid with the reason, and is logged with its key.
+    """
+    n = len(images)
+    patches = np.zeros((n, (transform.img_size // transform.patch_size) ** 2, transform.patch_size ** 2 * 3), np.uint8)
+    valid = np.zeros(n, bool)
+    errors = [""] * n
+    for i, data in enumerate(images):
+        try:
+            if data is None:
+                raise ImageDecodeError("sample has no image member")
+            patches[i] = transform(bytes(data), rng)
+            valid[i] = True
+        except ImageDecodeError as e:
+            errors[i] = str(e)
+            log.warning("cannot use sample %s: %s", keys[i] if keys is not None else i, e)
+    return patches, valid, errors
+
+
 def decode_patchify(batch: dict, cfg: StreamConfig) -> dict:
     """map_batches step: encoded images -> patches. Bad samples: valid=False and a logged key."""
     transform = ImageTransform(cfg.img_size, cfg.patch_size, cfg.train, scale=cfg.scale, hflip=cfg.hflip,
@@ -90,22 +112,10 @@ def decode_patchify(batch: dict, cfg: StreamConfig) -> dict:
     rng = np.random.default_rng()  # fresh crops every epoch; the seed fixes the file order
     if "label" not in batch:
         batch["label"] = batch["cls"]
-    images = _image_column(batch)
     keys = batch.get("__key__", batch.get("key"))
-    n = len(images)
-    grid = (cfg.img_size // cfg.patch_size) ** 2
-    patches = np.zeros((n, grid, cfg.patch_size * cfg.patch_size * 3), np.uint8)
-    valid = np.ones(n, bool)
-    for i, data in enumerate(images):
-        try:
-            if data is None:
-                raise ImageDecodeError("sample has no image member")
-            patches[i] = transform(bytes(data), rng)
-        except ImageDecodeError as e:
-            valid[i] = False
-            log.warning("dropping sample %s: %s", keys[i] if keys is not None else i, e)
+    patches, valid, _ = decode_to_patches(_image_column(batch), keys, transform, rng)
     return {"patches": patches, "label": _labels(batch), "valid": valid,
-            "key": np.asarray(keys if keys is not None else [""] * n, dtype=object)}
+            "key": np.asarray(keys if keys is not None else [""] * len(valid), dtype=object)}
 
 
 def _paths(uris: list[str]) -> tuple[list[str], object]:

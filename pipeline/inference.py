@@ -1,40 +1,41 @@
-"""Batch inference with Ray Data: images in object storage -> predictions as published Parquet runs.
+"""Batch inference with Ray Data: images in object storage -> predictions as committed Parquet runs.
 
-    list inputs (minus those already predicted, with --since-last-run)
+    lease on --output (one writer; pipeline/lease.py) -> finish or drop what crashed runs left
+    list inputs (minus those already predicted, with --since-last-run: the model's ledger)
       -> read_binary_files -> decode + eval crop + patchify      (CPU tasks)
-      -> Predictor in an actor pool (model loaded once per replica; GPU + bf16 when asked)
-      -> write_parquet to  {output}/_staging/run={run_id}/        (ignored by Hive-style readers)
-      -> publish to        {output}/dt={date}/run={run_id}/part-*.parquet, accuracy.json, then _SUCCESS
+      -> Predictor in an actor pool (weights read once by the driver, shipped through the object store;
+         GPU + bf16 when asked)
+      -> write_parquet to {output}/_staging/run={id}/ -> commit (pipeline/publish.py)
 
-A run is published when its `_SUCCESS` exists; `read_published` reads only such runs. The state
-for `--since-last-run` is the `image_uri` column of the published runs of the same model weights,
-so across any sequence of runs and crashes each input gets exactly one published prediction.
-One writer per output prefix at a time (a scheduler's concurrency policy: Forbid).
+The layout under --output, what each reader sees, and why a crash anywhere is safe: pipeline/publish.py.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import json
 import logging
 import os
 import posixpath
 import time
 import uuid
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from . import storage
+from . import publish, storage
 from .config import Section
+from .lease import Lease
 from .shards import MANIFEST, load_manifest, shard_uris
 
 log = logging.getLogger(__name__)
-SUCCESS = "_SUCCESS"
-STAGING = "_staging"
+
+
+class ErrorRateExceeded(RuntimeError):
+    """More inputs failed than --max-error-rate allows; nothing was published."""
 
 
 class InferConfig(Section):
@@ -52,6 +53,12 @@ class InferConfig(Section):
     limit: int | None = Field(None, ge=1, description="at most this many (new) inputs")
     split: str | None = Field(None, description="shards input: only this split (default: all)")
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="run id (default: UTC time + random)")
+    retry_errors: bool = Field(True, description="with --since-last-run: inputs whose last attempt failed are tried "
+                               "again (--no-retry-errors: count them as done, for inputs known to be permanently bad)")
+    max_error_rate: float | None = Field(None, ge=0, le=1, description="fail, publishing nothing, when more than this "
+                                         "fraction of the inputs could not be predicted (default: off)")
+    lease_ttl_s: float = Field(600.0, ge=3, description="the output's lease expires this long after its last renewal "
+                               "(a crashed run blocks the next one for at most this long)")
 
     @field_validator("replicas", mode="before")
     @classmethod
@@ -68,7 +75,7 @@ class InferConfig(Section):
 ALIASES = {
     "model": "model", "input": "input", "output": "output", "batch-size": "batch_size", "num-gpus": "num_gpus",
     "replicas": "replicas", "top-k": "top_k", "embeddings": "embeddings", "since-last-run": "since_last_run",
-    "limit": "limit",
+    "limit": "limit", "retry-errors": "retry_errors", "max-error-rate": "max_error_rate", "lease-ttl": "lease_ttl_s",
 }
 
 
@@ -107,17 +114,24 @@ def load_model_bytes(uri: str) -> tuple[bytes, bytes]:
 
 
 class Predictor:
-    """One model replica: loads the weights once, then maps patch batches to prediction rows."""
+    """One model replica: builds the model from the driver's weights once, then maps patch batches to rows."""
 
-    def __init__(self, model_uri: str, top_k: int, embeddings: bool, run_id: str, inferred_at: dt.datetime, use_gpu: bool):
+    def __init__(self, weights, config: bytes, sha256: str, model_uri: str, top_k: int, embeddings: bool, run_id: str,
+                 inferred_at: dt.datetime, use_gpu: bool, threads: int):
         import torch
 
         import vit_model
 
-        weights, config = load_model_bytes(model_uri)
+        if not isinstance(weights, bytes):  # an ObjectRef: the one copy the driver read
+            import ray
+
+            weights = ray.get(weights)
+        self.sha = hashlib.sha256(weights).hexdigest()
+        if self.sha != sha256:
+            raise RuntimeError(f"model weights changed in transit: sha256 {self.sha} != {sha256}")
+        torch.set_num_threads(max(1, threads))  # as many as the CPU slots this replica holds
         self.model, meta = vit_model.model_from_bytes(weights, config)
         self.class_names = meta.get("class_names") or [str(i) for i in range(self.model.cfg.num_classes)]
-        self.sha = hashlib.sha256(weights).hexdigest()
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
         self.amp = torch.bfloat16 if self.device.type == "cuda" else None
@@ -161,29 +175,25 @@ class Predictor:
 
 def preprocess(batch: dict, img_size: int, patch_size: int) -> dict:
     """Encoded images -> eval-transformed patches; undecodable inputs keep their row with the reason."""
-    from .transforms import ImageDecodeError, ImageTransform
+    from .data import decode_to_patches
+    from .transforms import ImageTransform
 
-    transform = ImageTransform(img_size, patch_size, train=False)
-    n = len(batch["image_uri"])
-    patches = np.zeros((n, (img_size // patch_size) ** 2, patch_size * patch_size * 3), np.uint8)
-    valid = np.zeros(n, bool)
-    errors = [""] * n
-    for i, data in enumerate(batch["bytes"]):
-        try:
-            patches[i] = transform(bytes(data), None)
-            valid[i] = True
-        except ImageDecodeError as e:
-            errors[i] = str(e)
-            log.warning("cannot predict %s: %s", batch["image_uri"][i], e)
+    patches, valid, errors = decode_to_patches(list(batch["bytes"]), batch["image_uri"],
+                                               ImageTransform(img_size, patch_size, train=False), None)
     return {"image_uri": batch["image_uri"], "label_id": batch["label_id"], "patches": patches, "valid": valid,
             "error": np.asarray(errors, dtype=object)}
 
 
 # ---- inputs ------------------------------------------------------------------------------------
+def _is_shards(uri: str) -> bool:
+    loc = storage.parse_uri(uri)
+    return loc.uri.endswith(".json") or storage.exists(loc.join(MANIFEST).uri)
+
+
 def list_inputs(cfg: InferConfig, class_names: list[str]) -> tuple[list[tuple[str, int]], str]:
     """[(image_uri, known label id or -1)], and the kind of input ("images", "class-tree", "shards")."""
     loc = storage.parse_uri(cfg.input)
-    if loc.uri.endswith(".json") or storage.exists(loc.join(MANIFEST).uri):
+    if _is_shards(loc.uri):
         manifest = load_manifest(loc.uri)
         return [(u, -1) for split in manifest["splits"] if cfg.split in (None, split) for u in shard_uris(manifest, split)], "shards"
     files = [f for f in storage.list_files(loc.uri) if not posixpath.basename(f.path).startswith((".", "_"))]
@@ -196,46 +206,9 @@ def list_inputs(cfg: InferConfig, class_names: list[str]) -> tuple[list[tuple[st
     return out, "class-tree" if tree else "images"
 
 
-def published_runs(output: str) -> list[dict]:
-    """The `_SUCCESS` manifests of every published run under `output`, oldest first."""
-    out = storage.parse_uri(output)
-    runs = []
-    for f in storage.list_files(out.uri):
-        if posixpath.basename(f.path) == SUCCESS and f"/{STAGING}/" not in f.path:
-            runs.append(json.loads(storage.read_bytes(storage.to_uri(out, f.path))))
-    return sorted(runs, key=lambda r: r["run_id"])
-
-
-def read_published(output: str, model_sha256: str | None = None) -> pa.Table:
-    """Every published prediction (only runs with `_SUCCESS`), optionally of one model's weights."""
-    import pyarrow.parquet as pq
-
-    tables = []
-    for run in published_runs(output):
-        if model_sha256 and run["model_sha256"] != model_sha256:
-            continue
-        for uri in run["files"]:
-            tables.append(pq.read_table(io.BytesIO(storage.read_bytes(uri))))
-    if not tables:
-        return pa.table({"image_uri": pa.array([], pa.string())})
-    return pa.concat_tables(tables, promote_options="default")
-
-
-def _cleanup_unpublished(output: storage.Location) -> None:
-    """Staging and half-copied run folders of crashed runs (no `_SUCCESS`) are removed."""
-    published = {r["run_id"] for r in published_runs(output.uri)}
-    leftovers = set()
-    for f in storage.list_files(output.uri):
-        for part in f.path.split("/"):
-            if part.startswith("run=") and part[4:] not in published:
-                leftovers.add(f.path[: f.path.index(part) + len(part)])
-    for path in sorted(leftovers):
-        log.warning("removing unpublished output of a crashed run: %s", path)
-        storage.delete(storage.to_uri(output, path), recursive=True)
-
-
 # ---- the job -----------------------------------------------------------------------------------
 def preflight(cfg: InferConfig) -> dict:
+    """Everything that can be checked without writing: arguments, the model (read once here), buckets."""
     for name in ("model", "input", "output"):
         if not getattr(cfg, name):
             raise ValueError(f"--{name} is required")
@@ -243,25 +216,25 @@ def preflight(cfg: InferConfig) -> dict:
     meta = json.loads(config)
     storage.check_bucket(cfg.input)
     storage.check_bucket(cfg.output)
-    out = storage.parse_uri(cfg.output)
-    probe = out.join(STAGING, f".write-probe-{uuid.uuid4().hex[:8]}").uri
-    try:
-        storage.write_bytes(probe, b"")
-    except storage.StorageError as e:
-        raise storage.StorageError(f"cannot write to --output {out.uri}: {e}") from None
-    storage.delete(probe)
+    if cfg.since_last_run and _is_shards(cfg.input):
+        raise ValueError("--since-last-run works on image prefixes, not on shards (shards are immutable data sets)")
     class_names = meta.get("class_names") or [str(i) for i in range(meta["model"]["num_classes"])]
-    inputs, kind = list_inputs(cfg, class_names)
-    return {"weights_sha256": hashlib.sha256(weights).hexdigest(), "meta": meta, "inputs": inputs, "kind": kind,
+    return {"weights": weights, "config": config, "weights_sha256": hashlib.sha256(weights).hexdigest(), "meta": meta,
             "class_names": class_names}
 
 
-def predict_to_staging(cfg: InferConfig, info: dict, run_id: str, started: dt.datetime) -> tuple[list[str], int]:
-    """Run the Ray Data pipeline; returns (staged Parquet URIs, input count). Nothing is published."""
+def predict_to_staging(cfg: InferConfig, info: dict, run_id: str, started: dt.datetime) -> list[str]:
+    """Run the Ray Data pipeline into `_staging/run={run_id}/`; returns the staged file URIs. Nothing is published."""
     import ray
     from ray.data import ActorPoolStrategy
+    from ray.data.datasource import FilenameProvider
 
     from .data import configure_ray_data, read_encoded
+
+    class StagedNames(FilenameProvider):  # not `*.parquet`: no glob reader picks up a staged file
+        def get_filename_for_task(self, write_uuid, task_index):
+            # `{i}`: Ray's Parquet sink numbers the files of one task (and keeps a templated name as it is)
+            return f"part-{task_index:06d}-{write_uuid}-{{i}}{publish.STAGED_SUFFIX}"
 
     configure_ray_data()
     mcfg = info["meta"]["model"]
@@ -273,6 +246,8 @@ def predict_to_staging(cfg: InferConfig, info: dict, run_id: str, started: dt.da
         for s in splits:
             part = read_encoded(manifest, s).map_batches(_shard_rows, batch_format="numpy")
             ds = part if ds is None else ds.union(part)
+        if cfg.limit:
+            ds = ds.limit(cfg.limit)
     else:
         fs, _ = storage.resolve(inputs[0][0])
         labels = {storage.parse_uri(u).path: lab for u, lab in inputs}
@@ -281,21 +256,20 @@ def predict_to_staging(cfg: InferConfig, info: dict, run_id: str, started: dt.da
         ds = ray.data.read_binary_files([storage.parse_uri(u).path for u, _ in inputs], filesystem=fs, include_paths=True,
                                         override_num_blocks=max(1, min(len(inputs) // 64, 1000)))
         ds = ds.map_batches(_file_rows, fn_kwargs={"labels": labels, "scheme": scheme}, batch_format="numpy")
-    if cfg.limit and info["kind"] == "shards":
-        ds = ds.limit(cfg.limit)
     ds = ds.map_batches(preprocess, fn_kwargs={"img_size": mcfg["img_size"], "patch_size": mcfg["patch_size"]},
                         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.decode_cpus)
+    weights = ray.put(info["weights"])  # read once by the driver: every replica gets these exact bytes
     ds = ds.map_batches(
         Predictor,
-        fn_constructor_args=(cfg.model, cfg.top_k, cfg.embeddings, run_id, started, cfg.num_gpus > 0),
+        fn_constructor_args=(weights, info["config"], info["weights_sha256"], cfg.model, cfg.top_k, cfg.embeddings,
+                             run_id, started, cfg.num_gpus > 0, int(cfg.cpus_per_replica)),
         compute=ActorPoolStrategy(min_size=cfg.replicas[0], max_size=cfg.replicas[1]),
         num_gpus=cfg.num_gpus, num_cpus=cfg.cpus_per_replica, batch_size=cfg.batch_size, batch_format="numpy",
     )
-    staging = storage.parse_uri(cfg.output).join(STAGING, f"run={run_id}")
+    staging = publish.Layout.of(cfg.output).staging(run_id)
     fs, path = storage.resolve(staging.uri)
-    ds.write_parquet(path, filesystem=fs)
-    files = [storage.to_uri(staging, f.path) for f in storage.list_files(staging.uri) if f.path.endswith(".parquet")]
-    return files, len(inputs)
+    ds.write_parquet(path, filesystem=fs, filename_provider=StagedNames())
+    return [storage.to_uri(staging, f.path) for f in storage.list_files(staging.uri) if f.path.endswith(publish.STAGED_SUFFIX)]
 
 
 def _file_rows(batch: dict, labels: dict, scheme: str) -> dict:
@@ -316,35 +290,12 @@ def _shard_rows(batch: dict) -> dict:
             "bytes": np.asarray([b if b is not None else b"" for b in images], dtype=object), "label_id": _labels(batch)}
 
 
-def publish(cfg: InferConfig, info: dict, run_id: str, started: dt.datetime, staged: list[str], input_count: int,
-            timings: dict) -> dict:
-    """Move the staged files into `dt=/run=`, write the accuracy summary, then `_SUCCESS` (last)."""
-    import pyarrow.parquet as pq
-
-    out = storage.parse_uri(cfg.output)
-    final = out.join(f"dt={started:%Y-%m-%d}", f"run={run_id}")
-    files, rows, errors = [], 0, 0
-    tables = []
-    for i, uri in enumerate(sorted(staged)):
-        dest = final.join(f"part-{i:05d}.parquet").uri
-        storage.copy(uri, dest)
-        table = pq.read_table(io.BytesIO(storage.read_bytes(dest)))
-        tables.append(table.select(["label_id", "pred_id", "topk_ids", "error"]))
-        rows += table.num_rows
-        errors += table.num_rows - table.column("error").null_count
-        files.append(dest)
-    if rows != input_count:
-        raise RuntimeError(f"run {run_id} produced {rows} rows for {input_count} inputs: not publishing it")
-    accuracy = accuracy_summary(pa.concat_tables(tables) if tables else None, info["class_names"])
-    if accuracy:
-        storage.write_bytes(final.join("accuracy.json").uri, json.dumps(accuracy, indent=2).encode())
-    success = {"run_id": run_id, "rows": rows, "inputs": input_count, "errors": errors, "files": files,
-               "model_uri": cfg.model, "model_sha256": info["weights_sha256"], "input": cfg.input,
-               "started_at": started.isoformat(), "timings_s": timings, "accuracy": accuracy and {k: accuracy[k] for k in ("top1", "top5", "count")}}
-    storage.write_bytes(final.join(SUCCESS).uri, json.dumps(success, indent=2).encode())
-    for uri in staged:
-        storage.delete(uri)
-    return {**success, "output": final.uri, "accuracy_full": accuracy}
+def summarize_staged(staged: list[str], class_names: list[str]) -> dict:
+    """Rows, error count and accuracy of a staged run, from its small columns only."""
+    tables = [publish.read_parquet(u, ["label_id", "pred_id", "topk_ids", "error"]) for u in staged]
+    rows = sum(t.num_rows for t in tables)
+    errors = sum(t.num_rows - t.column("error").null_count for t in tables)
+    return {"rows": rows, "errors": errors, "accuracy": accuracy_summary(pa.concat_tables(tables) if tables else None, class_names)}
 
 
 def accuracy_summary(table: pa.Table | None, class_names: list[str]) -> dict | None:
@@ -365,50 +316,89 @@ def accuracy_summary(table: pa.Table | None, class_names: list[str]) -> dict | N
             "per_class": {c: {"top1": a / n, "count": n} for c, (a, n) in sorted(per.items())}}
 
 
+class _Stages:
+    """Wall seconds per stage of the job, for the summary line."""
+
+    def __init__(self):
+        self.t0, self.s = time.time(), {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t = time.time()
+        yield
+        self.s[name] = round(self.s.get(name, 0.0) + time.time() - t, 3)
+
+
 def run(cfg: InferConfig) -> dict:
-    t0 = time.time()
-    info = preflight(cfg)
-    out = storage.parse_uri(cfg.output)
-    if cfg.since_last_run:
-        _cleanup_unpublished(out)
-        done = set(read_published(out.uri, info["weights_sha256"]).column("image_uri").to_pylist())
-        if info["kind"] == "shards":
-            raise ValueError("--since-last-run works on image prefixes, not on shards (shards are immutable data sets)")
-        before = len(info["inputs"])
-        info["inputs"] = [x for x in info["inputs"] if x[0] not in done]
-        print(f"since last run: {before - len(info['inputs'])} of {before} inputs already predicted with this model", flush=True)
-    if cfg.limit and info["kind"] != "shards":
-        info["inputs"] = info["inputs"][: cfg.limit]
+    """The whole job. Raises LeaseHeld (nothing touched), ErrorRateExceeded (nothing published),
+    StorageError / ValueError (bad input, before any prediction)."""
+    stages = _Stages()
+    with stages("preflight"):
+        info = preflight(cfg)
+    layout = publish.Layout.of(cfg.output)
     started = dt.datetime.now(dt.timezone.utc)
     run_id = cfg.run_id or f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-    if not info["inputs"]:
-        return {"run_id": run_id, "rows": 0, "inputs": 0, "errors": 0, "output": None, "elapsed_s": time.time() - t0,
-                "images_per_s": 0.0, "accuracy_full": None}
-    import ray
+    result = {"run_id": run_id, "rows": 0, "inputs": 0, "errors": 0, "output": None, "images_per_s": 0.0,
+              "accuracy_full": None, "model_sha256": info["weights_sha256"], "already_done": 0}
+    with Lease(cfg.output, run_id, cfg.lease_ttl_s) as lease:
+        with stages("recover"):
+            result["recovered"] = publish.recover(layout, lease)
+        with stages("list"):
+            info["inputs"], info["kind"] = list_inputs(cfg, info["class_names"])
+        if cfg.since_last_run:
+            with stages("state"):
+                done = publish.done_inputs(layout, info["weights_sha256"], cfg.retry_errors)
+            before = len(info["inputs"])
+            info["inputs"] = [x for x in info["inputs"] if x[0] not in done]
+            result["already_done"] = before - len(info["inputs"])
+            print(f"since last run: {result['already_done']} of {before} inputs already predicted with this model", flush=True)
+        if cfg.limit and info["kind"] != "shards":
+            info["inputs"] = info["inputs"][: cfg.limit]
+        if not info["inputs"]:
+            return {**result, "elapsed_s": time.time() - stages.t0, "timings_s": stages.s}
+        try:
+            import ray
 
-    if not ray.is_initialized():
-        ray.init()
-    t1 = time.time()
-    staged, n_inputs = predict_to_staging(cfg, info, run_id, started)
-    if info["kind"] == "shards":
-        import pyarrow.parquet as pq
-
-        n_inputs = sum(pq.read_metadata(io.BytesIO(storage.read_bytes(u))).num_rows for u in staged)
-    t2 = time.time()
-    result = publish(cfg, info, run_id, started, staged, n_inputs, {"predict": t2 - t1, "total": t2 - t0})
-    result["elapsed_s"] = time.time() - t0
-    result["images_per_s"] = n_inputs / max(t2 - t1, 1e-9)
-    return result
+            if not ray.is_initialized():
+                ray.init()
+            with stages("predict"):
+                staged = predict_to_staging(cfg, info, run_id, started)
+            summary = summarize_staged(staged, info["class_names"])
+            n_inputs = summary["rows"] if info["kind"] == "shards" else len(info["inputs"])
+            if summary["rows"] != n_inputs:
+                raise RuntimeError(f"run {run_id} produced {summary['rows']} rows for {n_inputs} inputs: not publishing it")
+            if cfg.max_error_rate is not None and summary["errors"] > cfg.max_error_rate * n_inputs:
+                raise ErrorRateExceeded(f"{summary['errors']} of {n_inputs} inputs could not be predicted, more than "
+                                        f"--max-error-rate {cfg.max_error_rate}: run {run_id} is not published "
+                                        "(the error rows name each input and its reason in the job log)")
+        except BaseException:
+            storage.delete(layout.staging(run_id).uri, recursive=True)  # nothing of this run is committed
+            raise
+        acc = summary["accuracy"]
+        intent = publish.plan_commit(
+            layout, run_id, f"{started:%Y-%m-%d}", staged, accuracy_report=acc, ledger=info["kind"] != "shards",
+            rows=summary["rows"], inputs=n_inputs, errors=summary["errors"], model_uri=cfg.model,
+            model_sha256=info["weights_sha256"], input=cfg.input, started_at=started.isoformat(), timings_s=stages.s,
+            accuracy=acc and {k: acc[k] for k in ("top1", "top5", "count")})
+        with stages("publish"):
+            publish.commit(layout, intent, lease)
+    return {**result, **intent["success"], "output": intent["run_dir"], "accuracy_full": acc,
+            "elapsed_s": time.time() - stages.t0, "images_per_s": n_inputs / max(stages.s["predict"], 1e-9), "timings_s": stages.s}
 
 
 def print_summary(r: dict) -> None:
     lines = ["=" * 64, f"run          {r['run_id']}",
              f"images       {r['inputs']} ({r['errors']} errors)   {r['images_per_s']:.1f} images/s   {r['elapsed_s']:.1f} s",
              f"predictions  {r['output'] or 'nothing new to predict'}"]
+    if r.get("already_done"):
+        lines.append(f"skipped      {r['already_done']} inputs already predicted with this model")
+    if r.get("recovered"):
+        lines.append(f"recovered    finished the commit of crashed run(s) {', '.join(r['recovered'])}")
     acc = r.get("accuracy_full")
     if acc:
         lines.append(f"accuracy     top-1 {acc['top1'] * 100:.2f}%  top-5 {acc['top5'] * 100:.2f}%  over {acc['count']} labelled images")
         worst = sorted(acc["per_class"].items(), key=lambda kv: kv[1]["top1"])[:3]
         lines.append("lowest       " + ", ".join(f"{c} {v['top1'] * 100:.0f}%" for c, v in worst))
+    lines.append("stages       " + "  ".join(f"{k} {v:.1f} s" for k, v in r.get("timings_s", {}).items()))
     lines.append("=" * 64)
     print("\n".join(lines), flush=True)

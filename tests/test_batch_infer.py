@@ -1,10 +1,14 @@
-"""jobs/batch_infer.py: Ray Data actor-pool inference from real S3 to Parquet read back with pyarrow."""
+"""jobs/batch_infer.py: Ray Data actor-pool inference from real S3 to Parquet read back with pyarrow; crashes,
+overlapping runs, odd keys, retries and exit codes, with the job run as a subprocess where a scheduler would."""
 
 import datetime as dt
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +16,7 @@ import torch
 from PIL import Image
 
 import vit_model
-from pipeline import inference, storage
+from pipeline import inference, lease, publish, storage
 from pipeline.inference import InferConfig
 from pipeline.transforms import ImageTransform
 
@@ -54,7 +58,7 @@ def test_predictions_equal_the_model_in_a_plain_loop(ray_cluster, bucket, model_
     storage.write_bytes(f"{bucket}/in/corrupt.jpg", b"\xff\xd8\xff garbage")
     storage.write_bytes(f"{bucket}/in/notes.txt", b"not an image")
     r = _run(model=model_uri, input=f"{bucket}/in", output=f"{bucket}/out", top_k=2, embeddings=True, batch_size=4)
-    table = inference.read_published(f"{bucket}/out")
+    table = publish.read_published(f"{bucket}/out")
     assert table.num_rows == 12 == r["rows"]
     assert table.schema.equals(inference.output_schema(2, 64))
     rows = {row["image_uri"]: row for row in table.to_pylist()}
@@ -75,48 +79,183 @@ def test_predictions_equal_the_model_in_a_plain_loop(ray_cluster, bucket, model_
     assert success["rows"] == success["inputs"] == 12 and success["errors"] == 2
     assert r["output"].split("/")[-2] == f"dt={dt.datetime.now(dt.timezone.utc):%Y-%m-%d}"
     assert not storage.list_files(f"{bucket}/out/_staging")  # staging cleaned after publish
+    assert not storage.exists(f"{bucket}/out/_lease.json")  # released
 
 
 def test_class_tree_input_writes_accuracy(ray_cluster, bucket, model_uri):
     _put_images(f"{bucket}/tree", 9, tree=True)
     r = _run(model=model_uri, input=f"{bucket}/tree", output=f"{bucket}/out")
-    acc = json.loads(storage.read_bytes(r["output"] + "/accuracy.json"))
-    table = inference.read_published(f"{bucket}/out")
+    acc = json.loads(storage.read_bytes(r["output"] + "/_accuracy.json"))
+    table = publish.read_published(f"{bucket}/out")
     expected = np.mean(np.array(table.column("label_id").to_pylist()) == np.array(table.column("pred_id").to_pylist()))
     assert acc["count"] == 9 and acc["top1"] == pytest.approx(expected)
     assert set(acc["per_class"]) == {"cat", "dog", "eel"}
 
 
-def test_since_last_run_and_crash_before_publish_give_exactly_one_prediction(ray_cluster, bucket, model_uri):
-    out = f"{bucket}/out"
-    first = _put_images(f"{bucket}/in", 4)
-    r1 = _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True)
-    assert r1["rows"] == 4
-    second = _put_images(f"{bucket}/in", 3, start=4)
-    # a run that crashes after predicting, before publishing: only staging is left behind
-    cfg = InferConfig(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True)
-    info = inference.preflight(cfg)
-    info["inputs"] = [x for x in info["inputs"] if x[0] in second]
-    staged, _ = inference.predict_to_staging(cfg, info, "crashed-run", dt.datetime.now(dt.timezone.utc))
-    assert staged and inference.read_published(out).num_rows == 4  # readers do not see it
-    ds = __import__("pyarrow.dataset", fromlist=["dataset"]).dataset(storage.resolve(out)[1], filesystem=storage.resolve(out)[0],
-                                                                     format="parquet", partitioning="hive")
-    assert ds.to_table().num_rows == 4  # nor does a Hive-style reader: _staging is ignored
-    r3 = _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True)
-    assert r3["rows"] == 3
-    r4 = _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True)
-    assert r4["rows"] == 0
-    uris = inference.read_published(out).column("image_uri").to_pylist()
-    assert sorted(uris) == sorted(first + second)  # exactly once each
-    assert not [f for f in storage.list_files(out) if "crashed-run" in f.path]
+def _job(*args, **kw):
+    return subprocess.Popen([sys.executable, str(ROOT / "jobs/batch_infer.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
+
+def _committed(out):
+    """image_uri of every committed prediction (error rows excluded), in a list: duplicates show."""
+    t = publish.read_published(out)
+    return sorted(u for u, e in zip(t.column("image_uri").to_pylist(), t.column("error").to_pylist()) if e is None) \
+        if t.num_rows else []
+
+
+def test_output_under_run_prefix_survives_crashes_and_reruns(ray_cluster, bucket, model_uri, monkeypatch):
+    """An --output that itself contains `run=`, with a sibling beside it; a run crashes after staging,
+    another in the middle of its commit: the sibling and every committed row survive, and in the end
+    each input has exactly one committed prediction."""
+    out = f"{bucket}/experiments/run=prod/preds"
+    storage.write_bytes(f"{bucket}/experiments/run=prod/notes.txt", b"sibling")
+    storage.write_bytes(f"{bucket}/experiments/run=prod/preds-old/part-0.parquet", b"not ours")
+    first = _put_images(f"{bucket}/in", 4)
+    assert _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True)["rows"] == 4
+    second = _put_images(f"{bucket}/in", 3, start=4)
+    # crash 1: after Ray staged the predictions, before the commit (the process dies: BaseException)
+    monkeypatch.setattr(publish, "commit", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True, run_id="crash-1")
+    monkeypatch.undo()
+    storage.delete(f"{out}/_lease.json")  # a killed process leaves its lease until the TTL; skip the wait here
+    # crash 2: in the middle of the commit, right after its first published part
+    real_copy, copies = storage.copy, []
+
+    def copy_then_die(src, dst):
+        real_copy(src, dst)
+        copies.append(dst)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage, "copy", copy_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True, run_id="crash-2")
+    monkeypatch.undo()
+    assert copies and storage.exists(copies[0])
+    storage.delete(f"{out}/_lease.json")
+    r = _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True, run_id="after")
+    assert r["recovered"] == ["crash-2"] and r["rows"] == 0  # the crashed commit was finished, nothing left to do
+    assert _committed(out) == sorted(first + second)  # exactly once each
+    assert storage.read_bytes(f"{bucket}/experiments/run=prod/notes.txt") == b"sibling"
+    assert storage.read_bytes(f"{bucket}/experiments/run=prod/preds-old/part-0.parquet") == b"not ours"
+    assert not [f.path for f in storage.list_files(out) if "/_staging/" in f.path or "/_commits/" in f.path or "crash-1" in f.path]
+
+
+def test_odd_keys_come_back_verbatim(ray_cluster, bucket, model_uri):
+    names = ["cat#1.jpg", "q?x=1&y=2.png", "100%25 sure.jpg", "sp ace.png", "ünï cödé.jpg"]
+    rng = np.random.default_rng(0)
+    for n in names:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, "JPEG" if n.endswith("jpg") else "PNG")
+        storage.write_bytes(f"{bucket}/in/{n}", buf.getvalue())
+    _run(model=model_uri, input=f"{bucket}/in", output=f"{bucket}/out", since_last_run=True)
+    table = publish.read_published(f"{bucket}/out")
+    assert sorted(table.column("image_uri").to_pylist()) == sorted(f"{bucket}/in/{n}" for n in names)
+    assert table.column("error").null_count == len(names)  # each one read and predicted
+    assert _run(model=model_uri, input=f"{bucket}/in", output=f"{bucket}/out", since_last_run=True)["rows"] == 0
+
+
+def test_failed_inputs_are_retried_and_the_error_gate_publishes_nothing(ray_cluster, bucket, model_uri):
+    out = f"{bucket}/out"
+    good = _put_images(f"{bucket}/in", 2)
+    storage.write_bytes(f"{bucket}/in/late.jpg", b"\xff\xd8\xff half-uploaded")
+    r1 = _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True)
+    assert r1["errors"] == 1
+    storage.write_bytes(f"{bucket}/in/late.jpg", storage.read_bytes(good[1]))  # the upload completes
+    r2 = _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True)
+    assert r2["rows"] == 1 and r2["errors"] == 0
+    assert _committed(out) == sorted(good + [f"{bucket}/in/late.jpg"])
+    # --no-retry-errors: an input known to be permanently bad is not tried again
+    storage.write_bytes(f"{bucket}/in/broken.jpg", b"never an image")
+    assert _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True, retry_errors=False)["errors"] == 1
+    assert _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True, retry_errors=False)["rows"] == 0
+    # a mostly broken input set: the run fails before its commit and leaves nothing behind
+    for i in range(8):
+        storage.write_bytes(f"{bucket}/junk/{i}.jpg", b"junk")
+    _put_images(f"{bucket}/junk", 1)
+    with pytest.raises(inference.ErrorRateExceeded, match="8 of 9 inputs could not be predicted"):
+        _run(model=model_uri, input=f"{bucket}/junk", output=f"{bucket}/gated", max_error_rate=0.1)
+    assert not storage.list_files(f"{bucket}/gated")  # no run, no staging, lease released
+
+
+def test_replicas_use_the_weights_the_driver_read(ray_cluster, bucket, model_uri):
+    """The driver reads the weights once: replicas never re-read --model, so a new export landing
+    mid-run cannot mix weights, and every row carries the hash of the bytes that produced it."""
+    import hashlib
+
+    _put_images(f"{bucket}/in", 3)
+    cfg = InferConfig(model=model_uri, input=f"{bucket}/in", output=f"{bucket}/out")
+    info = inference.preflight(cfg)
+    info["inputs"], info["kind"] = inference.list_inputs(cfg, info["class_names"])
+    storage.delete(f"{model_uri}/model.safetensors")  # replaced by someone else right after preflight
+    staged = inference.predict_to_staging(cfg, info, "pinned", dt.datetime.now(dt.timezone.utc))
+    shas = {s for u in staged for s in publish.read_parquet(u, ["model_sha256"]).column(0).to_pylist()}
+    assert shas == {hashlib.sha256(info["weights"]).hexdigest()}
+    with pytest.raises(RuntimeError, match="changed in transit"):
+        inference.Predictor(info["weights"][:-1] + b"x", info["config"], info["weights_sha256"], model_uri, 1, False,
+                            "r", dt.datetime.now(dt.timezone.utc), False, 1)
+
+
+def test_overlapping_scheduled_runs_and_a_killed_holder(stack, bucket, model_uri):
+    """Two runs started together: one publishes, the other exits 75 and writes nothing. A holder killed
+    mid-run blocks the next schedule until its lease's TTL, then the next run cleans up and publishes
+    every input exactly once. A run with nothing new exits 0."""
+    out = f"{bucket}/out"
+    uris = _put_images(f"{bucket}/in", 6)
+    args = ["--model", model_uri, "--input", f"{bucket}/in", "--output", out, "--since-last-run", "--lease-ttl", "6"]
+    a, b = _job(*args), _job(*args)
+    (out_a, _), (out_b, _) = a.communicate(timeout=300), b.communicate(timeout=300)
+    assert sorted([a.returncode, b.returncode]) == [0, lease.EXIT_LEASE_HELD], out_a[-2000:] + out_b[-2000:]
+    loser = out_a if a.returncode else out_b
+    assert "another run holds the lease" in loser and "expires at" in loser
+    assert len(publish.committed_runs(out)) == 1 and _committed(out) == sorted(uris)
+    # the holder is killed once it has staged its predictions
+    more = _put_images(f"{bucket}/in", 4, start=6)
+    holder = _job(*args, start_new_session=True)
+    deadline = time.time() + 240
+    while not storage.list_files(f"{out}/_staging") and holder.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert holder.returncode == -signal.SIGKILL, "the holder finished before it could be killed"
+    blocked = _job(*args)
+    assert blocked.wait(timeout=120) == lease.EXIT_LEASE_HELD  # its lease is still live
+    time.sleep(6)
+    nxt = _job(*args)
+    text = nxt.communicate(timeout=300)[0]
+    assert nxt.returncode == 0, text[-3000:]
+    assert _committed(out) == sorted(uris + more)  # every input exactly once
+    assert not [f for f in storage.list_files(out) if "/_staging/" in f.path or "/_commits/" in f.path]
+    quiet = _job(*args)
+    text = quiet.communicate(timeout=120)[0]
+    assert quiet.returncode == 0 and "nothing new to predict" in text, text[-2000:]
+    assert "terminate called" not in text
+
+
+def test_job_entry_points_exit_zero_on_success(stack, bucket, tmp_path, model_uri):
+    """Each job as a scheduler runs it, to its exit code (pretrain: tests/test_e2e.py through `ray job submit`)."""
+    r = subprocess.run([sys.executable, str(ROOT / "jobs/make_shards.py"), "--source", "digits", "--output",
+                        str(tmp_path / "shards"), "--shard-size", "512"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "shards" / "manifest.json").exists()
+    _put_images(f"{bucket}/in", 2)
+    for _ in range(2):  # a run that publishes, then a quiet one
+        job = _job("--model", model_uri, "--input", f"{bucket}/in", "--output", f"{bucket}/out", "--since-last-run")
+        text = job.communicate(timeout=300)[0]
+        assert job.returncode == 0, text[-3000:]
+    assert "nothing new to predict" in text
+    r = subprocess.run([sys.executable, str(ROOT / "jobs/batch_infer.py"), "--model", model_uri, "--input", f"{bucket}/in",
+                        "--output", f"{bucket}/out", "--max-error-rate", "1.5"], capture_output=True, text=True)
+    assert r.returncode == 2 and "max_error_rate" in r.stderr
 
 def test_clear_errors_before_cluster_work(stack, bucket, model_uri, monkeypatch):
     _put_images(f"{bucket}/in", 1)
     with pytest.raises(storage.StorageError, match="no exported model at"):
         inference.preflight(InferConfig(model=f"{bucket}/nope", input=f"{bucket}/in", output=f"{bucket}/out"))
     with pytest.raises(storage.StorageError, match="no input files under"):
-        inference.preflight(InferConfig(model=model_uri, input=f"{bucket}/empty", output=f"{bucket}/out"))
+        inference.run(InferConfig(model=model_uri, input=f"{bucket}/empty", output=f"{bucket}/out"))
+    assert not storage.exists(f"{bucket}/out/_lease.json")  # released on the error path too
     with pytest.raises(storage.StorageError, match="bucket does not exist"):
         inference.preflight(InferConfig(model=model_uri, input=f"{bucket}/in", output="s3://vitray-no-such-out/x"))
     r = subprocess.run([sys.executable, str(ROOT / "jobs/batch_infer.py"), "--model", model_uri, "--input", f"{bucket}/in",

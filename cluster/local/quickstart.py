@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     spec.loader.exec_module(stack)
     env = {**os.environ, **stack.env_vars(), "PYTHONUNBUFFERED": "1"}
     os.environ.update(stack.env_vars())
-    from pipeline import inference, storage
+    from pipeline import publish, storage
 
     client = storage.s3_client()
     if args.bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     preds = f"{base}/predictions/{args.name}"
     sh([PY, "jobs/batch_infer.py", "--model", f"{run}/model", "--input", f"{base}/digits/manifest.json",
         "--split", "val", "--output", preds], env)
-    table = inference.read_published(preds)
+    table = publish.read_published(preds)
     latest = table.filter(__import__("pyarrow.compute", fromlist=["x"]).equal(table["run_id"], max(table["run_id"].to_pylist())))
     rows = latest.to_pylist()
     parquet_top1 = sum(r["label_id"] == r["pred_id"] for r in rows) / max(len(rows), 1)
