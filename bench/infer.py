@@ -106,7 +106,7 @@ def state_cost(args):
 
     os.environ.update(stack.env_vars())
     from pipeline import publish, storage
-    from pipeline.inference import output_schema
+    from pipeline.predictor import output_schema
     from pipeline.lease import Lease
 
     bucket = f"bench-state-{uuid.uuid4().hex[:6]}"

@@ -160,7 +160,7 @@ def fig_curves(lines: list[dict], uri: str) -> str:
 
 def write_figures(model_uri: str, image_uris: list[str], output: str, which=FIGURES, run_uri: str | None = None) -> dict:
     """Load the model, compute the arrays, write the PNGs; returns {figure: uri} and the arrays."""
-    from .inference import load_model_bytes
+    from .predictor import load_model_bytes
 
     model, _ = vit_model.model_from_bytes(*load_model_bytes(model_uri))
     out = storage.parse_uri(output)

@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 from . import publish, storage
 from .config import Section
 from .lease import Lease
+from .predictor import Predictor, load_model_bytes, preprocess
 from .shards import MANIFEST, load_manifest, shard_uris
 
 log = logging.getLogger(__name__)
@@ -77,111 +78,6 @@ ALIASES = {
     "replicas": "replicas", "top-k": "top_k", "embeddings": "embeddings", "since-last-run": "since_last_run",
     "limit": "limit", "retry-errors": "retry_errors", "max-error-rate": "max_error_rate", "lease-ttl": "lease_ttl_s",
 }
-
-
-def output_schema(top_k: int, embedding_dim: int | None) -> pa.Schema:
-    fields = [
-        pa.field("image_uri", pa.string(), nullable=False),
-        pa.field("label_id", pa.int64()),  # the known label, when the input has one
-        pa.field("label", pa.string()),
-        pa.field("pred_id", pa.int64()),
-        pa.field("pred", pa.string()),
-        pa.field("score", pa.float32()),
-        pa.field("topk_ids", pa.list_(pa.int64())),
-        pa.field("topk_scores", pa.list_(pa.float32())),
-    ]
-    if embedding_dim:
-        fields.append(pa.field("embedding", pa.list_(pa.float32())))
-    fields += [
-        pa.field("error", pa.string()),
-        pa.field("model_uri", pa.string(), nullable=False),
-        pa.field("model_sha256", pa.string(), nullable=False),
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("inferred_at", pa.timestamp("us", tz="UTC"), nullable=False),
-    ]
-    return pa.schema(fields)
-
-
-# ---- model -------------------------------------------------------------------------------------
-def load_model_bytes(uri: str) -> tuple[bytes, bytes]:
-    loc = storage.parse_uri(uri)
-    try:
-        config = storage.read_bytes(loc.join("config.json").uri)
-        weights = storage.read_bytes(loc.join("model.safetensors").uri)
-    except storage.StorageError as e:
-        raise storage.StorageError(f"no exported model at {loc.uri} (expected model.safetensors + config.json): {e}") from None
-    return weights, config
-
-
-class Predictor:
-    """One model replica: builds the model from the driver's weights once, then maps patch batches to rows."""
-
-    def __init__(self, weights, config: bytes, sha256: str, model_uri: str, top_k: int, embeddings: bool, run_id: str,
-                 inferred_at: dt.datetime, use_gpu: bool, threads: int):
-        import torch
-
-        import vit_model
-
-        if not isinstance(weights, bytes):  # an ObjectRef: the one copy the driver read
-            import ray
-
-            weights = ray.get(weights)
-        self.sha = hashlib.sha256(weights).hexdigest()
-        if self.sha != sha256:
-            raise RuntimeError(f"model weights changed in transit: sha256 {self.sha} != {sha256}")
-        torch.set_num_threads(max(1, threads))  # as many as the CPU slots this replica holds
-        self.model, meta = vit_model.model_from_bytes(weights, config)
-        self.class_names = meta.get("class_names") or [str(i) for i in range(self.model.cfg.num_classes)]
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model.to(self.device)
-        self.amp = torch.bfloat16 if self.device.type == "cuda" else None
-        self.k = min(top_k, self.model.cfg.num_classes)
-        self.embeddings, self.model_uri, self.run_id, self.inferred_at = embeddings, model_uri, run_id, inferred_at
-        self.schema = output_schema(self.k, self.model.cfg.embed_dim if embeddings else None)
-
-    def __call__(self, batch: dict) -> pa.Table:
-        import torch
-
-        n = len(batch["image_uri"])
-        valid = np.asarray(batch["valid"], bool)
-        cols: dict[str, list] = {"pred_id": [None] * n, "pred": [None] * n, "score": [None] * n,
-                                 "topk_ids": [None] * n, "topk_scores": [None] * n}
-        if self.embeddings:
-            cols["embedding"] = [None] * n
-        idx = np.flatnonzero(valid)
-        if len(idx):
-            x = torch.from_numpy(np.ascontiguousarray(batch["patches"][idx])).to(self.device, non_blocking=True)
-            with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                feats = self.model.forward_features(x)
-                probs = self.model.forward_head(feats).float().softmax(-1)
-            scores, ids = probs.topk(self.k, dim=-1)
-            scores, ids, feats = scores.cpu().numpy(), ids.cpu().numpy(), feats.float().cpu().numpy()
-            for j, i in enumerate(idx):
-                cols["pred_id"][i] = int(ids[j, 0])
-                cols["pred"][i] = self.class_names[ids[j, 0]]
-                cols["score"][i] = float(scores[j, 0])
-                cols["topk_ids"][i] = ids[j].tolist()
-                cols["topk_scores"][i] = scores[j].tolist()
-                if self.embeddings:
-                    cols["embedding"][i] = feats[j].tolist()
-        label_id = [int(v) if v >= 0 else None for v in batch["label_id"]]
-        label = [self.class_names[v] if v is not None and v < len(self.class_names) else None for v in label_id]
-        errors = [e if e else None for e in batch["error"]]
-        data = {"image_uri": list(batch["image_uri"]), "label_id": label_id, "label": label, **cols, "error": errors,
-                "model_uri": [self.model_uri] * n, "model_sha256": [self.sha] * n, "run_id": [self.run_id] * n,
-                "inferred_at": [self.inferred_at] * n}
-        return pa.table({f.name: pa.array(data[f.name], f.type) for f in self.schema}, schema=self.schema)
-
-
-def preprocess(batch: dict, img_size: int, patch_size: int) -> dict:
-    """Encoded images -> eval-transformed patches; undecodable inputs keep their row with the reason."""
-    from .data import decode_to_patches
-    from .transforms import ImageTransform
-
-    patches, valid, errors = decode_to_patches(list(batch["bytes"]), batch["image_uri"],
-                                               ImageTransform(img_size, patch_size, train=False), None)
-    return {"image_uri": batch["image_uri"], "label_id": batch["label_id"], "patches": patches, "valid": valid,
-            "error": np.asarray(errors, dtype=object)}
 
 
 # ---- inputs ------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import vit_model
-from pipeline import inference, lease, publish, storage
+from pipeline import inference, lease, predictor, publish, storage
 from pipeline.inference import InferConfig
 from pipeline.transforms import ImageTransform
 
@@ -60,7 +60,7 @@ def test_predictions_equal_the_model_in_a_plain_loop(ray_cluster, bucket, model_
     r = _run(model=model_uri, input=f"{bucket}/in", output=f"{bucket}/out", top_k=2, embeddings=True, batch_size=4)
     table = publish.read_published(f"{bucket}/out")
     assert table.num_rows == 12 == r["rows"]
-    assert table.schema.equals(inference.output_schema(2, 64))
+    assert table.schema.equals(predictor.output_schema(2, 64))
     rows = {row["image_uri"]: row for row in table.to_pylist()}
     assert rows[f"{bucket}/in/corrupt.jpg"]["error"] and rows[f"{bucket}/in/corrupt.jpg"]["pred_id"] is None
     assert "not an image" in rows[f"{bucket}/in/notes.txt"]["error"]
@@ -193,7 +193,7 @@ def test_replicas_use_the_weights_the_driver_read(ray_cluster, bucket, model_uri
     shas = {s for u in staged for s in publish.read_parquet(u, ["model_sha256"]).column(0).to_pylist()}
     assert shas == {hashlib.sha256(info["weights"]).hexdigest()}
     with pytest.raises(RuntimeError, match="changed in transit"):
-        inference.Predictor(info["weights"][:-1] + b"x", info["config"], info["weights_sha256"], model_uri, 1, False,
+        predictor.Predictor(info["weights"][:-1] + b"x", info["config"], info["weights_sha256"], model_uri, 1, False,
                             "r", dt.datetime.now(dt.timezone.utc), False, 1)
 
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import publish, storage
-from pipeline.inference import output_schema
+from pipeline.predictor import output_schema
 from pipeline.lease import Lease, LeaseHeld, LeaseLost
 
 SHA = "ab" * 32
