@@ -4,6 +4,7 @@ Same model (vit_micro_patch4_32), data (the embedded digits shards in the local 
 batch; steady-state images/s is the median of the progress windows after the first. Needs `make up`.
   python bench/train.py
   python bench/train.py --device cuda     # no Ray: ViT-B/16, bf16, synthetic patches -> images/s, MFU
+  python bench/train.py --checkpoint-cost # step time of a checkpoint, sync against async upload (ViT-S/16)
 """
 
 import argparse
@@ -113,6 +114,49 @@ def cpu(args):
     storage.delete(f"s3://{bucket}", recursive=True)
 
 
+def checkpoint_cost(args):
+    """What a checkpoint costs the training loop: ViT-S/16 at 224 px with its AdamW state (about 265 MB)
+    on CPU, one Ray Train worker, a checkpoint every 3 steps, the upload synchronous against
+    asynchronous, both in this run. The step after a checkpoint carries its cost (save + waiting)."""
+    import stack
+
+    os.environ.update(stack.env_vars())
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # a report every step: let the controller keep up
+    import json
+
+    import ray
+
+    from pipeline import pretrain, shards, storage
+
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    bucket = f"bench-{uuid.uuid4().hex[:6]}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    shards.make_shards("digits", f"s3://{bucket}/digits", progress=False)
+    every, steps, batch = 3, 14, args.ckpt_batch
+    rows = {}
+    for mode in ("sync", "async"):
+        cfg = PretrainConfig.model_validate({
+            "model": {"name": "vit_small_patch16_224"},
+            "data": {"manifest": f"s3://{bucket}/digits/manifest.json", "val_split": None, "hflip": 0.0},
+            "optim": {"warmup_steps": 1},
+            "train": {"output": f"s3://{bucket}/runs", "name": mode, "batch_size": batch, "epochs": 1, "max_steps": steps,
+                      "log_every_steps": 1, "checkpoint_every_steps": every, "checkpoint_upload": mode,
+                      "cpus_per_worker": 2, "keep_checkpoints": 1}})
+        pretrain.run(cfg)
+        lines = [json.loads(x) for x in storage.read_bytes(f"s3://{bucket}/runs/{mode}/metrics.jsonl").decode().splitlines()]
+        step_s = {m["step"]: batch / m["images_per_s_worker"] for m in lines if "images_per_s_worker" in m and m["step"] > 1}
+        after = [t for s_, t in step_s.items() if s_ % every == 1 and s_ > every]
+        plain = [t for s_, t in step_s.items() if s_ % every != 1]
+        saves = [m["checkpoint_save_s"] for m in lines if "checkpoint_save_s" in m]
+        uploads = [m["checkpoint_upload_s"] for m in lines if "checkpoint_upload_s" in m]
+        rows[mode] = statistics.median(after) - statistics.median(plain)
+        print(f"{mode:5s} upload: step {statistics.median(plain):5.2f} s, step after a checkpoint {statistics.median(after):5.2f} s "
+              f"-> checkpoint cost {rows[mode]:5.2f} s (local save {statistics.median(saves):4.2f} s, "
+              f"upload {statistics.median(uploads) if uploads else float('nan'):4.2f} s)", flush=True)
+    print(f"async/sync checkpoint cost {rows['async'] / rows['sync']:4.2f}")
+    storage.delete(f"s3://{bucket}", recursive=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -121,7 +165,11 @@ def main():
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--cpu-batch", type=int, default=64)
+    ap.add_argument("--checkpoint-cost", action="store_true")
+    ap.add_argument("--ckpt-batch", type=int, default=4)
     args = ap.parse_args()
+    if args.checkpoint_cost:
+        return checkpoint_cost(args)
     gpu(args) if args.device == "cuda" else cpu(args)
 
 

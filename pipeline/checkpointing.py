@@ -6,12 +6,20 @@ A checkpoint folder:
   ema.safetensors                    EMA weights, if enabled
   trainer_state.json                 step, epoch, step_in_epoch, best val top-1, optimizer hyper-
                                      parameters per group, numpy/python RNG states, metrics so far
+  checksums.json                     sha256 of every file above, written last
+
+A resume verifies the checksums before it touches the model, and falls back to the previous
+checkpoint when the newest is damaged or incomplete (an upload cut short), saying which and why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +28,15 @@ from safetensors.torch import load_file, save_file
 
 import vit_model
 
+from . import storage
+
+log = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.json"
+CHECKSUMS = "checksums.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from: damaged, incomplete, or none usable at all."""
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -50,7 +66,63 @@ def save_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer,
     full = {**state, "param_groups": groups, "rng_numpy": np.random.get_state()[1].tolist(),
             "rng_numpy_pos": int(np.random.get_state()[2]), "rng_python": list(random.getstate()[1])}
     (folder / STATE_NAME).write_text(json.dumps(full, indent=1, default=_jsonable))
+    sums = {f.name: _sha256(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != CHECKSUMS}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1))
     return folder
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checkpoint(folder: str | Path) -> None:
+    """Raise CheckpointError naming the first file that is missing or differs from its recorded sha256."""
+    folder = Path(folder)
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"no {CHECKSUMS}: incomplete (an upload cut short?)") from None
+    except ValueError as e:
+        raise CheckpointError(f"{CHECKSUMS} is unreadable ({e})") from None
+    for name in (STATE_NAME, "model.safetensors", "optimizer.safetensors"):
+        if name not in sums:
+            raise CheckpointError(f"{CHECKSUMS} does not list {name}")
+    for name, digest in sums.items():
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{name} is missing")
+        if _sha256(folder / name) != digest:
+            raise CheckpointError(f"{name} does not match its sha256 (damaged)")
+
+
+def resume(candidates: list[str], model, optimizer: torch.optim.Optimizer, ema: dict | None, *,
+           allow_fresh_start: bool) -> tuple[dict | None, str | None, list[tuple[str, str]]]:
+    """Restore from the newest usable checkpoint among `candidates` (URIs, newest first).
+
+    Returns (trainer state or None for a fresh start, the URI used, [(skipped URI, why)]). Every
+    candidate is verified before the model is touched. When all are unusable: a fresh start with
+    `allow_fresh_start`, else CheckpointError naming each one and its problem.
+    """
+    skipped = []
+    for uri in candidates:
+        tmp = tempfile.mkdtemp(prefix="vitray-resume-")
+        try:
+            storage.download_folder(uri, tmp)
+            verify_checkpoint(tmp)
+            return load_checkpoint(tmp, model, optimizer, ema), uri, skipped
+        except (CheckpointError, storage.StorageError) as e:
+            log.warning("skipping checkpoint %s: %s", uri, e)
+            skipped.append((uri, str(e)))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if skipped and not allow_fresh_start:
+        raise CheckpointError(
+            "no usable checkpoint to resume from: " + "; ".join(f"{u}: {why}" for u, why in skipped)
+            + ". Delete or repair them, or set train.fresh_start_if_checkpoints_bad: true to start this run over")
+    return None, None, skipped
 
 
 def _jsonable(o):

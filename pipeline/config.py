@@ -27,8 +27,8 @@ class ConfigError(ValueError):
     """A bad configuration value, with the field path and the reason."""
 
 
-def _leaf_fields(model: type[BaseModel], prefix: str = "") -> dict[str, tuple[str, object]]:
-    """{'optim.lr': (help, annotation), ...} for every leaf of a nested schema."""
+def _leaf_fields(model: type[BaseModel], prefix: str = "") -> dict[str, tuple[str, object, object]]:
+    """{'optim.lr': (help, annotation, default), ...} for every leaf of a nested schema."""
     out = {}
     for name, field in model.model_fields.items():
         ann = field.annotation

@@ -160,9 +160,9 @@ def fig_curves(lines: list[dict], uri: str) -> str:
 
 def write_figures(model_uri: str, image_uris: list[str], output: str, which=FIGURES, run_uri: str | None = None) -> dict:
     """Load the model, compute the arrays, write the PNGs; returns {figure: uri} and the arrays."""
-    from .predictor import load_model_bytes
+    from . import exported
 
-    model, _ = vit_model.model_from_bytes(*load_model_bytes(model_uri))
+    model, _ = vit_model.model_from_bytes(*exported.read(model_uri))
     out = storage.parse_uri(output)
     patches = pixels = None
     if image_uris and ({"distance", "attention"} & set(which)):

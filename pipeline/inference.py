@@ -26,10 +26,10 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from . import publish, storage
+from . import exported, publish, storage
 from .config import Section
 from .lease import Lease
-from .predictor import Predictor, load_model_bytes, preprocess
+from .predictor import Predictor, preprocess
 from .shards import MANIFEST, load_manifest, shard_uris
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def preflight(cfg: InferConfig) -> dict:
     for name in ("model", "input", "output"):
         if not getattr(cfg, name):
             raise ValueError(f"--{name} is required")
-    weights, config = load_model_bytes(cfg.model)
+    weights, config = exported.read(cfg.model)
     meta = json.loads(config)
     storage.check_bucket(cfg.input)
     storage.check_bucket(cfg.output)

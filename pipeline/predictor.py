@@ -10,7 +10,6 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
-from . import storage
 
 
 def output_schema(top_k: int, embedding_dim: int | None) -> pa.Schema:
@@ -34,16 +33,6 @@ def output_schema(top_k: int, embedding_dim: int | None) -> pa.Schema:
         pa.field("inferred_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ]
     return pa.schema(fields)
-
-
-def load_model_bytes(uri: str) -> tuple[bytes, bytes]:
-    loc = storage.parse_uri(uri)
-    try:
-        config = storage.read_bytes(loc.join("config.json").uri)
-        weights = storage.read_bytes(loc.join("model.safetensors").uri)
-    except storage.StorageError as e:
-        raise storage.StorageError(f"no exported model at {loc.uri} (expected model.safetensors + config.json): {e}") from None
-    return weights, config
 
 
 class Predictor:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 
-from . import storage
+from . import exported, storage
 from .config import to_yaml
 from .pretrain_config import PretrainConfig
 from .shards import load_manifest
@@ -26,7 +27,7 @@ class JobError(RuntimeError):
 
 
 def run_dir(cfg: PretrainConfig) -> storage.Location:
-    return storage.parse_uri(cfg.train.output).join(cfg.train.name)
+    return exported.run_folder(cfg.train.output, cfg.train.name)
 
 
 def preflight(cfg: PretrainConfig) -> dict:
@@ -46,7 +47,8 @@ def preflight(cfg: PretrainConfig) -> dict:
     if train_count // cfg.train.batch_size < 1:
         raise JobError(f"{train_count} training samples do not fill one global batch of {cfg.train.batch_size}: lower --batch-size")
     num_classes = len(manifest["classes"])
-    # Build the model once on the meta device: catches img/patch mismatches and bad --init-from early.
+    # The architecture from the config alone catches img/patch mismatches; with --init-from, one CPU
+    # copy of the model is built and loaded here, so bad weights fail before any cluster work.
     import vit_model
 
     try:
@@ -54,10 +56,8 @@ def preflight(cfg: PretrainConfig) -> dict:
     except ValueError as e:
         raise JobError(f"model: {e}") from None
     if cfg.train.init_from:
-        from .train_loop import load_init_weights
-
         try:
-            load_init_weights(vit_model.VisionTransformer(mcfg), cfg.train.init_from)
+            exported.load_init_weights(vit_model.VisionTransformer(mcfg), cfg.train.init_from)
         except (ValueError, storage.StorageError) as e:
             raise JobError(f"--init-from {cfg.train.init_from}: {e}") from None
     return {"manifest": manifest, "num_classes": num_classes, "train_count": train_count, "model_cfg": mcfg}
@@ -77,70 +77,60 @@ def _check_cpu_budget(cfg: PretrainConfig) -> None:
         )
 
 
-def export_to_output(cfg: PretrainConfig, model, kind: str, metrics: dict, class_names: list[str]) -> str:
-    """Write `{run}/{kind}/model.safetensors + config.json` (kind: best or model); returns its URI."""
-    import vit_model
-
-    dest = run_dir(cfg).join(kind)
-    weights, config = vit_model.export_bytes(
-        model, class_names=class_names, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        train_config=json.loads(cfg.model_dump_json()))
-    storage.write_bytes(dest.join("model.safetensors").uri, weights)
-    storage.write_bytes(dest.join("config.json").uri, config)  # last: its presence means complete
-    return dest.uri
-
-
 class MetricsSink:
     """metrics.jsonl and TensorBoard events under the run folder.
 
     Lives in a Ray Train callback, which runs in the Train controller (any node): it writes straight
-    to the run's storage, appending to what an earlier attempt of the same run wrote.
+    to the run's storage, appending to what an earlier attempt of the same run wrote. TensorBoard
+    events are written at each flush into a temporary folder that is uploaded and removed at once
+    (one small event file per flush; TensorBoard reads them as one run), so nothing stays on the node.
     """
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         self.uri = run_dir(cfg).join("metrics.jsonl").uri
         self.lines: list[str] | None = None
-        self.pending = 0
-        self.tb_dir = None
-        self.writer = None
+        self.unflushed: list[dict] = []
         self.mlflow = None
 
     def add(self, metrics: dict, flush: bool) -> None:
         if self.lines is None:  # resume: continue the curve
             self.lines = storage.read_bytes(self.uri).decode().splitlines() if storage.exists(self.uri) else []
         self.lines.append(json.dumps(metrics))
-        self.pending += 1
-        step = int(metrics.get("step", len(self.lines)))
-        try:
-            if self.writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb_dir = tempfile.mkdtemp(prefix="vitray-tb-")
-                self.writer = SummaryWriter(self.tb_dir)
-            for k, v in metrics.items():
-                self.writer.add_scalar(k, v, step)
-            self.writer.flush()
-        except ImportError:  # tensorboard is a dependency, but metrics.jsonl is what matters
-            pass
+        self.unflushed.append(metrics)
         if self.cfg.train.mlflow_tracking_uri:
             import mlflow
 
             if self.mlflow is None:
                 mlflow.set_tracking_uri(self.cfg.train.mlflow_tracking_uri)
                 self.mlflow = mlflow.start_run(run_name=self.cfg.train.name)
-            mlflow.log_metrics(metrics, step=step)
-        if flush or self.pending >= 20:
+            mlflow.log_metrics(metrics, step=int(metrics.get("step", len(self.lines))))
+        if flush or len(self.unflushed) >= 20:
             self.flush()
 
     def flush(self) -> None:
         if self.lines is None:
             return
         storage.write_bytes(self.uri, "".join(line + "\n" for line in self.lines).encode())
-        self.pending = 0
-        base = run_dir(self.cfg)
-        for name in os.listdir(self.tb_dir) if self.tb_dir else []:
-            storage.upload_file(os.path.join(self.tb_dir, name), base.join("tensorboard", name).uri)
+        self._tensorboard(self.unflushed)
+        self.unflushed = []
+
+    def _tensorboard(self, metrics: list[dict]) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a dependency, but metrics.jsonl is what matters
+            return
+        tmp = tempfile.mkdtemp(prefix="vitray-tb-")
+        try:
+            writer = SummaryWriter(tmp)
+            for m in metrics:
+                for k, v in m.items():
+                    writer.add_scalar(k, v, int(m.get("step", 0)))
+            writer.close()
+            for name in os.listdir(tmp):
+                storage.upload_file(os.path.join(tmp, name), run_dir(self.cfg).join("tensorboard", name).uri)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _callbacks(cfg: PretrainConfig):

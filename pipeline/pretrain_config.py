@@ -79,6 +79,10 @@ class TrainSection(Section):
     init_from: str | None = Field(None, description="weights to start from: a model folder/URI of this project or timm-format .safetensors")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (epoch ends always)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept (the best model is exported separately)")
+    checkpoint_upload: Literal["async", "sync"] = Field(
+        "async", description="async: training goes on while rank 0's checkpoint uploads (its local copy removed after)")
+    fresh_start_if_checkpoints_bad: bool = Field(
+        False, description="when every checkpoint of the run is damaged: start over instead of stopping with an error")
     log_every_steps: int = Field(20, ge=1, description="progress line every N steps")
     max_failures: int = Field(2, ge=0, description="restarts of the worker group from the latest checkpoint")
     peak_tflops: float | None = Field(None, gt=0, description="per-device peak for the MFU estimate (default: known GPUs)")

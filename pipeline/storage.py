@@ -394,3 +394,13 @@ def delete_conditional(uri: str | os.PathLike, if_match: str) -> None:
         if _is_precondition_failure(e):
             raise PreconditionFailed(f"{loc.uri} changed since it was read") from None
         raise explain(e, loc, "delete") from None
+
+
+def download_folder(uri: str | os.PathLike, local_dir: str | os.PathLike) -> None:
+    """Copy every object under a prefix (or files under a folder) into `local_dir`, streaming."""
+    loc = parse_uri(uri)
+    try:
+        pafs.copy_files(loc.path, str(local_dir), source_filesystem=loc.filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())
+    except Exception as e:
+        raise explain(e, loc, "download") from None

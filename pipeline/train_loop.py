@@ -1,9 +1,16 @@
 """The per-worker training loop: a plain function that runs under Ray Train or without Ray.
 
-`train_loop_per_worker(config)` is what `TorchTrainer` calls on every worker. The same loop runs
-in-process through `run_local(...)` (world size 1, no Ray) for tests and GPU benchmarks. The
-differences live in a small Session: where batches come from, how metrics and checkpoints are
-reported, and where a previous checkpoint is found.
+    resume (newest checkpoint whose checksums verify)
+    for each epoch:                                            train()
+        for each optimizer step:                               optimizer_step()
+            micro-batches: forward + backward (accumulated), clip, AdamW, EMA
+            a progress report every `log_every_steps`
+        evaluate, export the best, checkpoint                  end_of_epoch()
+
+`train_loop_per_worker(config)` is what `TorchTrainer` calls on every worker; `train(cfg, LocalSession(...))`
+runs the same loop in-process (world size 1, no Ray) for tests and GPU benchmarks. The differences
+live in a small Session: where batches come from, how metrics and checkpoints are reported, and
+where earlier checkpoints are found.
 """
 
 from __future__ import annotations
@@ -11,11 +18,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import posixpath
+import shutil
+import sys
 import tempfile
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -26,13 +36,22 @@ import torch.nn.functional as F
 import vit_model
 from vit_model import VisionTransformer
 
-from .checkpointing import load_checkpoint, save_checkpoint
+from . import exported, storage
+from .checkpointing import resume, save_checkpoint
 from .pretrain_config import PretrainConfig
 
 log = logging.getLogger(__name__)
 
 # bf16 dense peaks per device (FLOP/s), for the MFU estimate when train.peak_tflops is not set.
 KNOWN_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+CKPT_PREFIX = "vitray-ckpt-"
+
+
+def say(line: str) -> None:
+    """One line to the worker's stdout. Not `print`: Ray Train patches it into a logger that the job
+    log would show a second time."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 # ---- schedule and small pieces --------------------------------------------------------------
@@ -66,18 +85,19 @@ def build_model(cfg: PretrainConfig, num_classes: int) -> VisionTransformer:
     return vit_model.create_model(cfg.model.name, **cfg.model.overrides(num_classes))
 
 
-def load_init_weights(model: VisionTransformer, uri: str) -> None:
-    """`--init-from`: a model folder/URI of this project (config.json + model.safetensors), or one
-    timm-format .safetensors file. The head is replaced when the class count differs (fine-tuning);
-    any other mismatch is an error that names the tensor."""
-    from safetensors.torch import load as st_load
+class EMA:
+    """Exponential moving average of the model's floating-point weights, one foreach kernel per update."""
 
-    from . import storage
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        live = model.state_dict()  # detached views: the optimizer updates them in place
+        self.weights = {k: v.detach().clone() for k, v in live.items()}
+        keys = [k for k, v in live.items() if v.dtype.is_floating_point]
+        self._live, self._avg = [live[k] for k in keys], [self.weights[k] for k in keys]
 
-    loc = storage.parse_uri(uri)
-    weights_uri = loc.uri if loc.uri.endswith(".safetensors") else loc.join(vit_model.checkpoint.WEIGHTS_NAME).uri
-    sd = st_load(storage.read_bytes(weights_uri))
-    vit_model.load_weights(model, sd, drop_head=True)
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self._avg, self._live, 1 - self.decay)
 
 
 @dataclass
@@ -109,10 +129,12 @@ class Session:
     def batches(self, split: str, batch_size: int, epoch: int, train: bool) -> Iterable[dict]:
         raise NotImplementedError
 
-    def latest_checkpoint(self) -> Path | None:
-        return None
+    def checkpoints(self) -> list[str]:
+        """URIs of this run's checkpoints, newest first."""
+        return []
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        """Report metrics (and hand over a local checkpoint folder, which the session removes)."""
         raise NotImplementedError
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -120,7 +142,7 @@ class Session:
 
 
 class RaySession(Session):
-    """Inside `TorchTrainer`: dataset shards, `ray.train.report`, Ray Train's checkpoint storage."""
+    """Inside `TorchTrainer`: dataset shards, `ray.train.report`, checkpoints in the run's storage."""
 
     def __init__(self, cfg: PretrainConfig):
         import ray.train
@@ -130,8 +152,8 @@ class RaySession(Session):
         self.world_size, self.rank = ctx.get_world_size(), ctx.get_world_rank()
         self.device = ray.train.torch.get_device()
         self.cfg = cfg
-        self._ckpt = ray.train.get_checkpoint()
-        self._tmp = None
+        self._uploads: list[dict] = []  # filled by the upload thread: {"dir", "start", "end"}
+        self._returned: dict[str, float] = {}  # checkpoint dir -> when report() gave control back
 
     def batches(self, split, batch_size, epoch, train):
         import ray.train
@@ -144,17 +166,43 @@ class RaySession(Session):
             local_shuffle_seed=(self.cfg.train.seed * 1000 + epoch * 10 + self.rank) if train else None,
         )
 
-    def latest_checkpoint(self):
-        if self._ckpt is None:
-            return None
-        self._tmp = tempfile.mkdtemp(prefix="vitray-resume-")
-        return Path(self._ckpt.to_directory(self._tmp))
+    def checkpoints(self):
+        run = exported.run_folder(self.cfg.train.output, self.cfg.train.name)
+        names = {posixpath.relpath(f.path, run.path).split("/")[0] for f in storage.list_files(run.uri)}
+        return [run.join(n).uri for n in sorted((n for n in names if n.startswith("checkpoint_")), reverse=True)]
+
+    def _upload(self, checkpoint, dir_name: str):
+        """Ray's upload step, timed: the same copy into the run's storage that Ray does by default."""
+        import pyarrow.fs as pafs
+        import ray.train
+
+        st = ray.train.get_context().get_storage()
+        dest = posixpath.join(st.experiment_fs_path, dir_name)
+        start = time.time()
+        pafs.copy_files(checkpoint.path, dest, source_filesystem=checkpoint.filesystem, destination_filesystem=st.storage_filesystem)
+        self._uploads.append({"dir": checkpoint.path, "start": start, "end": time.time()})
+        return ray.train.Checkpoint(dest, filesystem=st.storage_filesystem)
+
+    def _upload_timings(self) -> dict:
+        """For the uploads that ended: how long they took, and how long training ran beside them."""
+        out = {}
+        for u in [u for u in self._uploads if u["dir"] in self._returned]:
+            self._uploads.remove(u)
+            out = {"checkpoint_upload_s": u["end"] - u["start"], "checkpoint_overlap_s": u["end"] - self._returned.pop(u["dir"])}
+        return out
 
     def report(self, metrics, checkpoint_dir):
         import ray.train
 
-        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        metrics = {**metrics, **self._upload_timings()}
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        mode = ray.train.CheckpointUploadMode[self.cfg.train.checkpoint_upload.upper()]
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+                         checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True,
+                         checkpoint_upload_fn=self._upload)
+        self._returned[str(checkpoint_dir)] = time.time()
 
     def prepare(self, model):
         import ray.train.torch
@@ -164,48 +212,204 @@ class RaySession(Session):
 
 @dataclass
 class LocalSession(Session):
-    """No Ray: batches from callables, checkpoints into a local folder (latest wins)."""
+    """No Ray: batches from callables, checkpoints into `checkpoint_root/checkpoint_NNNNNN/` (two kept)."""
 
     batch_fn: Callable[[str, int, int, bool], Iterable[dict]]
     checkpoint_root: Path | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     reports: list = field(default_factory=list)
+    keep: int = 2
 
     def batches(self, split, batch_size, epoch, train):
         return self.batch_fn(split, batch_size, epoch, train)
 
-    def latest_checkpoint(self):
-        if self.checkpoint_root and (self.checkpoint_root / "latest").exists():
-            return self.checkpoint_root / "latest"
-        return None
+    def checkpoints(self):
+        if not self.checkpoint_root or not self.checkpoint_root.exists():
+            return []
+        return [str(p) for p in sorted(self.checkpoint_root.glob("checkpoint_*"), reverse=True)]
 
     def report(self, metrics, checkpoint_dir):
         self.reports.append(metrics)
-        if checkpoint_dir and self.checkpoint_root:
-            import shutil
+        if checkpoint_dir is None:
+            return
+        if self.checkpoint_root:
+            shutil.copytree(checkpoint_dir, self.checkpoint_root / f"checkpoint_{metrics['step']:09d}", dirs_exist_ok=True)
+            for old in self.checkpoints()[self.keep:]:
+                shutil.rmtree(old)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
-            dst = self.checkpoint_root / "latest"
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(checkpoint_dir, dst)
+
+# ---- state ---------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint's trainer_state.json."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0
+    best_val_top1: float = -1.0
+    images_seen: int = 0
+    dropped_samples: int = 0  # undecodable samples left out of the loss
+    skipped_batches: int = 0  # micro-batches without one valid sample
+    history: list[dict] = field(default_factory=list)  # one entry per epoch
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> "TrainState":
+        return cls(**{k: saved[k] for k in cls.__dataclass_fields__ if k in saved})
 
 
-# ---- evaluation ----------------------------------------------------------------------------
+@dataclass
+class Window:
+    """What happened since the last progress report. Sums stay on the device until the report."""
+
+    loss: torch.Tensor
+    invalid: torch.Tensor
+    skipped: torch.Tensor
+    steps: int = 0
+    images: int = 0
+    data_wait_s: float = 0.0
+    t0: float = field(default_factory=time.time)
+
+    @classmethod
+    def start(cls, device: torch.device) -> "Window":
+        return cls(*(torch.zeros((), device=device, dtype=dt) for dt in (torch.float32, torch.int64, torch.int64)))
+
+
+@dataclass
+class Run:
+    """Everything the step and epoch functions need, built once by `train`."""
+
+    cfg: PretrainConfig
+    session: Session
+    model: torch.nn.Module  # what runs forward/backward (DDP, compiled)
+    core: VisionTransformer  # the plain module: checkpoints and exports
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    amp_dtype: torch.dtype | None
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    class_names: list[str]
+    flops_per_image: float
+    peak_flops: float | None
+    start_step: int = 0  # where this attempt began: 0, or the step of the checkpoint it resumed from
+    t_start: float = field(default_factory=time.time)
+
+
+def build_run(cfg: PretrainConfig, session: Session, num_classes: int, train_count: int, class_names: list[str]) -> Run:
+    t = cfg.train
+    device = session.device
+    if device.type == "cpu":  # as many threads as the CPU slots this worker holds (Ray sets OMP_NUM_THREADS)
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+    core = build_model(cfg, num_classes)
+    if t.init_from:
+        exported.load_init_weights(core, t.init_from)
+    model = session.prepare(core)
+    if t.compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.AdamW(vit_model.param_groups(core, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas, fused=device.type == "cuda")
+    steps_per_epoch = train_count // t.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"{train_count} training samples do not fill one global batch of {t.batch_size}: lower --batch-size")
+    total_steps = min(steps_per_epoch * t.epochs, t.max_steps or 1 << 62)
+    warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else int(cfg.optim.warmup_epochs * steps_per_epoch)
+    return Run(cfg, session, model, core, optimizer, EMA(core, cfg.optim.ema_decay) if cfg.optim.ema_decay else None,
+               autocast_dtype(cfg, device), steps_per_epoch, total_steps, min(warmup, max(total_steps - 1, 0)), class_names,
+               vit_model.flops_per_image(core.cfg, training=True), device_peak_flops(cfg, device))
+
+
+# ---- one optimizer step --------------------------------------------------------------------
+def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: Window) -> float:
+    """`accum_steps` micro-batches (forward, masked loss, backward), clip, AdamW, EMA. Returns the lr.
+
+    Undecodable samples are masked out of the loss (static shapes; a micro-batch without one valid
+    sample contributes zero gradient and is counted, never averaged into NaN). Every worker still
+    runs its backward, so DDP's gradient all-reduce stays in step.
+    """
+    cfg, t = run.cfg, run.cfg.train
+    lr = lr_at(state.step, run.total_steps, run.warmup, cfg.optim.lr, cfg.optim.min_lr)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    device = run.session.device
+    for micro in range(t.accum_steps):
+        waited = time.time()
+        try:
+            patches, labels, valid = next(batches)
+        except StopIteration:
+            raise RuntimeError(f"worker {run.session.rank} ran out of data in epoch {state.epoch}: its shard is shorter "
+                               f"than {run.steps_per_epoch} steps x {t.per_worker_batch} rows") from None
+        window.data_wait_s += time.time() - waited
+        last = micro == t.accum_steps - 1
+        with (run.model.no_sync() if not last and hasattr(run.model, "no_sync") else nullcontext()), \
+                torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            logits = run.model(patches).float()
+        per_sample = F.cross_entropy(logits, labels, reduction="none", label_smoothing=cfg.optim.label_smoothing)
+        n_valid = valid.sum()
+        loss = (per_sample * valid).sum() / n_valid.clamp(min=1) / t.accum_steps
+        loss.backward()
+        window.loss += loss.detach()
+        window.invalid += len(labels) - n_valid
+        window.skipped += n_valid == 0
+        window.images += len(labels)
+    if cfg.optim.clip_grad:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_grad)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update()
+    state.step += 1
+    state.step_in_epoch += 1
+    window.steps += 1
+    return lr
+
+
+def progress(run: Run, state: TrainState, window: Window, lr: float) -> dict:
+    """The metrics of one progress window (printed by rank 0); folds the window's counts into the state."""
+    elapsed = max(time.time() - window.t0, 1e-9)
+    per_worker = window.images / elapsed
+    ips = per_worker * run.session.world_size
+    invalid, skipped = int(window.invalid), int(window.skipped)  # the one device sync per window
+    state.dropped_samples += invalid
+    state.skipped_batches += skipped
+    m = {"loss": float(window.loss) / max(window.steps, 1), "lr": lr, "images_per_s": ips, "images_per_s_worker": per_worker,
+         "data_wait": window.data_wait_s / elapsed, "step": state.step, "epoch": state.epoch,
+         "dropped_samples": state.dropped_samples, "skipped_batches": state.skipped_batches, "start_step": run.start_step}
+    if run.peak_flops:
+        m["mfu"] = per_worker * run.flops_per_image / run.peak_flops
+    if run.session.rank == 0:
+        eta = (run.total_steps - state.step) * run.cfg.train.batch_size / max(ips, 1e-9)
+        mfu = f"{m['mfu'] * 100:.1f}%" if "mfu" in m else "n/a"
+        say(f"step {state.step}/{run.total_steps} epoch {state.epoch + 1}/{run.cfg.train.epochs} loss {m['loss']:.4f} "
+            f"lr {lr:.2e} img/s {ips:.1f} ({per_worker:.1f}/worker) data-wait {m['data_wait'] * 100:.0f}% mfu {mfu} "
+            f"eta {eta / 60:.1f} min" + (f" dropped {invalid}" if invalid else ""))
+    return m
+
+
+# ---- checkpoints, evaluation, the end of an epoch --------------------------------------------
+def checkpoint(run: Run, state: TrainState, metrics: dict) -> None:
+    """Rank 0 writes a local checkpoint (timed) and hands it to the session, which uploads and removes it."""
+    folder = None
+    if run.session.rank == 0:
+        t0 = time.time()
+        folder = Path(tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}{os.getpid()}-"))
+        save_checkpoint(folder, run.core, run.optimizer, asdict(state), run.ema.weights if run.ema else None, run.class_names)
+        metrics = {**metrics, "checkpoint_save_s": time.time() - t0}
+    run.session.report(metrics, folder)
+
+
 @torch.no_grad()
 def evaluate(model, batches: Batches, amp_dtype, world_size: int) -> dict:
     """Top-1, top-5 and loss over this worker's part, summed across workers (exact, not averaged)."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=batches.device)  # loss, top1, top5, count
     for patches, labels, valid in batches:
-        patches, labels = patches[valid], labels[valid]
-        if len(labels) == 0:
-            continue
         with torch.autocast(batches.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(patches).float()
-        k = min(5, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices
-        hit = top == labels[:, None]
-        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), hit[:, 0].sum().double(),
-                             hit.any(-1).sum().double(), torch.tensor(float(len(labels)), device=sums.device, dtype=torch.float64)])
+        hit = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]
+        v = valid.double()
+        sums += torch.stack([(F.cross_entropy(logits, labels, reduction="none").double() * v).sum(),
+                             (hit[:, 0].double() * v).sum(), (hit.any(-1).double() * v).sum(), v.sum()])
     if world_size > 1 and dist.is_initialized():
         dist.all_reduce(sums)
     loss, top1, top5, n = sums.tolist()
@@ -213,135 +417,35 @@ def evaluate(model, batches: Batches, amp_dtype, world_size: int) -> dict:
     return {"val_loss": loss / max(n, 1), "val_top1": top1 / max(n, 1), "val_top5": top5 / max(n, 1), "val_count": int(n)}
 
 
-# ---- the loop ------------------------------------------------------------------------------
-def train(cfg: PretrainConfig, session: Session, *, num_classes: int, train_count: int,
-          class_names: list[str] | None = None, export_fn: Callable[[VisionTransformer, str, dict], None] | None = None) -> dict:
-    """Train `cfg.train.epochs` epochs (or `max_steps`), resuming from the session's checkpoint."""
-    t = cfg.train
-    device = session.device
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
-    model = build_model(cfg, num_classes)
-    if t.init_from:
-        load_init_weights(model, t.init_from)
-    core = model
-    model = session.prepare(model)
-    if t.compile:
-        model = torch.compile(model)
-    amp_dtype = autocast_dtype(cfg, device)
-    groups = vit_model.param_groups(core, cfg.optim.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, fused=device.type == "cuda")
-    ema = {k: v.detach().clone() for k, v in core.state_dict().items()} if cfg.optim.ema_decay else None
-
-    steps_per_epoch = train_count // t.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"{train_count} training samples do not fill one global batch of {t.batch_size}: lower --batch-size")
-    total_steps = min(steps_per_epoch * t.epochs, t.max_steps or 1 << 62)
-    warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else int(cfg.optim.warmup_epochs * steps_per_epoch)
-    warmup = min(warmup, max(total_steps - 1, 0))
-
-    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_val_top1": -1.0, "history": [], "images_seen": 0}
-    resume = session.latest_checkpoint()
-    if resume is not None:
-        state.update(load_checkpoint(resume, core, optimizer, ema))
-        if session.rank == 0:
-            print(f"resumed from step {state['step']} (epoch {state['epoch']}, {state['step_in_epoch']} steps in)", flush=True)
-
-    peak = device_peak_flops(cfg, device)
-    flops_per_img = vit_model.flops_per_image(core.cfg, training=True)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    model.train()
-    t_start = time.time()
-    dropped_total = 0
-    last_metrics: dict = {}
-
-    def make_checkpoint(metrics: dict):
-        ckpt_dir = None
-        if session.rank == 0:
-            ckpt_dir = Path(tempfile.mkdtemp(prefix="vitray-ckpt-"))
-            save_checkpoint(ckpt_dir, core, optimizer, {k: v for k, v in state.items()}, ema, class_names)
-        session.report(metrics, ckpt_dir)
-
-    while state["step"] < total_steps and state["epoch"] < t.epochs:
-        epoch = state["epoch"]
-        steps_this_epoch = min(steps_per_epoch - state["step_in_epoch"], total_steps - state["step"])
-        it = iter(Batches(session.batches(cfg.data.train_split, t.micro_batch, epoch, True), device))
-        window = {"loss": 0.0, "n": 0, "images": 0, "wait": 0.0, "t0": time.time(), "dropped": 0}
-        for _ in range(steps_this_epoch):
-            lr = lr_at(state["step"], total_steps, warmup, cfg.optim.lr, cfg.optim.min_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            for micro in range(t.accum_steps):
-                tw = time.time()
-                try:
-                    patches, labels, valid = next(it)
-                except StopIteration:
-                    raise RuntimeError(
-                        f"worker {session.rank} ran out of data in epoch {epoch}: its shard is shorter than "
-                        f"{steps_per_epoch} steps x {t.per_worker_batch} rows"
-                    ) from None
-                window["wait"] += time.time() - tw
-                n_bad = int((~valid).sum())
-                if n_bad:
-                    window["dropped"] += n_bad
-                    patches, labels = patches[valid], labels[valid]
-                sync = micro == t.accum_steps - 1 or not hasattr(model, "no_sync")
-                ctx = model.no_sync() if not sync else nullcontext()
-                with ctx, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = loss_fn(model(patches).float(), labels) / t.accum_steps
-                loss.backward()
-                window["loss"] += loss.item()
-                window["images"] += len(labels)
-            if cfg.optim.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                with torch.no_grad():
-                    for k, v in core.state_dict().items():
-                        if v.dtype.is_floating_point:
-                            ema[k].lerp_(v, 1 - cfg.optim.ema_decay)
-            state["step"] += 1
-            state["step_in_epoch"] += 1
-            window["n"] += 1
-            log_now = state["step"] % t.log_every_steps == 0 or state["step_in_epoch"] == steps_per_epoch
-            if log_now:
-                last_metrics = _progress(state, window, t, session, flops_per_img, peak, total_steps, t_start, lr)
-                dropped_total += window["dropped"]
-                window = {"loss": 0.0, "n": 0, "images": 0, "wait": 0.0, "t0": time.time(), "dropped": 0}
-            if t.checkpoint_every_steps and state["step"] % t.checkpoint_every_steps == 0 and state["step_in_epoch"] < steps_per_epoch:
-                make_checkpoint({**last_metrics, "step": state["step"], "epoch": epoch})
-            elif log_now and state["step_in_epoch"] < steps_per_epoch:
-                session.report({**last_metrics, "step": state["step"], "epoch": epoch}, None)
-        # ---- epoch end: evaluate on every worker, reduce, checkpoint, export the best
-        dropped_total += window["dropped"]
-        if state["step_in_epoch"] >= steps_per_epoch:
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-        metrics = {**last_metrics, "step": state["step"], "epoch": state["epoch"], "dropped_samples": dropped_total}
-        if cfg.data.val_split:
-            eval_model = model
-            if ema is not None:
-                eval_model = _with_weights(core, ema)
-            metrics.update(evaluate(eval_model, Batches(session.batches(cfg.data.val_split, t.micro_batch, epoch, False), device),
-                                    amp_dtype, session.world_size))
-        state["history"].append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        if session.rank == 0:
-            print(_epoch_line(metrics), flush=True)
-            is_best = metrics.get("val_top1", -1) > state["best_val_top1"]
-            if is_best and export_fn is not None:
-                export_fn(_export_model(core, ema), "best", metrics)
-        state["best_val_top1"] = max(state["best_val_top1"], metrics.get("val_top1", -1.0))
-        state["images_seen"] = state["step"] * t.batch_size
-        make_checkpoint(metrics)
-        last_metrics = {}
-    if session.rank == 0 and export_fn is not None:
-        export_fn(_export_model(core, ema), "model", state["history"][-1] if state["history"] else {})
-    return {"state": state, "elapsed_s": time.time() - t_start}
+def export(run: Run, kind: str, metrics: dict) -> None:
+    """Rank 0: `{run}/{kind}/` (best or model) with the EMA weights when EMA is on."""
+    if run.session.rank != 0 or not run.cfg.train.output:
+        return
+    model = _with_weights(run.core, run.ema.weights) if run.ema else run.core
+    exported.write(exported.run_folder(run.cfg.train.output, run.cfg.train.name).join(kind).uri, model,
+                   class_names=run.class_names, metrics=metrics, train_config=run.cfg.model_dump(mode="json"))
 
 
-def _export_model(core: VisionTransformer, ema):
-    return _with_weights(core, ema) if ema is not None else core
+def end_of_epoch(run: Run, state: TrainState, metrics: dict) -> None:
+    """Evaluate every worker's part (EMA weights when on), export the best, checkpoint."""
+    if state.step_in_epoch >= run.steps_per_epoch:
+        state.epoch += 1
+        state.step_in_epoch = 0
+    metrics = {**metrics, "step": state.step, "epoch": state.epoch, "dropped_samples": state.dropped_samples,
+               "skipped_batches": state.skipped_batches}
+    cfg = run.cfg
+    if cfg.data.val_split:
+        model = _with_weights(run.core, run.ema.weights) if run.ema else run.model
+        val = Batches(run.session.batches(cfg.data.val_split, cfg.train.micro_batch, state.epoch, False), run.session.device)
+        metrics.update(evaluate(model, val, run.amp_dtype, run.session.world_size))
+    state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    if run.session.rank == 0:
+        say(_epoch_line(metrics))
+    if metrics.get("val_top1", -1) > state.best_val_top1:
+        export(run, "best", metrics)
+    state.best_val_top1 = max(state.best_val_top1, metrics.get("val_top1", -1.0))
+    state.images_seen = state.step * cfg.train.batch_size
+    checkpoint(run, state, metrics)
 
 
 def _with_weights(core: VisionTransformer, weights: dict) -> VisionTransformer:
@@ -352,40 +456,76 @@ def _with_weights(core: VisionTransformer, weights: dict) -> VisionTransformer:
     return m
 
 
-def _progress(state, window, t, session, flops_per_img, peak, total_steps, t_start, lr) -> dict:
-    dt = max(time.time() - window["t0"], 1e-9)
-    ips_worker = window["images"] / dt
-    ips = ips_worker * session.world_size
-    remaining = (total_steps - state["step"]) * t.batch_size / max(ips, 1e-9)
-    m = {"loss": window["loss"] / max(window["n"], 1), "lr": lr, "images_per_s": ips, "images_per_s_worker": ips_worker,
-         "data_wait": window["wait"] / dt, "step": state["step"], "epoch": state["epoch"],
-         "mfu": ips_worker * flops_per_img / peak if peak else None}
-    if session.rank == 0:
-        mfu = f"{m['mfu'] * 100:.1f}%" if m["mfu"] is not None else "n/a"
-        print(f"step {state['step']}/{total_steps} epoch {state['epoch'] + 1}/{t.epochs} loss {m['loss']:.4f} lr {lr:.2e} "
-              f"img/s {ips:.1f} ({ips_worker:.1f}/worker) data-wait {m['data_wait'] * 100:.0f}% mfu {mfu} "
-              f"eta {remaining / 60:.1f} min", flush=True)
-    return {k: v for k, v in m.items() if v is not None}
-
-
 def _epoch_line(m: dict) -> str:
     parts = [f"epoch {m['epoch']} done: step {m['step']}"]
     if "val_top1" in m:
         parts.append(f"val top-1 {m['val_top1'] * 100:.2f}% top-5 {m['val_top5'] * 100:.2f}% loss {m['val_loss']:.4f} "
                      f"({m['val_count']} images)")
     if m.get("dropped_samples"):
-        parts.append(f"{m['dropped_samples']} undecodable samples dropped")
+        parts.append(f"{m['dropped_samples']} undecodable samples left out so far")
     return ", ".join(parts)
+
+
+def remove_stale_checkpoint_dirs() -> None:
+    """Local checkpoint folders of worker processes that died before their upload (not ours: alive)."""
+    for d in Path(tempfile.gettempdir()).glob(f"{CKPT_PREFIX}*"):
+        try:
+            pid = int(d.name[len(CKPT_PREFIX):].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+
+
+# ---- the loop ------------------------------------------------------------------------------
+def train(cfg: PretrainConfig, session: Session, *, num_classes: int, train_count: int,
+          class_names: list[str] | None = None) -> dict:
+    """Train `cfg.train.epochs` epochs (or `max_steps`), resuming from the newest usable checkpoint."""
+    remove_stale_checkpoint_dirs()
+    run = build_run(cfg, session, num_classes, train_count, class_names or [])
+    saved, used, skipped = resume(session.checkpoints(), run.core, run.optimizer, run.ema.weights if run.ema else None,
+                                  allow_fresh_start=cfg.train.fresh_start_if_checkpoints_bad)
+    state = TrainState.from_checkpoint(saved) if saved else TrainState()
+    run.start_step = state.step
+    if session.rank == 0:
+        for uri, why in skipped:
+            say(f"skipped checkpoint {uri}: {why}")
+        if used:
+            say(f"resumed from {used} at step {state.step} (epoch {state.epoch}, {state.step_in_epoch} steps in)")
+    run.model.train()
+    try:
+        while state.step < run.total_steps and state.epoch < cfg.train.epochs:
+            steps = min(run.steps_per_epoch - state.step_in_epoch, run.total_steps - state.step)
+            batches = iter(Batches(session.batches(cfg.data.train_split, cfg.train.micro_batch, state.epoch, True), session.device))
+            window, last = Window.start(session.device), {}
+            for _ in range(steps):
+                lr = optimizer_step(run, state, batches, window)
+                epoch_ends = state.step_in_epoch == run.steps_per_epoch
+                if state.step % cfg.train.log_every_steps == 0 or epoch_ends:
+                    last = progress(run, state, window, lr)
+                    window = Window.start(session.device)
+                if epoch_ends:
+                    break
+                if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0 \
+                        and state.step < run.total_steps:  # the last step is checkpointed by end_of_epoch
+                    checkpoint(run, state, {**last, "step": state.step, "epoch": state.epoch})
+                elif state.step % cfg.train.log_every_steps == 0:
+                    session.report({**last, "step": state.step, "epoch": state.epoch}, None)
+            if window.steps:  # a max_steps stop inside a window
+                last = progress(run, state, window, lr)
+            end_of_epoch(run, state, last)
+    except BaseException:
+        if session.rank == 0:  # not uploaded and never will be: leave nothing in the temp folder
+            for d in Path(tempfile.gettempdir()).glob(f"{CKPT_PREFIX}{os.getpid()}-*"):
+                shutil.rmtree(d, ignore_errors=True)
+        raise
+    export(run, "model", state.history[-1] if state.history else {})
+    return {"state": asdict(state), "elapsed_s": time.time() - run.t_start}
 
 
 def train_loop_per_worker(config: dict) -> None:
     """What Ray Train runs on each worker. `config` carries the validated job config as JSON."""
     cfg = PretrainConfig.model_validate_json(config["cfg"])
-    session = RaySession(cfg)
-    export_fn = None
-    if session.rank == 0:  # only rank 0 writes the exported models
-        from .pretrain import export_to_output
-
-        export_fn = lambda model, kind, metrics: export_to_output(cfg, model, kind, metrics, config["class_names"])  # noqa: E731
-    train(cfg, session, num_classes=config["num_classes"], train_count=config["train_count"],
-          class_names=config["class_names"], export_fn=export_fn)
+    train(cfg, RaySession(cfg), num_classes=config["num_classes"], train_count=config["train_count"],
+          class_names=config["class_names"])

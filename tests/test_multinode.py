@@ -1,5 +1,6 @@
 """Two Ray nodes on one machine: a worker node joins the local head; training spreads and survives its loss."""
 
+import json
 import os
 import signal
 import subprocess
@@ -93,9 +94,22 @@ def test_losing_the_worker_node_restarts_from_the_latest_checkpoint(worker_node,
     while time.time() < deadline and not any("checkpoint_" in f.path for f in storage.list_files(f"{bucket}/runs/fault")):
         time.sleep(0.5)
     assert t.is_alive(), result
+    checkpointed = []  # the steps of the checkpoints complete in storage when the node dies
+    for f in storage.list_files(f"{bucket}/runs/fault"):
+        if "/checkpoint_" in f.path and f.path.endswith("/trainer_state.json"):
+            checkpointed.append(json.loads(storage.read_bytes(storage.to_uri(storage.parse_uri(bucket), f.path)))["step"])
+    from ray.util.state import list_actors
+
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    worker_node_id = next(n["NodeID"] for n in __import__("ray").nodes() if n["Alive"] and "worker_node" in n["Resources"])
     os.killpg(worker_node.pid, signal.SIGKILL)  # the node is gone, with its training worker
+    if not any(w["node_id"] == worker_node_id for w in workers):  # SPREAD is a preference: both may sit on the head
+        os.kill(workers[0]["pid"], signal.SIGKILL)  # then lose a worker process too, so the group restarts either way
     t.join(timeout=600)
     assert "error" not in result, result.get("error")
     assert result["summary"]["step"] == 2 * (1618 // 64)  # the run completed every step
-    lines = storage.read_bytes(f"{bucket}/runs/fault/metrics.jsonl").decode().splitlines()
-    assert len(lines) > 0
+    metrics = [json.loads(x) for x in storage.read_bytes(f"{bucket}/runs/fault/metrics.jsonl").decode().splitlines()]
+    restarts = sorted({m["start_step"] for m in metrics if m.get("start_step")})
+    assert checkpointed and restarts, (checkpointed, restarts)  # a restart happened, and from a checkpoint
+    first_after_kill = min(m["step"] for m in metrics if m.get("start_step") == restarts[0] and "loss" in m)
+    assert first_after_kill > restarts[0] >= max(checkpointed) > 0  # not from step 0, not before the last checkpoint

@@ -73,7 +73,7 @@ def test_plain_loop_runs_without_ray_and_resumes(tmp_path):
 
     s1 = LocalSession(batches, tmp_path, device=torch.device("cpu"))
     out = train(cfg, s1, num_classes=10, train_count=64)
-    assert out["state"]["step"] == 3 and (tmp_path / "latest" / "optimizer.safetensors").exists()
+    assert out["state"]["step"] == 3 and (tmp_path / "checkpoint_000000003" / "optimizer.safetensors").exists()
     cfg2 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 6})})
     s2 = LocalSession(batches, tmp_path, device=torch.device("cpu"))
     out2 = train(cfg2, s2, num_classes=10, train_count=64)
@@ -152,7 +152,7 @@ def test_init_from_timm_format_safetensors_finetunes_with_new_head(tmp_path):
 
     src = vit_model.create_model("vit_micro_patch4_32", num_classes=100)
     save_file(vit_model.to_timm_state_dict(src), str(tmp_path / "w.safetensors"))
-    from pipeline.train_loop import load_init_weights
+    from pipeline.exported import load_init_weights
 
     dst = vit_model.create_model("vit_micro_patch4_32", num_classes=10)
     load_init_weights(dst, str(tmp_path / "w.safetensors"))

@@ -59,11 +59,10 @@ def to_timm_state_dict(model: VisionTransformer) -> dict[str, torch.Tensor]:
 
 
 def _normalise_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # DDP / torch.compile / EMA wrappers prefix keys; strip them so any of our checkpoints loads.
+    # DDP and torch.compile wrappers prefix keys; strip them so any of our checkpoints loads.
     sd = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
     if "class_token" in sd or "conv_proj.weight" in sd:
         sd = from_torchvision(sd)
-    # timm keeps patch-embed norm / fc_norm only for some variants; anything else is a mismatch.
     return sd
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from .vit import ViTConfig, VisionTransformer
 
-# name -> (patch, width, depth, heads, img_size); Ti and S are DeiT's, B/L/H the paper's Table 1.
+# name -> ViTConfig fields (img_size 224 unless given); Ti and S are DeiT's, B/L/H the paper's Table 1.
 _VARIANTS: dict[str, dict] = {
     "vit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
     "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),

@@ -1,0 +1,60 @@
+"""The exported model on storage: one folder holding model.safetensors + config.json (never pickle).
+
+    {train.output}/{train.name}/model/   the final weights (the EMA weights when EMA is on)
+    {train.output}/{train.name}/best/    the weights of the best validation top-1 so far
+
+The one module that knows this layout: the pretraining driver and its workers, batch inference and
+the figures all read and write exported models through it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import vit_model
+from vit_model.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+from . import storage
+
+
+def run_folder(output: str, name: str) -> storage.Location:
+    """Where one pretraining run keeps its config, checkpoints, exported models and metrics."""
+    return storage.parse_uri(output).join(name)
+
+
+def write(dest: str, model: vit_model.VisionTransformer, *, class_names: list[str], metrics: dict | None = None,
+          train_config: dict | None = None) -> str:
+    """Export `model` to the folder `dest`; config.json goes last, so its presence means complete."""
+    loc = storage.parse_uri(dest)
+    weights, config = vit_model.export_bytes(
+        model, class_names=class_names, metrics={k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
+        **({"train_config": train_config} if train_config else {}))
+    storage.write_bytes(loc.join(WEIGHTS_NAME).uri, weights)
+    storage.write_bytes(loc.join(CONFIG_NAME).uri, config)
+    return loc.uri
+
+
+def read(uri: str) -> tuple[bytes, bytes]:
+    """(weights, config) bytes of the exported model in the folder `uri`."""
+    loc = storage.parse_uri(uri)
+    try:
+        config = storage.read_bytes(loc.join(CONFIG_NAME).uri)
+        weights = storage.read_bytes(loc.join(WEIGHTS_NAME).uri)
+    except storage.StorageError as e:
+        raise storage.StorageError(f"no exported model at {loc.uri} (expected {WEIGHTS_NAME} + {CONFIG_NAME}): {e}") from None
+    return weights, config
+
+
+def class_names(config: bytes) -> list[str]:
+    meta = json.loads(config)
+    return meta.get("class_names") or [str(i) for i in range(meta["model"]["num_classes"])]
+
+
+def load_init_weights(model: vit_model.VisionTransformer, uri: str) -> None:
+    """`--init-from`: an exported folder of this project, or one timm-format .safetensors file. The head
+    is replaced when the class count differs (fine-tuning); any other mismatch names the tensor."""
+    from safetensors.torch import load as st_load
+
+    loc = storage.parse_uri(uri)
+    weights_uri = loc.uri if loc.uri.endswith(".safetensors") else loc.join(WEIGHTS_NAME).uri
+    vit_model.load_weights(model, st_load(storage.read_bytes(weights_uri)), drop_head=True)
