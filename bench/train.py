@@ -150,9 +150,10 @@ def checkpoint_cost(args):
         saves = [m["checkpoint_save_s"] for m in lines if "checkpoint_save_s" in m]
         uploads = [m["checkpoint_upload_s"] for m in lines if "checkpoint_upload_s" in m]
         rows[mode] = statistics.median(after) - statistics.median(plain)
+        interval = (every - 1) * statistics.median(plain) + statistics.median(after)
         print(f"{mode:5s} upload: step {statistics.median(plain):5.2f} s, step after a checkpoint {statistics.median(after):5.2f} s "
               f"-> checkpoint cost {rows[mode]:5.2f} s (local save {statistics.median(saves):4.2f} s, "
-              f"upload {statistics.median(uploads) if uploads else float('nan'):4.2f} s)", flush=True)
+              f"upload {statistics.median(uploads) if uploads else float('nan'):4.2f} s); {interval:5.2f} s per {every} steps", flush=True)
     print(f"async/sync checkpoint cost {rows['async'] / rows['sync']:4.2f}")
     storage.delete(f"s3://{bucket}", recursive=True)
 

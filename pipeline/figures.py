@@ -205,6 +205,8 @@ def resolve_images(spec: str, limit: int = 16) -> list[str]:
 
 def _images_from_shards(manifest: dict, limit: int) -> list[str]:
     """Shards hold images inside tars: extract the first `limit` of the val (or train) split to a temp folder."""
+    import atexit
+    import shutil
     import tarfile
     import tempfile
 
@@ -212,6 +214,7 @@ def _images_from_shards(manifest: dict, limit: int) -> list[str]:
 
     split = "val" if manifest["splits"].get("val", {}).get("count") else "train"
     folder = tempfile.mkdtemp(prefix="vitray-viz-")
+    atexit.register(shutil.rmtree, folder, True)  # read within this process; nothing stays in the temp folder
     out = []
     for uri in shard_uris(manifest, split):
         with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(uri))) as tar:

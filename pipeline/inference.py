@@ -253,10 +253,9 @@ def run(cfg: InferConfig) -> dict:
         if not info["inputs"]:
             return {**result, "elapsed_s": time.time() - stages.t0, "timings_s": stages.s}
         try:
-            import ray
+            from .ray_cluster import connect
 
-            if not ray.is_initialized():
-                ray.init()
+            connect(log_to_driver=True)
             with stages("predict"):
                 staged = predict_to_staging(cfg, info, run_id, started)
             summary = summarize_staged(staged, info["class_names"])

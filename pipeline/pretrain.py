@@ -63,18 +63,19 @@ def preflight(cfg: PretrainConfig) -> dict:
     return {"manifest": manifest, "num_classes": num_classes, "train_count": train_count, "model_cfg": mcfg}
 
 
-def _check_cpu_budget(cfg: PretrainConfig) -> None:
-    """Refuse a run whose training workers would take every CPU slot (Ray Data would starve forever)."""
-    import ray
+def check_cluster_fits(cfg: PretrainConfig) -> None:
+    """Refuse a job that can never be scheduled: training workers plus at least one CPU slot for Ray
+    Data (without it the stream starves forever), against what the cluster can grow to."""
+    from .ray_cluster import capacity, check_fits
 
-    cpus = ray.cluster_resources().get("CPU", 0)
-    taken = cfg.train.num_workers * cfg.train.cpus_per_worker
-    if cpus - taken < 1:
+    t = cfg.train
+    need = {"CPU": t.num_workers * t.cpus_per_worker + 1, **({"GPU": float(t.num_workers)} if t.use_gpu else {})}
+    problem = check_fits(need, capacity(), {"CPU": t.max_cluster_cpus, "GPU": t.max_cluster_gpus})
+    if problem:
         raise JobError(
-            f"the cluster has {cpus:g} CPU slots and {cfg.train.num_workers} training workers take {taken:g}: "
-            "Ray Data needs at least one to decode images. Lower train.cpus_per_worker (e.g. 0.5), add CPU "
-            "nodes, or start Ray with more CPU slots (the local stack uses 2 x cores)"
-        )
+            f"{problem} ({t.num_workers} training workers x {t.cpus_per_worker:g} CPU, plus 1 for Ray Data to decode "
+            "images). Lower train.num_workers or train.cpus_per_worker (e.g. 0.5), or let the cluster grow (more "
+            "max workers; locally the stack uses 2 x cores slots)")
 
 
 class MetricsSink:
@@ -150,16 +151,16 @@ def _callbacks(cfg: PretrainConfig):
 def run(cfg: PretrainConfig) -> dict:
     """Preflight, then train on the Ray cluster at RAY_ADDRESS (or a local one)."""
     info = preflight(cfg)
-    import ray
+    from .ray_cluster import connect
+
+    connect(log_to_driver=True)  # before Ray is imported: a job-local Ray needs its token settings first
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .data import StreamConfig, configure_ray_data, split_stream
     from .train_loop import train_loop_per_worker
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
-    _check_cpu_budget(cfg)
+    check_cluster_fits(cfg)
     configure_ray_data(cfg.data.object_store_fraction)
     rdir = run_dir(cfg)
     storage.write_bytes(rdir.join("config.yaml").uri, to_yaml(cfg).encode())

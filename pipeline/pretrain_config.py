@@ -85,6 +85,9 @@ class TrainSection(Section):
         False, description="when every checkpoint of the run is damaged: start over instead of stopping with an error")
     log_every_steps: int = Field(20, ge=1, description="progress line every N steps")
     max_failures: int = Field(2, ge=0, description="restarts of the worker group from the latest checkpoint")
+    max_cluster_cpus: float | None = Field(
+        None, gt=0, description="CPU slots the cluster can grow to, when Ray does not report its autoscaler's node types")
+    max_cluster_gpus: float | None = Field(None, ge=0, description="GPUs the cluster can grow to (as max_cluster_cpus)")
     peak_tflops: float | None = Field(None, gt=0, description="per-device peak for the MFU estimate (default: known GPUs)")
     mlflow_tracking_uri: str | None = Field(None, description="log metrics to MLflow too")
 

@@ -1,0 +1,188 @@
+"""The cluster files and entry points run, not just parse: the launcher's own start commands form a
+token-protected two-node cluster here; the preflight judges an autoscaling cluster by what it can
+grow to; a job without RAY_ADDRESS starts a private Ray sized for this machine."""
+
+import os
+import re
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from pipeline import pretrain
+from pipeline.pretrain_config import PretrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = ROOT / ".venv" / "bin"
+
+
+# ---- the preflight against the autoscaler's node types, as Ray's GCS reports them ------------------
+@pytest.fixture
+def autoscaling_config(ray_cluster):
+    """Put a cluster config into the GCS where Ray's autoscaler (v2, KubeRay) publishes its node types."""
+    import ray._raylet as raylet
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental import internal_kv
+
+    def publish(groups):
+        cfg = autoscaler_pb2.ClusterConfig()
+        for name, cpus, max_count in groups:
+            g = cfg.node_group_configs.add()
+            g.name, g.max_count = name, max_count
+            g.resources["CPU"] = cpus
+        internal_kv._internal_kv_put(raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, cfg.SerializeToString(), overwrite=True,
+                                     namespace=raylet.GCS_AUTOSCALER_STATE_NAMESPACE)
+
+    yield publish
+    internal_kv._internal_kv_del(raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, namespace=raylet.GCS_AUTOSCALER_STATE_NAMESPACE)
+
+
+def _job(workers, **train):
+    return PretrainConfig.model_validate({"train": {"num_workers": workers, "batch_size": 64 * workers, **train}})
+
+
+def test_preflight_accepts_a_cluster_that_can_grow_and_refuses_one_that_cannot(autoscaling_config, caplog):
+    import ray
+
+    now = ray.cluster_resources()["CPU"]
+    autoscaling_config([("head", 0, 1), ("cpu-data", 32, 4)])  # KubeRay: 0 to 4 pods of 32 slots
+    pretrain.check_cluster_fits(_job(64))  # 65 slots needed, 4 up now, 128 possible: accepted
+    autoscaling_config([("head", 0, 1), ("cpu-data", 8, 1)])
+    with pytest.raises(pretrain.JobError, match=rf"needs 65 CPU slots; the cluster has {now:g} now and can grow to 8"):
+        pretrain.check_cluster_fits(_job(64))
+
+
+def test_preflight_without_node_types_waits_for_the_autoscaler_unless_given_a_ceiling(ray_cluster, caplog):
+    pretrain.check_cluster_fits(_job(64))  # nothing reported: it may still grow, so not refused
+    assert "waiting for the autoscaler" in caplog.text
+    with pytest.raises(pretrain.JobError, match="needs 65 CPU slots.*can grow to 16"):
+        pretrain.check_cluster_fits(_job(64, max_cluster_cpus=16))
+    with pytest.raises(pretrain.JobError, match="needs 2 GPU slots.*can grow to 0"):
+        pretrain.check_cluster_fits(_job(2, use_gpu=True, max_cluster_gpus=0))
+
+
+# ---- a job without RAY_ADDRESS --------------------------------------------------------------------
+def test_a_job_without_ray_address_runs_the_smoke_config_on_a_private_ray(stack, digits_shards, bucket):
+    """Two training workers on this 2-core machine (the local stack's sizing); the job's own Ray serves no
+    dashboard and reads a token file only its user can read; nothing of it is left afterwards. (Ray 2.60
+    replaces a loopback node address by the machine's and its gRPC servers listen on every interface, so
+    the listening sockets are only checked for a dashboard: the token is what guards the rest.)"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs/pretrain.py"), "--config", str(ROOT / "configs/smoke.yaml"),
+                             "--data", digits_shards, "--output", f"{bucket}/runs", "--name", "private"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, token_modes, deadline = {}, set(), time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if not token_modes and p.environ().get("RAY_AUTH_TOKEN_PATH"):
+                    token_modes.add(stat.S_IMODE(os.stat(p.environ()["RAY_AUTH_TOKEN_PATH"]).st_mode))
+                cmd = " ".join(p.cmdline())
+                if "raylet" in p.name():
+                    seen["raylet"] = cmd
+                    for c in p.net_connections(kind="inet"):
+                        if c.status == "LISTEN" and c.laddr.port in (8265,):
+                            raise AssertionError(f"a dashboard listens on {c.laddr}")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        time.sleep(0.5)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "starting a local Ray on 127.0.0.1" in out and "best val top-1" in out
+    assert "raylet" in seen and "--temp_dir" not in seen["raylet"] or "vitray-local-ray-" in seen["raylet"], seen
+    assert token_modes == {0o600}, token_modes
+    assert not list(Path(tempfile.gettempdir()).glob("vitray-local-ray-*"))  # token and session files removed at exit
+
+
+# ---- the launcher's own start commands, run on this machine ----------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _localise(cmd: str, head_port: int, dash_port: int, client_port: int, temp_dir: str) -> list[str]:
+    """A start command of cluster/aws/cluster.yaml for this machine: loopback and free ports instead of
+    the cluster's, no autoscaler (it would call AWS), a temp dir of its own."""
+    env_part, _, rest = cmd.partition("ray start")
+    argv = shlex.split("ray start" + rest)
+    out = []
+    for a in argv[2:]:
+        if a.startswith(("--autoscaling-config", "--dashboard-host", "--port")):
+            continue
+        out.append(a.replace("$RAY_HEAD_IP:6379", f"127.0.0.1:{head_port}"))
+    extra = ["--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--num-cpus=1",  # agents off the stack's ports
+             f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+    if "--head" in out:
+        extra += [f"--port={head_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+                  f"--ray-client-server-port={client_port}"]
+    return [str(BIN / "ray"), "start", *out, *extra, "--block"], dict(shlex.split(x)[0].split("=", 1) for x in shlex.split(env_part))
+
+
+def test_the_launchers_start_commands_form_a_token_protected_two_node_cluster(tmp_path):
+    config = yaml.safe_load((ROOT / "cluster/aws/cluster.yaml").read_text())
+    home = tmp_path / "home"
+    home.mkdir()
+    # file_mounts materialised: the token that `ray get-auth-token --generate` made on the user's machine
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no token of the local stack
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env={**clean, "HOME": str(home)},
+                   check=True, capture_output=True)
+    for remote, local in config["file_mounts"].items():
+        assert Path(local.replace("~", str(home))).exists() and remote.startswith("~/.ray/")
+    token = (home / ".ray" / "auth_token").read_text().strip()
+    head_port, dash_port, client_port = _free_port(), _free_port(), _free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="vr-", dir="/tmp")  # short: Ray's unix socket paths must fit in 107 bytes
+    base_env = {**clean, "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    procs = []
+    try:
+        for cmds in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+            start = [c for c in cmds if "ray start" in c]  # `ray stop` would stop every Ray of this user: skipped here
+            assert len(start) == 1 and len(cmds) == 2
+            argv, env = _localise(start[0], head_port, dash_port, client_port, ray_tmp)
+            env = {k: v.replace("~", str(home)) for k, v in env.items()}
+            assert env["RAY_AUTH_MODE"] == "token"
+            log = open(tmp_path / f"node{len(procs)}.log", "w")
+            procs.append(subprocess.Popen(argv, env={**base_env, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+            time.sleep(8 if len(procs) == 1 else 0)
+        submit_env = {**base_env, "RAY_AUTH_MODE": "token"}  # the client: the same token file, under ~/.ray
+        deadline = time.time() + 90
+        nodes = 0
+        while time.time() < deadline and nodes < 2:
+            r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash_port}", "--",
+                                "python", "-c", "import ray; ray.init(); print('nodes', len([n for n in ray.nodes() if n['Alive']]))"],
+                               env=submit_env, capture_output=True, text=True, timeout=120)
+            m = re.search(r"nodes (\d+)", r.stdout)
+            nodes = int(m.group(1)) if m else 0
+            time.sleep(2)
+        logs = "".join((tmp_path / f"node{i}.log").read_text()[-1500:] for i in range(2))
+        assert r.returncode == 0 and nodes == 2, r.stdout[-2000:] + r.stderr[-2000:] + logs
+        # without the token: the job API refuses
+        req = urllib.request.Request(f"http://127.0.0.1:{dash_port}/api/jobs/")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code in (401, 403)
+        req.add_header("Authorization", f"Bearer {token}")
+        assert urllib.request.urlopen(req, timeout=10).status == 200
+    finally:  # every process of this cluster, found by its own temp dir (a `ray stop` would stop the stack's too)
+        for p in procs:
+            p.kill()
+        for p in psutil.process_iter(["cmdline"]):
+            if ray_tmp in " ".join(p.info["cmdline"] or []):
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
