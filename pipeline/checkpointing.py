@@ -36,7 +36,11 @@ CHECKSUMS = "checksums.json"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from: damaged, incomplete, or none usable at all."""
+    """A checkpoint that cannot be resumed from: damaged, or none usable at all."""
+
+
+class IncompleteCheckpoint(CheckpointError):
+    """An upload that never finished (a file or the checksums missing): a checkpoint that never existed."""
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -85,7 +89,7 @@ def verify_checkpoint(folder: str | Path) -> None:
     try:
         sums = json.loads((folder / CHECKSUMS).read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"no {CHECKSUMS}: incomplete (an upload cut short?)") from None
+        raise IncompleteCheckpoint(f"no {CHECKSUMS}: incomplete (an upload cut short)") from None
     except ValueError as e:
         raise CheckpointError(f"{CHECKSUMS} is unreadable ({e})") from None
     for name in (STATE_NAME, "model.safetensors", "optimizer.safetensors"):
@@ -93,7 +97,7 @@ def verify_checkpoint(folder: str | Path) -> None:
             raise CheckpointError(f"{CHECKSUMS} does not list {name}")
     for name, digest in sums.items():
         if not (folder / name).is_file():
-            raise CheckpointError(f"{name} is missing")
+            raise IncompleteCheckpoint(f"{name} is missing: incomplete (an upload cut short)")
         if _sha256(folder / name) != digest:
             raise CheckpointError(f"{name} does not match its sha256 (damaged)")
 
@@ -103,10 +107,11 @@ def resume(candidates: list[str], model, optimizer: torch.optim.Optimizer, ema: 
     """Restore from the newest usable checkpoint among `candidates` (URIs, newest first).
 
     Returns (trainer state or None for a fresh start, the URI used, [(skipped URI, why)]). Every
-    candidate is verified before the model is touched. When all are unusable: a fresh start with
-    `allow_fresh_start`, else CheckpointError naming each one and its problem.
+    candidate is verified before the model is touched. Incomplete uploads are skipped as if they were
+    not there; when every checkpoint is damaged: a fresh start with `allow_fresh_start`, else
+    CheckpointError naming each one and its problem.
     """
-    skipped = []
+    skipped, damaged = [], False
     for uri in candidates:
         tmp = tempfile.mkdtemp(prefix="vitray-resume-")
         try:
@@ -116,9 +121,10 @@ def resume(candidates: list[str], model, optimizer: torch.optim.Optimizer, ema: 
         except (CheckpointError, storage.StorageError) as e:
             log.warning("skipping checkpoint %s: %s", uri, e)
             skipped.append((uri, str(e)))
+            damaged |= not isinstance(e, IncompleteCheckpoint)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    if skipped and not allow_fresh_start:
+    if damaged and not allow_fresh_start:
         raise CheckpointError(
             "no usable checkpoint to resume from: " + "; ".join(f"{u}: {why}" for u, why in skipped)
             + ". Delete or repair them, or set train.fresh_start_if_checkpoints_bad: true to start this run over")

@@ -67,14 +67,26 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, d
     assert [r["step"] for r in s.reports if "loss" in r][0] == 5  # the previous checkpoint's step, +1
 
 
-def test_every_checkpoint_bad_stops_unless_told_to_start_over(tmp_path):
+def test_every_checkpoint_damaged_stops_unless_told_to_start_over(tmp_path):
     _train(tmp_path, 4)
     for ckpt in tmp_path.glob("checkpoint_*"):
-        (ckpt / "checksums.json").unlink()  # e.g. uploads cut short
-    with pytest.raises(CheckpointError, match="no usable checkpoint.*checkpoint_000000004: no checksums.json"):
+        _flip_byte(ckpt / "optimizer.safetensors")
+    with pytest.raises(CheckpointError, match="no usable checkpoint.*checkpoint_000000004: optimizer.safetensors does not match"):
         _train(tmp_path, 6)
     _, s = _train(tmp_path, 6, fresh_start_if_checkpoints_bad=True)
     assert [r["step"] for r in s.reports if "loss" in r][0] == 1
+
+
+def test_an_upload_cut_short_is_a_checkpoint_that_never_existed(tmp_path, capsys):
+    """A worker killed during its first upload leaves a partial folder: the restart starts over (and
+    says so) instead of refusing; with an older complete checkpoint it resumes from that one."""
+    _train(tmp_path, 2)
+    (tmp_path / "checkpoint_000000002" / "checksums.json").unlink()
+    _, s = _train(tmp_path, 4)
+    assert [r["step"] for r in s.reports if "loss" in r][0] == 1 and "incomplete" in capsys.readouterr().out
+    (tmp_path / "checkpoint_000000004" / "model.safetensors").unlink()  # the newest, half uploaded
+    _, s = _train(tmp_path, 6)
+    assert [r["step"] for r in s.reports if "loss" in r][0] == 3  # from step 2
 
 
 def test_a_micro_batch_of_only_bad_samples_keeps_the_loss_finite(tmp_path):

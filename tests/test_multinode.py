@@ -90,14 +90,17 @@ def test_losing_the_worker_node_restarts_from_the_latest_checkpoint(worker_node,
 
     t = threading.Thread(target=run)
     t.start()
+    def complete_checkpoints():  # uploads are asynchronous: complete = trainer_state.json and checksums.json are in
+        files = [f.path for f in storage.list_files(f"{bucket}/runs/fault") if "/checkpoint_" in f.path]
+        return [d for d in {p.rsplit("/", 1)[0] for p in files}
+                if f"{d}/trainer_state.json" in files and f"{d}/checksums.json" in files]
+
     deadline = time.time() + 300
-    while time.time() < deadline and not any("checkpoint_" in f.path for f in storage.list_files(f"{bucket}/runs/fault")):
+    while time.time() < deadline and not complete_checkpoints():
         time.sleep(0.5)
     assert t.is_alive(), result
-    checkpointed = []  # the steps of the checkpoints complete in storage when the node dies
-    for f in storage.list_files(f"{bucket}/runs/fault"):
-        if "/checkpoint_" in f.path and f.path.endswith("/trainer_state.json"):
-            checkpointed.append(json.loads(storage.read_bytes(storage.to_uri(storage.parse_uri(bucket), f.path)))["step"])
+    # the steps of the checkpoints complete in storage when the node dies
+    checkpointed = [json.loads(storage.read_bytes(f"s3://{d}/trainer_state.json"))["step"] for d in complete_checkpoints()]
     from ray.util.state import list_actors
 
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
