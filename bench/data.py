@@ -99,7 +99,7 @@ def ray_stream_rate(folder: Path, bucket: str, shard_size: int, epochs: int = 2)
     from pipeline import shards
     from pipeline.data import StreamConfig, configure_ray_data, split_stream
 
-    shards.make_shards(str(folder), f"s3://{bucket}/{folder.name}", val_fraction=0.0, shard_size=shard_size, progress=False)
+    shards.make_shards(str(folder), f"s3://{bucket}/{folder.name}", val_fraction=0.0, shard_size=shard_size, progress=False, executor="local")
     configure_ray_data(progress=False)
     ds, m = split_stream(f"s3://{bucket}/{folder.name}", "train", StreamConfig(224, 16, train=True), shuffle_seed=0)
     peak = [0]

@@ -74,7 +74,7 @@ def cpu(args):
     ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     bucket = f"bench-{uuid.uuid4().hex[:6]}"
     storage.s3_client().create_bucket(Bucket=bucket)
-    shards.make_shards("digits", f"s3://{bucket}/digits", progress=False)
+    shards.make_shards("digits", f"s3://{bucket}/digits", progress=False, executor="local")
     manifest = f"s3://{bucket}/digits/manifest.json"
     base = {"model": {"name": "vit_micro_patch4_32"}, "data": {"manifest": manifest, "val_split": None, "hflip": 0.0},
             "optim": {"warmup_steps": 2},
@@ -131,7 +131,7 @@ def checkpoint_cost(args):
     ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     bucket = f"bench-{uuid.uuid4().hex[:6]}"
     storage.s3_client().create_bucket(Bucket=bucket)
-    shards.make_shards("digits", f"s3://{bucket}/digits", progress=False)
+    shards.make_shards("digits", f"s3://{bucket}/digits", progress=False, executor="local")
     every, steps, batch = 3, 14, args.ckpt_batch
     rows = {}
     for mode in ("sync", "async"):

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import storage
-from .shards import IMAGE_EXTS, load_manifest, shard_uris
+from .shards import expected_digests, load_manifest, shard_uris, unpack_shards
 from .transforms import ImageDecodeError, ImageTransform
 
 log = logging.getLogger(__name__)
-_IMAGE_COLUMNS = tuple(e.lstrip(".") for e in sorted(IMAGE_EXTS)) + ("img", "image")
+_IMAGE_COLUMNS = ("image", "img", "bytes")
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,26 @@ class StreamConfig:
     num_cpus: float = 1.0  # per decode task
     scale: tuple[float, float] = (0.08, 1.0)
     hflip: float = 0.5
-    crop_fraction: float = 0.875
+    crop_fraction: float = 0.9
     draft: bool = True
+    interpolation: str = "bicubic"
     randaug_n: int = 0
     randaug_m: float = 9.0
+    randaug_mstd: float = 0.5
+    randaug_increasing: bool = True
+    fill: tuple[int, int, int] = (128, 128, 128)
+
+    @classmethod
+    def for_model(cls, mcfg, train: bool, **kwargs) -> "StreamConfig":
+        """The stream a model of ViTConfig `mcfg` expects: its size, patch, eval crop, interpolation, fill colour."""
+        return cls(img_size=mcfg.img_size, patch_size=mcfg.patch_size, train=train, crop_fraction=mcfg.crop_pct,
+                   interpolation=mcfg.interpolation, fill=tuple(round(255 * m) for m in mcfg.mean[:3]), **kwargs)
+
+    def transform(self) -> ImageTransform:
+        return ImageTransform(self.img_size, self.patch_size, self.train, scale=self.scale, hflip=self.hflip,
+                              crop_fraction=self.crop_fraction, draft=self.draft, interpolation=self.interpolation,
+                              randaug_n=self.randaug_n, randaug_m=self.randaug_m, randaug_mstd=self.randaug_mstd,
+                              randaug_increasing=self.randaug_increasing, fill=self.fill)
 
 
 def configure_ray_data(object_store_fraction: float | None = None, progress: bool | None = None) -> None:
@@ -107,8 +123,7 @@ def decode_to_patches(images: list, keys, transform: ImageTransform, rng: np.ran
 
 def decode_patchify(batch: dict, cfg: StreamConfig) -> dict:
     """map_batches step: encoded images -> patches. Bad samples: valid=False and a logged key."""
-    transform = ImageTransform(cfg.img_size, cfg.patch_size, cfg.train, scale=cfg.scale, hflip=cfg.hflip,
-                               crop_fraction=cfg.crop_fraction, draft=cfg.draft, randaug_n=cfg.randaug_n, randaug_m=cfg.randaug_m)
+    transform = cfg.transform()
     rng = np.random.default_rng()  # fresh crops every epoch; the seed fixes the file order
     if "label" not in batch:
         batch["label"] = batch["cls"]
@@ -124,9 +139,11 @@ def _paths(uris: list[str]) -> tuple[list[str], object]:
 
 
 def read_encoded(manifest: dict, split: str, *, shuffle_seed: int | None = None, num_cpus: float = 1.0):
-    """The raw split: one row per sample with its encoded image and label (`cls` or `label`).
+    """The raw split: one row per sample {key, image, label, format, __url__}, from exactly the shard
+    files the manifest names, each checked against its sha256 before a sample is used.
 
-    `num_cpus` per read task: give it the decode step's value so that the two can fuse.
+    One read task per shard file, which fuses with the unpacking and with a decode step of the same
+    `num_cpus` (no encoded bytes through the object store).
     """
     import ray.data
     from ray.data import FileShuffleConfig
@@ -136,12 +153,10 @@ def read_encoded(manifest: dict, split: str, *, shuffle_seed: int | None = None,
         raise ValueError(f"the {split!r} split of {manifest['_base']} has no shards (0 samples)")
     paths, fs = _paths(uris)
     shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
-    # One read block per shard: the read can then fuse with the decode step (Ray Data does not fuse a
-    # read that splits its files into more blocks).
-    common = dict(filesystem=fs, shuffle=shuffle, override_num_blocks=len(paths), num_cpus=num_cpus)
-    if manifest["format"] == "parquet":
-        return ray.data.read_parquet(paths, columns=["key", "image", "label", "ext"], **common)
-    return ray.data.read_webdataset(paths, decoder=None, **common)
+    ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, shuffle=shuffle,
+                                    override_num_blocks=len(paths), num_cpus=num_cpus)
+    return ds.map_batches(unpack_shards, fn_kwargs={"digests": expected_digests(manifest, split), "fmt": manifest["format"]},
+                          batch_size=None, batch_format="numpy", num_cpus=num_cpus)
 
 
 def read_class_tree(uri: str, classes: list[str] | None = None):
@@ -169,12 +184,13 @@ def patch_stream(ds, cfg: StreamConfig):
                           batch_format="numpy", num_cpus=cfg.num_cpus)
 
 
-def split_stream(manifest_uri: str, split: str, cfg: StreamConfig, *, shuffle_seed: int | None = None):
-    """Manifest URI -> (patch dataset, manifest). The one entry point training and evaluation use."""
+def split_stream(manifest_uri: str | dict, split: str, cfg: StreamConfig, *, shuffle_seed: int | None = None):
+    """Manifest (URI, or one already loaded: a run keeps the version it started on) -> (patch dataset,
+    manifest). The one entry point training and evaluation use."""
     if cfg.img_size % cfg.patch_size:
         raise ValueError(
             f"img_size {cfg.img_size} is not divisible by patch_size {cfg.patch_size}: "
             f"choose an img_size that is a multiple of {cfg.patch_size}"
         )
-    manifest = load_manifest(manifest_uri)
+    manifest = manifest_uri if isinstance(manifest_uri, dict) else load_manifest(manifest_uri)
     return patch_stream(read_encoded(manifest, split, shuffle_seed=shuffle_seed, num_cpus=cfg.num_cpus), cfg), manifest

@@ -44,7 +44,8 @@ def load_images(uris: list[str], model: vit_model.VisionTransformer) -> tuple[to
     """Encoded images -> eval-transformed patches (B, N, P*P*C) uint8 and the cropped pixels.
 
     Raises ImageDecodeError naming the file that is not an image or is smaller than a patch."""
-    t = ImageTransform(model.cfg.img_size, model.cfg.patch_size, train=False)
+    c = model.cfg
+    t = ImageTransform(c.img_size, c.patch_size, train=False, crop_fraction=c.crop_pct, interpolation=c.interpolation)
     patches, pixels = [], []
     for uri in uris:
         try:
@@ -204,28 +205,28 @@ def resolve_images(spec: str, limit: int = 16) -> list[str]:
 
 
 def _images_from_shards(manifest: dict, limit: int) -> list[str]:
-    """Shards hold images inside tars: extract the first `limit` of the val (or train) split to a temp folder."""
+    """Shards hold images inside tars (or Parquet): extract the first `limit` of the val (or train) split to a temp folder."""
     import atexit
     import shutil
-    import tarfile
     import tempfile
 
-    from .shards import shard_uris
+    from .shards import expected_digests, unpack_shards
 
     split = "val" if manifest["splits"].get("val", {}).get("count") else "train"
     folder = tempfile.mkdtemp(prefix="vitray-viz-")
     atexit.register(shutil.rmtree, folder, True)  # read within this process; nothing stays in the temp folder
     out = []
-    for uri in shard_uris(manifest, split):
-        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(uri))) as tar:
-            for m in tar.getmembers():
-                if m.name.rsplit(".", 1)[-1] not in ("cls", "json"):
-                    path = f"{folder}/{posixpath.basename(m.name)}"
-                    with open(path, "wb") as f:
-                        f.write(tar.extractfile(m).read())
-                    out.append(path)
-                    if len(out) >= limit:
-                        return out
+    digests = expected_digests(manifest, split)
+    for path in digests:
+        uri = f"s3://{path}" if manifest["_base"].startswith("s3://") else path
+        rows = unpack_shards({"bytes": [storage.read_bytes(uri)], "path": [path]}, digests, manifest["format"])
+        for key, image in zip(rows["key"], rows["image"]):
+            if image is not None:
+                out.append(f"{folder}/{key}.img")
+                with open(out[-1], "wb") as f:
+                    f.write(image)
+                if len(out) >= limit:
+                    return out
     return out
 
 

@@ -114,9 +114,9 @@ def preflight(cfg: InferConfig) -> dict:
     storage.check_bucket(cfg.output)
     if cfg.since_last_run and _is_shards(cfg.input):
         raise ValueError("--since-last-run works on image prefixes, not on shards (shards are immutable data sets)")
-    class_names = meta.get("class_names") or [str(i) for i in range(meta["model"]["num_classes"])]
+    model_cfg = exported.model_config(config)  # this project's export or a timm folder; preprocessing included
     return {"weights": weights, "config": config, "weights_sha256": hashlib.sha256(weights).hexdigest(), "meta": meta,
-            "class_names": class_names}
+            "model_cfg": model_cfg, "class_names": exported.class_names(config)}
 
 
 def predict_to_staging(cfg: InferConfig, info: dict, run_id: str, started: dt.datetime) -> list[str]:
@@ -125,7 +125,7 @@ def predict_to_staging(cfg: InferConfig, info: dict, run_id: str, started: dt.da
     from ray.data import ActorPoolStrategy
     from ray.data.datasource import FilenameProvider
 
-    from .data import configure_ray_data, read_encoded
+    from .data import StreamConfig, configure_ray_data, read_encoded
 
     class StagedNames(FilenameProvider):  # not `*.parquet`: no glob reader picks up a staged file
         def get_filename_for_task(self, write_uuid, task_index):
@@ -133,7 +133,7 @@ def predict_to_staging(cfg: InferConfig, info: dict, run_id: str, started: dt.da
             return f"part-{task_index:06d}-{write_uuid}-{{i}}{publish.STAGED_SUFFIX}"
 
     configure_ray_data()
-    mcfg = info["meta"]["model"]
+    eval_transform = StreamConfig.for_model(info["model_cfg"], False).transform()  # the export's crop, interpolation
     inputs = info["inputs"]
     if info["kind"] == "shards":
         manifest = load_manifest(cfg.input)
@@ -152,7 +152,7 @@ def predict_to_staging(cfg: InferConfig, info: dict, run_id: str, started: dt.da
         ds = ray.data.read_binary_files([storage.parse_uri(u).path for u, _ in inputs], filesystem=fs, include_paths=True,
                                         override_num_blocks=max(1, min(len(inputs) // 64, 1000)))
         ds = ds.map_batches(_file_rows, fn_kwargs={"labels": labels, "scheme": scheme}, batch_format="numpy")
-    ds = ds.map_batches(preprocess, fn_kwargs={"img_size": mcfg["img_size"], "patch_size": mcfg["patch_size"]},
+    ds = ds.map_batches(preprocess, fn_kwargs={"transform": eval_transform},
                         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.decode_cpus)
     weights = ray.put(info["weights"])  # read once by the driver: every replica gets these exact bytes
     ds = ds.map_batches(

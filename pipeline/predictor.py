@@ -95,12 +95,11 @@ class Predictor:
         return pa.table({f.name: pa.array(data[f.name], f.type) for f in self.schema}, schema=self.schema)
 
 
-def preprocess(batch: dict, img_size: int, patch_size: int) -> dict:
-    """Encoded images -> eval-transformed patches; undecodable inputs keep their row with the reason."""
+def preprocess(batch: dict, transform) -> dict:
+    """Encoded images -> patches by the export's eval transform (size, crop, interpolation); undecodable
+    inputs keep their row with the reason."""
     from .data import decode_to_patches
-    from .transforms import ImageTransform
 
-    patches, valid, errors = decode_to_patches(list(batch["bytes"]), batch["image_uri"],
-                                               ImageTransform(img_size, patch_size, train=False), None)
+    patches, valid, errors = decode_to_patches(list(batch["bytes"]), batch["image_uri"], transform, None)
     return {"image_uri": batch["image_uri"], "label_id": batch["label_id"], "patches": patches, "valid": valid,
             "error": np.asarray(errors, dtype=object)}

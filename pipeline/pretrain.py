@@ -37,7 +37,7 @@ def preflight(cfg: PretrainConfig) -> dict:
     if not cfg.train.output:
         raise JobError("no output: pass --output s3://bucket/runs or a local folder (train.output)")
     storage.check_bucket(cfg.train.output)
-    manifest = load_manifest(cfg.data.manifest)
+    manifest = pinned_manifest(cfg) or load_manifest(cfg.data.manifest)
     splits = manifest["splits"]
     if cfg.data.train_split not in splits or splits[cfg.data.train_split]["count"] == 0:
         raise JobError(f"the manifest {cfg.data.manifest} has 0 samples in split {cfg.data.train_split!r}: nothing to train on")
@@ -61,6 +61,32 @@ def preflight(cfg: PretrainConfig) -> dict:
         except (ValueError, storage.StorageError) as e:
             raise JobError(f"--init-from {cfg.train.init_from}: {e}") from None
     return {"manifest": manifest, "num_classes": num_classes, "train_count": train_count, "model_cfg": mcfg}
+
+
+DATA_PIN = "data.json"
+
+
+def pinned_manifest(cfg: PretrainConfig) -> dict | None:
+    """A resumed run reads the shard version it started on, not whatever `manifest.json` names today
+    (make_shards may have written a new version since, with other samples or classes)."""
+    pin = run_dir(cfg).join(DATA_PIN)
+    if not storage.exists(pin.uri):
+        return None
+    rec = json.loads(storage.read_bytes(pin.uri))
+    try:
+        return load_manifest(rec["manifest"])
+    except storage.StorageError:
+        raise JobError(f"this run started on shard version {rec.get('version')} ({rec['manifest']}), which is gone (pruned?): "
+                       "resume needs the same data; start a new --name to train on the current version") from None
+
+
+def pin_data(cfg: PretrainConfig, manifest: dict) -> None:
+    pin = run_dir(cfg).join(DATA_PIN)
+    if storage.exists(pin.uri):
+        return
+    base, version = manifest["_base"], manifest.get("version")
+    uri = f"{base}/versions/{version}/manifest.json" if manifest.get("layout", 1) >= 2 else cfg.data.manifest
+    storage.write_bytes(pin.uri, json.dumps({"manifest": uri, "version": version}).encode())
 
 
 def check_cluster_fits(cfg: PretrainConfig) -> None:
@@ -164,15 +190,18 @@ def run(cfg: PretrainConfig) -> dict:
     configure_ray_data(cfg.data.object_store_fraction)
     rdir = run_dir(cfg)
     storage.write_bytes(rdir.join("config.yaml").uri, to_yaml(cfg).encode())
+    pin_data(cfg, info["manifest"])
     mcfg = info["model_cfg"]
     d = cfg.data
-    common = dict(img_size=mcfg.img_size, patch_size=mcfg.patch_size, batch_size=d.decode_batch_size, num_cpus=d.decode_cpus)
-    train_ds, _ = split_stream(d.manifest, d.train_split, StreamConfig(train=True, scale=(d.scale_min, 1.0), hflip=d.hflip,
-                                                                          randaug_n=d.randaug_n, randaug_m=d.randaug_m, **common),
-                               shuffle_seed=d.shuffle_seed)
+    common = dict(batch_size=d.decode_batch_size, num_cpus=d.decode_cpus)
+    train_stream = StreamConfig.for_model(mcfg, True, scale=(d.scale_min, 1.0), hflip=d.hflip, randaug_n=d.randaug_n,
+                                          randaug_m=d.randaug_m, randaug_mstd=d.randaug_mstd,
+                                          randaug_increasing=d.randaug_increasing, **common)
+    manifest = info["manifest"]  # the version this run started on (pinned in data.json), not re-read
+    train_ds, _ = split_stream(manifest, d.train_split, train_stream, shuffle_seed=d.shuffle_seed)
     datasets = {d.train_split: train_ds}
     if d.val_split:
-        datasets[d.val_split], _ = split_stream(d.manifest, d.val_split, StreamConfig(train=False, **common))
+        datasets[d.val_split], _ = split_stream(manifest, d.val_split, StreamConfig.for_model(mcfg, False, **common))
     storage_path, fs = storage.ray_storage_path(cfg.train.output)
     trainer = TorchTrainer(
         train_loop_per_worker,

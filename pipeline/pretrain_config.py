@@ -15,7 +15,12 @@ class ModelSection(Section):
     patch_size: int | None = Field(None, description="patch size; default: the variant's")
     global_pool: Literal["token", "avg"] | None = Field(None, description="token (class token) or avg (gap)")
     pos_embed: Literal["learn", "sincos2d"] | None = Field(None, description="learned or fixed 2-D sin-cos")
-    pre_logits: bool | None = Field(None, description="Linear+tanh before the head, as the paper's pretraining")
+    fc_norm: bool | None = Field(None, description="LayerNorm after the pool, not on every token (default: on for avg, as timm)")
+    pre_logits: bool | None = Field(None, description="Linear+tanh before the head, as the paper's pretraining (timm has no slot)")
+    mean: tuple[float, float, float] | None = Field(None, description="input mean per channel; default the paper's (0.5,)*3")
+    std: tuple[float, float, float] | None = Field(None, description="input std per channel; default (0.5,)*3; ImageNet's for DeiT/torchvision weights")
+    crop_pct: float | None = Field(None, gt=0, le=1, description="eval center-crop fraction (default 0.9, timm's ViT)")
+    interpolation: Literal["bicubic", "bilinear"] | None = Field(None, description="resize interpolation (default bicubic)")
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth, linear in depth")
     drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout")
 
@@ -48,6 +53,13 @@ class DataSection(Section):
     hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
     randaug_n: int = Field(0, ge=0, le=6, description="RandAugment ops per training image (0: off; DeiT: 2)")
     randaug_m: float = Field(9.0, ge=0, le=10, description="RandAugment magnitude (DeiT: 9)")
+    randaug_mstd: float = Field(0.5, ge=0, description="RandAugment magnitude noise std (timm's mstd; DeiT: 0.5)")
+    randaug_increasing: bool = Field(True, description="timm's 'inc1' op set: every op stronger as the magnitude grows")
+    random_erase: float = Field(0.0, ge=0, le=1, description="random erasing probability per image (DeiT: 0.25), on the device")
+    mixup_alpha: float = Field(0.0, ge=0, description="Mixup Beta(alpha, alpha); 0: off (DeiT: 0.8), on the device")
+    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(alpha, alpha); 0: off (DeiT: 1.0), on the device")
+    mix_prob: float = Field(1.0, ge=0, le=1, description="probability a batch is mixed at all (Mixup or CutMix)")
+    mix_switch_prob: float = Field(0.5, ge=0, le=1, description="with both on: probability of CutMix instead of Mixup")
     object_store_fraction: float | None = Field(None, gt=0, le=1, description="cap Ray Data's object store use")
 
 

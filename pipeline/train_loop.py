@@ -38,6 +38,7 @@ from vit_model import VisionTransformer
 
 from . import exported, storage
 from .checkpointing import resume, save_checkpoint
+from .mixing import Mixer, random_erase_, soft_target_cross_entropy
 from .pretrain_config import PretrainConfig
 
 log = logging.getLogger(__name__)
@@ -294,6 +295,7 @@ class Run:
     peak_flops: float | None
     start_step: int = 0  # where this attempt began: 0, or the step of the checkpoint it resumed from
     t_start: float = field(default_factory=time.time)
+    mixer: Mixer | None = None  # Mixup / CutMix (None: off)
 
 
 def build_run(cfg: PretrainConfig, session: Session, num_classes: int, train_count: int, class_names: list[str]) -> Run:
@@ -314,9 +316,33 @@ def build_run(cfg: PretrainConfig, session: Session, num_classes: int, train_cou
         raise ValueError(f"{train_count} training samples do not fill one global batch of {t.batch_size}: lower --batch-size")
     total_steps = min(steps_per_epoch * t.epochs, t.max_steps or 1 << 62)
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else int(cfg.optim.warmup_epochs * steps_per_epoch)
+    d = cfg.data
+    mixer = Mixer(num_classes, d.mixup_alpha, d.cutmix_alpha, d.mix_prob, d.mix_switch_prob, cfg.optim.label_smoothing)
     return Run(cfg, session, model, core, optimizer, EMA(core, cfg.optim.ema_decay) if cfg.optim.ema_decay else None,
                autocast_dtype(cfg, device), steps_per_epoch, total_steps, min(warmup, max(total_steps - 1, 0)), class_names,
-               vit_model.flops_per_image(core.cfg, training=True), device_peak_flops(cfg, device))
+               vit_model.flops_per_image(core.cfg, training=True), device_peak_flops(cfg, device),
+               mixer=mixer if mixer.active else None)
+
+
+def batch_augment(run: Run, state: TrainState, micro: int, patches: torch.Tensor, labels: torch.Tensor,
+                  valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random erasing, then Mixup / CutMix, on the device: (model input, soft targets or None).
+
+    Without either, the uint8 patches go to the model as they are (it normalises them itself). The
+    draws come from a generator seeded by (seed, rank, step, micro-batch), so a resumed run repeats them.
+    """
+    d = run.cfg.data
+    if not (d.random_erase > 0 or run.mixer is not None):
+        return patches, None
+    core = run.core
+    gen = torch.Generator().manual_seed(hash((run.cfg.train.seed, run.session.rank, state.step, micro)) & (2**63 - 1))
+    images = vit_model.unpatchify(core.normalize(patches), core.cfg.patch_size, core.cfg.in_chans)
+    if d.random_erase > 0:
+        random_erase_(images, d.random_erase, gen)
+    if run.mixer is None:
+        return images, None
+    mixed = run.mixer(images, labels, valid, gen)
+    return mixed.images, mixed.targets
 
 
 # ---- one optimizer step --------------------------------------------------------------------
@@ -341,10 +367,14 @@ def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: Windo
                                f"than {run.steps_per_epoch} steps x {t.per_worker_batch} rows") from None
         window.data_wait_s += time.time() - waited
         last = micro == t.accum_steps - 1
+        inputs, soft_targets = batch_augment(run, state, micro, patches, labels, valid)
         with (run.model.no_sync() if not last and hasattr(run.model, "no_sync") else nullcontext()), \
                 torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-            logits = run.model(patches).float()
-        per_sample = F.cross_entropy(logits, labels, reduction="none", label_smoothing=cfg.optim.label_smoothing)
+            logits = run.model(inputs).float()
+        if soft_targets is not None:
+            per_sample = soft_target_cross_entropy(logits, soft_targets)
+        else:
+            per_sample = F.cross_entropy(logits, labels, reduction="none", label_smoothing=cfg.optim.label_smoothing)
         n_valid = valid.sum()
         loss = (per_sample * valid).sum() / n_valid.clamp(min=1) / t.accum_steps
         loss.backward()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -17,8 +18,19 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFile, ImageOps
 
 log = logging.getLogger(__name__)
-Image.MAX_IMAGE_PIXELS = 200_000_000  # refuse decompression bombs beyond ~14k x 14k
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a grey half-image
+
+# The one set of decode rules for make_shards, the training stream and batch inference:
+#   formats   exactly these (Pillow's names); anything else is "not an allowed image format"
+#   size      Pillow's decompression-bomb limit (89.5 Mpx; VITRAY_MAX_IMAGE_PIXELS to change it), its
+#             warning an error: a skip with the reason, never a 1 GB decode in one task
+#   EXIF      orientation applied (phone photos come out upright)
+#   modes     16-bit -> 8-bit by the top byte (not clipped), alpha composited on white, palette,
+#             CMYK, LA, 1-bit, YCbCr ... -> 8-bit RGB
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "TGA", "ICO")  # JPEG covers phones' MPO
+MAX_IMAGE_PIXELS = int(os.environ.get("VITRAY_MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS or 89_478_485))
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+_TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 Box = tuple[float, float, float, float]
 
@@ -28,23 +40,88 @@ class ImageDecodeError(ValueError):
 
 
 def open_image(data: bytes) -> Image.Image:
-    """Open (header only) encoded bytes; raises ImageDecodeError with the reason."""
+    """Open (header only) encoded bytes by the decode rules; raises ImageDecodeError with the reason."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
-        return Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            if img.width * img.height > MAX_IMAGE_PIXELS:  # some decoders report their size late
+                raise Image.DecompressionBombError("")
+            return img
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ImageDecodeError(f"image larger than the decompression-bomb limit of {MAX_IMAGE_PIXELS} pixels "
+                               "(VITRAY_MAX_IMAGE_PIXELS raises it)") from None
     except Exception as e:
+        try:  # say which format it is when Pillow knows it but it is not allowed
+            fmt = Image.open(io.BytesIO(data)).format
+        except Exception:
+            fmt = None
+        if fmt:
+            raise ImageDecodeError(f"image format {fmt} is not one of the allowed formats {', '.join(ALLOWED_FORMATS)}") from None
         raise ImageDecodeError(f"not an image Pillow can read ({type(e).__name__}: {e})") from None
 
 
-def check_decodes(data: bytes) -> tuple[int, int, str]:
-    """Fully decode once (catches truncation); returns (width, height, format)."""
+def orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:
+        return 1
+
+
+def display_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as the image is meant to be seen: EXIF orientation applied."""
+    w, h = img.size
+    return (h, w) if orientation(img) in _TRANSPOSED else (w, h)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode -> 8-bit RGB: 16/32-bit integer by the top byte, alpha over white, the rest by Pillow."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img).astype(np.int64)
+        peak = 65535 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255
+        a = (np.clip(a, 0, peak) * 255 + peak // 2) // peak
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        a = np.asarray(img, np.float32)
+        scale = 255.0 if a.max(initial=0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(a * scale, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def upright(img: Image.Image, orient: int) -> Image.Image:
+    return ImageOps.exif_transpose(img) if orient != 1 else img
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Fully decode by the rules: opened, loaded (catches truncation), upright, 8-bit RGB."""
     img = open_image(data)
+    orient = orientation(img)
     try:
         img.load()
+        return to_rgb(upright(img, orient))
     except Exception as e:
         raise ImageDecodeError(f"does not decode ({type(e).__name__}: {e})") from None
-    return img.width, img.height, (img.format or "").lower()
+
+
+def check_decodes(data: bytes, min_size: int = 1) -> tuple[int, int, str]:
+    """What make_shards keeps: decodes by the rules and is at least `min_size` px on its shorter side.
+    Returns (width, height, format) as displayed."""
+    img = open_image(data)
+    w, h = display_size(img)
+    if min(w, h) < min_size:
+        raise ImageDecodeError(f"image of {w}x{h} px is smaller than the minimum of {min_size} px per side "
+                               "(one patch of the largest patch size)")
+    fmt = (img.format or "").lower()
+    decode_rgb(data)
+    return w, h, fmt
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
@@ -75,7 +152,7 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
     return left, top, left + w, top + h
 
 
-def center_crop_box(width: int, height: int, crop_fraction: float = 0.875) -> Box:
+def center_crop_box(width: int, height: int, crop_fraction: float = 0.9) -> Box:
     """Resize-shorter-side-to size/crop_fraction then center-crop `size`, expressed as one box."""
     side = min(width, height) * crop_fraction
     left, top = (width - side) / 2, (height - side) / 2
@@ -83,8 +160,9 @@ def center_crop_box(width: int, height: int, crop_fraction: float = 0.875) -> Bo
 
 
 def crop_resize(img: Image.Image, box: Box, size: int, draft: bool = True, flip: bool = False,
-                backend: str = "torch") -> np.ndarray:
-    """Cut `box` out of an opened image, mirror it if `flip`, resize it to (size, size, 3) uint8 (antialiased bilinear).
+                backend: str = "torch", interpolation: str = "bicubic") -> np.ndarray:
+    """Cut `box` out of an opened image, mirror it if `flip`, resize it to (size, size, 3) uint8
+    (antialiased `interpolation`: bicubic, timm's ViT default, or bilinear).
 
     With `draft`, a JPEG is decoded directly at the smallest 1/2^k scale that still leaves the
     crop at least `size` pixels, which skips most of the decode work on large photos.
@@ -97,31 +175,35 @@ def crop_resize(img: Image.Image, box: Box, size: int, draft: bool = True, flip:
     """
     if backend not in ("torch", "pil"):  # before any decoding work
         raise ValueError(f"unknown resize backend {backend!r}: use 'torch' or 'pil'")
-    w, h = img.size
-    if draft and img.format == "JPEG":
+    if interpolation not in ("bicubic", "bilinear"):
+        raise ValueError(f"unknown interpolation {interpolation!r}: use 'bicubic' or 'bilinear'")
+    orient = orientation(img)
+    swap = orient in _TRANSPOSED
+    w, h = img.size  # as stored; `box` is in displayed (upright) coordinates
+    dw, dh = (h, w) if swap else (w, h)
+    if draft and img.format in ("JPEG", "MPO"):
         cw, ch = box[2] - box[0], box[3] - box[1]
-        img.draft("RGB", (math.ceil(w * size / cw), math.ceil(h * size / ch)))
-        sx, sy = img.size[0] / w, img.size[1] / h
-        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        img.draft("RGB", (math.ceil(w * size / (ch if swap else cw)), math.ceil(h * size / (cw if swap else ch))))
     try:
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        if backend == "pil":
-            out = img.resize((size, size), Image.BILINEAR, box=box)
-            return np.asarray(out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out)
         img.load()
+        img = to_rgb(upright(img, orient))
     except Exception as e:
         raise ImageDecodeError(f"does not decode ({type(e).__name__}: {e})") from None
+    sx, sy = img.size[0] / dw, img.size[1] / dh  # < 1 where draft decoded at a reduced scale
+    box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    if backend == "pil":
+        out = img.resize((size, size), Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR, box=box)
+        return np.asarray(out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out)
     left, top = int(box[0]), int(box[1])
     right, bottom = max(left + 1, round(box[2])), max(top + 1, round(box[3]))
     crop = img.crop((left, top, right, bottom))
     if flip:  # Pillow mirrors whole pixels; numpy's [:, ::-1] copy is ~15x slower on HWC uint8
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _resize_torch(np.asarray(crop), size)
+    return _resize_torch(np.asarray(crop), size, interpolation)
 
 
-def _resize_torch(pixels: np.ndarray, size: int) -> np.ndarray:
-    """(h, w, 3) uint8 -> (size, size, 3) uint8 with torch's antialiased bilinear uint8 kernel."""
+def _resize_torch(pixels: np.ndarray, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """(h, w, 3) uint8 -> (size, size, 3) uint8 with torch's antialiased uint8 kernels (bicubic or bilinear)."""
     import torch  # a dependency of the project; imported on first use so header-only users stay light
 
     if pixels.shape[0] == size and pixels.shape[1] == size:
@@ -130,7 +212,7 @@ def _resize_torch(pixels: np.ndarray, size: int) -> np.ndarray:
     with warnings.catch_warnings():  # Pillow's arrays are read-only; interpolate only reads them
         warnings.simplefilter("ignore", UserWarning)
         x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0)
-    y = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    y = torch.nn.functional.interpolate(x, size=(size, size), mode=interpolation, antialias=True, align_corners=False)
     return y[0].permute(1, 2, 0).contiguous().numpy()
 
 
@@ -154,38 +236,67 @@ def unpatchify(patches: np.ndarray, patch_size: int, channels: int = 3) -> np.nd
     return patches.reshape(g, g, p, p, channels).transpose(0, 2, 1, 3, 4).reshape(g * p, g * p, channels)
 
 
-# RandAugment (Cubuk et al. 2020) as timm's `rand-m9-n2`: n ops drawn uniformly, magnitude m of 10.
-def _level(m: float, hi: float, rng: np.random.Generator, signed: bool = True) -> float:
-    v = m / 10.0 * hi
-    return -v if signed and rng.random() < 0.5 else v
+# RandAugment (Cubuk et al. 2020) with timm's semantics, e.g. `rand-m9-mstd0.5-inc1` (DeiT): n ops drawn
+# uniformly with replacement, each applied with p=0.5 at a magnitude drawn from N(m, mstd) clipped to
+# [0, 10]; with `increasing`, every op gets stronger as the magnitude grows (posterize keeps 4 - int(0.4 m)
+# bits, solarize's threshold falls, enhancements move further from 1). Geometric ops resample with the
+# model's interpolation and fill with the mean colour, as timm's `img_mean`.
+def _signed(v: float, rng: np.random.Generator) -> float:
+    return -v if rng.random() < 0.5 else v
 
 
-_FILL = (128, 128, 128)
-RAND_AUGMENT_OPS = {
-    "AutoContrast": lambda img, m, rng: ImageOps.autocontrast(img),
-    "Equalize": lambda img, m, rng: ImageOps.equalize(img),
-    "Invert": lambda img, m, rng: ImageOps.invert(img),
-    "Rotate": lambda img, m, rng: img.rotate(_level(m, 30, rng), fillcolor=_FILL),
-    "Posterize": lambda img, m, rng: ImageOps.posterize(img, max(1, 8 - int(m / 10 * 4))),
-    "Solarize": lambda img, m, rng: ImageOps.solarize(img, 256 - int(m / 10 * 256)),
-    "Color": lambda img, m, rng: ImageEnhance.Color(img).enhance(1 + _level(m, 0.9, rng)),
-    "Contrast": lambda img, m, rng: ImageEnhance.Contrast(img).enhance(1 + _level(m, 0.9, rng)),
-    "Brightness": lambda img, m, rng: ImageEnhance.Brightness(img).enhance(1 + _level(m, 0.9, rng)),
-    "Sharpness": lambda img, m, rng: ImageEnhance.Sharpness(img).enhance(1 + _level(m, 0.9, rng)),
-    "ShearX": lambda img, m, rng: img.transform(img.size, Image.AFFINE, (1, _level(m, 0.3, rng), 0, 0, 1, 0), fillcolor=_FILL),
-    "ShearY": lambda img, m, rng: img.transform(img.size, Image.AFFINE, (1, 0, 0, _level(m, 0.3, rng), 1, 0), fillcolor=_FILL),
-    "TranslateX": lambda img, m, rng: img.transform(img.size, Image.AFFINE, (1, 0, _level(m, 0.45, rng) * img.width, 0, 1, 0), fillcolor=_FILL),
-    "TranslateY": lambda img, m, rng: img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, _level(m, 0.45, rng) * img.height), fillcolor=_FILL),
+def _enhance(m: float, rng, increasing: bool) -> float:
+    if increasing:
+        return max(0.1, 1.0 + _signed(m / 10 * 0.9, rng))
+    return m / 10 * 1.8 + 0.1
+
+
+def posterize_bits(m: float, increasing: bool) -> int:
+    """Bits posterize keeps: 4 down to 0 as m grows (increasing), else 0 up to 4 (timm's two level maps)."""
+    return 4 - int(m / 10 * 4) if increasing else int(m / 10 * 4)
+
+
+def _solarize_add(img: Image.Image, add: int, thresh: int = 128) -> Image.Image:
+    lut = [min(255, i + add) if i < thresh else i for i in range(256)]
+    return img.point(lut * len(img.getbands()))
+
+
+def _affine(img: Image.Image, matrix, resample, fill) -> Image.Image:
+    return img.transform(img.size, Image.AFFINE, matrix, resample=resample, fillcolor=fill)
+
+
+RAND_AUGMENT_OPS = {  # name -> fn(img, magnitude, rng, increasing, resample, fill)
+    "AutoContrast": lambda img, m, rng, inc, rs, fill: ImageOps.autocontrast(img),
+    "Equalize": lambda img, m, rng, inc, rs, fill: ImageOps.equalize(img),
+    "Invert": lambda img, m, rng, inc, rs, fill: ImageOps.invert(img),
+    "Rotate": lambda img, m, rng, inc, rs, fill: img.rotate(_signed(m / 10 * 30, rng), resample=rs, fillcolor=fill),
+    "Posterize": lambda img, m, rng, inc, rs, fill: ImageOps.posterize(img, posterize_bits(m, inc)),
+    "Solarize": lambda img, m, rng, inc, rs, fill: ImageOps.solarize(img, (256 - int(m / 10 * 256)) if inc else int(m / 10 * 256)),
+    "SolarizeAdd": lambda img, m, rng, inc, rs, fill: _solarize_add(img, int(m / 10 * 110)),
+    "Color": lambda img, m, rng, inc, rs, fill: ImageEnhance.Color(img).enhance(_enhance(m, rng, inc)),
+    "Contrast": lambda img, m, rng, inc, rs, fill: ImageEnhance.Contrast(img).enhance(_enhance(m, rng, inc)),
+    "Brightness": lambda img, m, rng, inc, rs, fill: ImageEnhance.Brightness(img).enhance(_enhance(m, rng, inc)),
+    "Sharpness": lambda img, m, rng, inc, rs, fill: ImageEnhance.Sharpness(img).enhance(_enhance(m, rng, inc)),
+    "ShearX": lambda img, m, rng, inc, rs, fill: _affine(img, (1, _signed(m / 10 * 0.3, rng), 0, 0, 1, 0), rs, fill),
+    "ShearY": lambda img, m, rng, inc, rs, fill: _affine(img, (1, 0, 0, _signed(m / 10 * 0.3, rng), 1, 0), rs, fill),
+    "TranslateXRel": lambda img, m, rng, inc, rs, fill: _affine(
+        img, (1, 0, _signed(m / 10 * 0.45, rng) * img.width, 0, 1, 0), rs, fill),
+    "TranslateYRel": lambda img, m, rng, inc, rs, fill: _affine(
+        img, (1, 0, 0, 0, 1, _signed(m / 10 * 0.45, rng) * img.height), rs, fill),
 }
 
 
-def rand_augment(pixels: np.ndarray, n: int, m: float, rng: np.random.Generator) -> np.ndarray:
-    """Apply `n` RandAugment ops of magnitude `m` (0-10) to (H, W, 3) uint8, each with p=0.5 as timm."""
+def rand_augment(pixels: np.ndarray, n: int, m: float, rng: np.random.Generator, *, mstd: float = 0.5,
+                 increasing: bool = True, interpolation: str = "bicubic", fill=(128, 128, 128)) -> np.ndarray:
+    """Apply `n` RandAugment ops of magnitude `m` (0-10, noise `mstd`) to (H, W, 3) uint8, each with p=0.5."""
     img = Image.fromarray(pixels)
     names = list(RAND_AUGMENT_OPS)
+    resample = Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR
     for i in rng.choice(len(names), size=n, replace=True):
-        if rng.random() < 0.5:
-            img = RAND_AUGMENT_OPS[names[i]](img, m, rng)
+        if rng.random() >= 0.5:
+            continue
+        mag = rng.normal(m, mstd) if mstd > 0 else m
+        img = RAND_AUGMENT_OPS[names[i]](img, min(max(mag, 0.0), 10.0), rng, increasing, resample, tuple(fill))
     return np.asarray(img)
 
 
@@ -202,10 +313,14 @@ class ImageTransform:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
-    crop_fraction: float = 0.875
+    crop_fraction: float = 0.9  # eval center crop (timm's crop_pct); the model's config says which
     draft: bool = True
+    interpolation: str = "bicubic"  # resize and RandAugment's geometric ops
     randaug_n: int = 0  # RandAugment ops per image (training only; 0: off)
     randaug_m: float = 9.0  # RandAugment magnitude, 0-10
+    randaug_mstd: float = 0.5  # magnitude noise (timm's mstd)
+    randaug_increasing: bool = True  # timm's inc1 op set
+    fill: tuple[int, int, int] = (128, 128, 128)  # RandAugment's fill: the model's mean colour
 
     def __post_init__(self):
         if self.img_size % self.patch_size:
@@ -216,7 +331,7 @@ class ImageTransform:
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
         img = open_image(data)
-        w, h = img.size
+        w, h = display_size(img)
         if min(w, h) < self.patch_size:
             raise ImageDecodeError(f"image of {w}x{h} px is smaller than one {self.patch_size}x{self.patch_size} patch")
         if self.train:
@@ -225,11 +340,12 @@ class ImageTransform:
             box = center_crop_box(w, h, self.crop_fraction)
         flip = self.train and self.hflip > 0 and rng.random() < self.hflip
         try:
-            pixels = crop_resize(img, box, self.img_size, self.draft, flip)
+            pixels = crop_resize(img, box, self.img_size, self.draft, flip, interpolation=self.interpolation)
         except ImageDecodeError:
             raise
         except Exception as e:
             raise ImageDecodeError(f"does not decode ({type(e).__name__}: {e})") from None
         if self.train and self.randaug_n:
-            pixels = rand_augment(np.ascontiguousarray(pixels), self.randaug_n, self.randaug_m, rng)
+            pixels = rand_augment(np.ascontiguousarray(pixels), self.randaug_n, self.randaug_m, rng, mstd=self.randaug_mstd,
+                                  increasing=self.randaug_increasing, interpolation=self.interpolation, fill=self.fill)
         return patchify(pixels, self.patch_size)

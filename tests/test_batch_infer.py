@@ -26,7 +26,9 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 @pytest.fixture
 def model_uri(bucket):
     torch.manual_seed(0)
-    m = vit_model.create_model("vit_micro_patch4_32", num_classes=3)
+    # preprocessing other than the defaults (crop, interpolation, mean/std): inference must use the export's
+    m = vit_model.create_model("vit_micro_patch4_32", num_classes=3, crop_pct=0.6, interpolation="bilinear",
+                               mean=vit_model.IMAGENET_MEAN, std=vit_model.IMAGENET_STD)
     with torch.no_grad():
         m.head.weight.normal_()
     w, c = vit_model.export_bytes(m, class_names=["cat", "dog", "eel"])
@@ -66,15 +68,20 @@ def test_predictions_equal_the_model_in_a_plain_loop(ray_cluster, bucket, model_
     assert "not an image" in rows[f"{bucket}/in/notes.txt"]["error"]
     model, _ = vit_model.model_from_bytes(storage.read_bytes(f"{model_uri}/model.safetensors"),
                                           storage.read_bytes(f"{model_uri}/config.json"))
-    t = ImageTransform(32, 4, train=False)
+    t = ImageTransform(32, 4, train=False, crop_fraction=0.6, interpolation="bilinear")  # the export's settings
+    default = ImageTransform(32, 4, train=False)
+    off_by_default = 0
     for uri in uris:
         with torch.no_grad():
             probs = model(torch.from_numpy(t(storage.read_bytes(uri), None))[None]).softmax(-1)[0]
+            other = model(torch.from_numpy(default(storage.read_bytes(uri), None))[None]).softmax(-1)[0]
         row = rows[uri]
         assert row["pred_id"] == int(probs.argmax()) and row["error"] is None
         assert row["score"] == pytest.approx(float(probs.max()), abs=1e-5)
+        off_by_default += abs(row["score"] - float(other.max())) > 1e-4
         assert len(row["topk_ids"]) == 2 and len(row["embedding"]) == 64
         assert row["model_sha256"] == r["model_sha256"] and row["inferred_at"].tzinfo is not None
+    assert off_by_default > 0  # the default crop would have given other scores: the export's settings were used
     success = json.loads(storage.read_bytes(r["output"] + "/_SUCCESS"))
     assert success["rows"] == success["inputs"] == 12 and success["errors"] == 2
     assert r["output"].split("/")[-2] == f"dt={dt.datetime.now(dt.timezone.utc):%Y-%m-%d}"

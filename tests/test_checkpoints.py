@@ -96,6 +96,19 @@ def test_a_micro_batch_of_only_bad_samples_keeps_the_loss_finite(tmp_path):
     assert all(np.isfinite(losses)) and out["state"]["dropped_samples"] == 16 and out["state"]["skipped_batches"] == 1
 
 
+def test_deit_batch_augmentations_run_in_the_step_and_repeat_on_a_rerun():
+    def losses(**data_kw):
+        cfg = _local_cfg(3, checkpoint_every_steps=None)
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=data_kw)})
+        s = LocalSession(_data(bad_rows=[5]), None, device=torch.device("cpu"))
+        train(cfg, s, num_classes=10, train_count=128)
+        return [r["loss"] for r in s.reports if "loss" in r]
+    deit = dict(mixup_alpha=0.8, cutmix_alpha=1.0, random_erase=0.25)
+    mixed = losses(**deit)
+    assert all(np.isfinite(mixed)) and mixed == losses(**deit)  # draws seeded by (seed, rank, step): a rerun repeats
+    assert mixed != losses()
+
+
 def test_ema_follows_the_weights_with_foreach_updates():
     from pipeline.train_loop import EMA
 

@@ -55,7 +55,7 @@ def _read_tar(data):
 def test_make_shards_manifest_skips_labels_and_rerun(planted_tree, bucket):
     root, good = planted_tree
     out = f"{bucket}/ds"
-    m = shards.make_shards(str(root), out, val_fraction=0.3, seed=1, shard_size=4, progress=False)
+    m = shards.make_shards(str(root), out, val_fraction=0.3, seed=1, shard_size=4, progress=False, executor="local")
     assert m["classes"] == ["ants", "bees"]
     assert m["splits"]["train"]["count"] + m["splits"]["val"]["count"] == len(good) == 14
     assert m["splits"]["val"]["per_class"] == {"ants": 2, "bees": 2}
@@ -63,40 +63,44 @@ def test_make_shards_manifest_skips_labels_and_rerun(planted_tree, bucket):
     assert set(reasons) == {"zero.jpg", "text.jpg", "truncated.jpg"}
     assert "empty" in reasons["zero.jpg"] and "not an image" in reasons["text.jpg"] and "does not decode" in reasons["truncated.jpg"]
     stored = shards.load_manifest(out)  # by prefix; manifest.json is what a reader opens
+    assert stored["version"] == m["version"]
     seen = {}
     for split in ("train", "val"):
         for entry in stored["splits"][split]["shards"]:
+            assert entry["name"].startswith(f"versions/{m['version']}/{split}/")
             data = storage.read_bytes(f"{out}/{entry['name']}")
             assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"]
             members = _read_tar(data)
             for name, value in members.items():
                 key, ext = name.rsplit(".", 1)
+                assert ext in ("image", "cls", "json")  # one image member name, its format beside it
                 if ext == "json":
                     meta = json.loads(value)
                     rel = meta["source"].split("/tree/", 1)[1]
                     seen[rel] = members[f"{key}.cls"]
-                    # original bytes, not re-encoded
-                    img_member = next(n for n in members if n.startswith(key + ".") and n.rsplit(".", 1)[1] not in ("json", "cls"))
-                    assert members[img_member] == good[rel]
+                    assert members[f"{key}.image"] == good[rel]  # original bytes, not re-encoded
+                    assert meta["format"] == {"jpg": "jpeg", "png": "png", "gif": "gif"}[rel.rsplit(".", 1)[1]]
     assert set(seen) == set(good)
     assert all(int(seen[rel]) == ("bees" in rel) for rel in seen)  # ants=0, bees=1
-    again = shards.make_shards(str(root), out, val_fraction=0.3, seed=1, shard_size=4, progress=False)
+    again = shards.make_shards(str(root), out, val_fraction=0.3, seed=1, shard_size=4, progress=False, executor="local")
+    assert again["version"] != m["version"]  # a new version folder; the old one is untouched
     assert [s["sha256"] for s in again["splits"]["train"]["shards"]] == [s["sha256"] for s in m["splits"]["train"]["shards"]]
-    assert not [f for f in storage.list_files(out) if "_tmp-" in f.path]  # no temporary names left
+    assert storage.exists(f"{out}/{m['splits']['train']['shards'][0]['name']}")
+    assert shards.load_manifest(out)["version"] == again["version"]
+    assert shards.load_manifest(f"{out}/versions/{m['version']}/manifest.json")["_base"] == out  # pinned readers
 
 
 def test_parquet_shards(planted_tree, bucket):
-
     root, good = planted_tree
-    m = shards.make_shards(str(root), f"{bucket}/pq", fmt="parquet", shard_size=5, progress=False)
+    m = shards.make_shards(str(root), f"{bucket}/pq", fmt="parquet", shard_size=5, progress=False, executor="local")
     table = pq.read_table(io.BytesIO(storage.read_bytes(f"{bucket}/pq/{m['splits']['train']['shards'][0]['name']}")))
-    assert set(table.column_names) >= {"image", "label", "key"}
+    assert set(table.column_names) >= {"image", "label", "key", "format"}
     assert sum(s["count"] for s in m["splits"]["train"]["shards"]) == m["splits"]["train"]["count"]
 
 
 def test_stream_every_sample_once_per_epoch_across_readers(ray_cluster, planted_tree, bucket):
     root, good = planted_tree
-    shards.make_shards(str(root), f"{bucket}/ds", val_fraction=0.0, shard_size=3, progress=False)
+    shards.make_shards(str(root), f"{bucket}/ds", val_fraction=0.0, shard_size=3, progress=False, executor="local")
     ds, manifest = split_stream(f"{bucket}/ds/manifest.json", "train", StreamConfig(32, 4, train=True), shuffle_seed=3)
     readers = ds.streaming_split(2, equal=False)
     for _epoch in range(2):
@@ -123,14 +127,14 @@ def test_stream_reads_and_decodes_each_shard_in_one_task(ray_cluster, planted_tr
     # store (bench/data.py: 1.3-1.5x the stream rate); a read split into more blocks than shards,
     # a batch size on the decode step or unequal CPU requests would each silently undo it.
     root, good = planted_tree
-    shards.make_shards(str(root), f"{bucket}/{fmt}", val_fraction=0.0, shard_size=4, fmt=fmt, progress=False)
+    shards.make_shards(str(root), f"{bucket}/{fmt}", val_fraction=0.0, shard_size=4, fmt=fmt, progress=False, executor="local")
     ds, manifest = split_stream(f"{bucket}/{fmt}", "train", StreamConfig(32, 4, train=True, num_cpus=0.5), shuffle_seed=0)
     rows = ds.take_all()
     assert sorted(r["key"] for r in rows) == sorted(
         k for s in manifest["splits"]["train"]["shards"] for k in _shard_keys(f"{bucket}/{fmt}/{s['name']}", fmt))
     assert len(rows) == len(good) and all(r["valid"] for r in rows)
     assert {manifest["classes"][r["label"]] for r in rows} == {"ants", "bees"}
-    assert re.search(r"Read\w+->MapBatches\(decode_patchify\)", ds.stats()), ds.stats()[:2000]
+    assert re.search(r"Read\w+->MapBatches\(unpack_shards\)->MapBatches\(decode_patchify\)", ds.stats()), ds.stats()[:2000]
 
 
 def _shard_keys(uri, fmt):
@@ -161,7 +165,7 @@ def test_eval_stream_unpatchifies_to_original_pixels(ray_cluster, tmp_path, buck
         arr = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
         _save(root / f"c{i % 2}" / f"{i}.png", Image.fromarray(arr), "PNG")
         originals[i] = arr
-    shards.make_shards(str(root), f"{bucket}/px", val_fraction=0.0, progress=False)
+    shards.make_shards(str(root), f"{bucket}/px", val_fraction=0.0, progress=False, executor="local")
     ds, _ = split_stream(f"{bucket}/px", "train", StreamConfig(32, 4, train=False, crop_fraction=1.0))
     rows = ds.take_all()
     assert len(rows) == 4

@@ -129,8 +129,9 @@ def test_patch_size_must_divide_image_size():
 def test_rand_augment_changes_pixels_keeps_shape_and_every_op_runs():
     img = np.random.default_rng(3).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     rng = np.random.default_rng(0)
+    assert len(T.RAND_AUGMENT_OPS) == 15  # timm's _RAND_INCREASING_TRANSFORMS, Cutout left to random erasing
     for name, op in T.RAND_AUGMENT_OPS.items():
-        out = np.asarray(op(Image.fromarray(img), 9, rng))
+        out = np.asarray(op(Image.fromarray(img), 9, rng, True, Image.BICUBIC, (124, 116, 104)))
         assert out.shape == (32, 32, 3) and out.dtype == np.uint8, name
     changed = [not np.array_equal(T.rand_augment(img, 2, 9, rng), img) for _ in range(20)]
     assert any(changed)
@@ -138,3 +139,80 @@ def test_rand_augment_changes_pixels_keeps_shape_and_every_op_runs():
     Image.fromarray(img).save(buf, "PNG")
     t = T.ImageTransform(32, 4, train=True, randaug_n=2, randaug_m=9)
     assert t(buf.getvalue(), rng).shape == (64, 48)
+
+
+def test_rand_augment_follows_timm_rand_m9_mstd05_inc1(monkeypatch):
+    # posterize: inc1 keeps 4 - int(0.4 m) bits (1 at m9), the plain map int(0.4 m) (3 at m9)
+    assert T.posterize_bits(9, True) == 1 and T.posterize_bits(9, False) == 3 and T.posterize_bits(0, True) == 4
+    ramp = np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (4, 1, 3))
+    post = np.asarray(T.RAND_AUGMENT_OPS["Posterize"](Image.fromarray(ramp), 9, None, True, Image.BICUBIC, (0, 0, 0)))
+    assert len(np.unique(post)) == 2  # one bit kept
+    # solarize (inc): threshold 256 - int(25.6 m); m=10 inverts nothing below 0 -> every pixel >= 0 inverted
+    sol = np.asarray(T.RAND_AUGMENT_OPS["Solarize"](Image.fromarray(ramp), 10, None, True, Image.BICUBIC, (0, 0, 0)))
+    assert np.array_equal(sol, 255 - ramp)
+    # increasing enhancements: factor 1 +- 0.09 m, so m=0 is the identity
+    rng = np.random.default_rng(0)
+    img = np.random.default_rng(1).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    for name in ("Color", "Contrast", "Brightness", "Sharpness"):
+        out = T.RAND_AUGMENT_OPS[name](Image.fromarray(img), 0, rng, True, Image.BICUBIC, (0, 0, 0))
+        assert np.array_equal(np.asarray(out), img), name
+    # magnitude noise: each applied op draws its magnitude from N(m, mstd) clipped to [0, 10]; about half apply
+    seen = []
+    monkeypatch.setattr(T, "RAND_AUGMENT_OPS", {"Record": lambda im, m, *a: seen.append(m) or im})
+    T.rand_augment(img, 400, 9, np.random.default_rng(0), mstd=0.5)
+    assert 150 < len(seen) < 250 and 0.4 < np.std(seen) < 0.6 and abs(np.mean(seen) - 9) < 0.1 and max(seen) <= 10
+    seen.clear()
+    T.rand_augment(img, 50, 9, np.random.default_rng(0), mstd=0.0)
+    assert set(seen) == {9}
+    monkeypatch.undo()
+    ramp_img = np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (64, 1, 3))
+    # geometric ops fill with the given colour and resample with the given filter
+    rot = np.asarray(T.RAND_AUGMENT_OPS["Rotate"](Image.fromarray(ramp_img), 10, np.random.default_rng(0), True,
+                                                  Image.BICUBIC, (1, 2, 3)))
+    assert tuple(rot[0, 0]) == (1, 2, 3)
+
+
+def test_exif_rotated_photo_comes_out_upright():
+    upright = np.zeros((64, 40, 3), np.uint8)
+    upright[:32] = 255  # portrait: bright top half, dark bottom half
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # as a phone stores it: landscape
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    data = buf.getvalue()
+    assert T.open_image(data).size == (64, 40) and T.display_size(T.open_image(data)) == (40, 64)
+    decoded = np.asarray(T.decode_rgb(data)).astype(int)
+    assert decoded.shape == (64, 40, 3) and decoded[:28].mean() > 240 and decoded[36:].mean() < 15
+    for draft in (True, False):
+        pixels = T.unpatchify(T.ImageTransform(32, 4, train=False, crop_fraction=1.0, draft=draft)(data, None), 4)
+        assert pixels[:12].mean() > 240 and pixels[20:].mean() < 15, draft
+
+
+def test_sixteen_bit_and_alpha_and_cmyk_become_8bit_rgb_keeping_their_range():
+    gradient = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (40, 1))
+    buf = io.BytesIO()
+    Image.fromarray(gradient).save(buf, "PNG")
+    out = np.asarray(T.decode_rgb(buf.getvalue()))
+    assert out.shape == (40, 256, 3) and out.min() == 0 and out.max() == 255
+    assert abs(out.mean() - 127.5) < 1.5 and np.all(np.diff(out[0, :, 0].astype(int)) >= 0)  # not saturated
+    la = Image.fromarray(np.stack([np.full((32, 32), 0, np.uint8), np.zeros((32, 32), np.uint8)], -1), "LA")
+    buf = io.BytesIO()
+    la.save(buf, "PNG")
+    assert np.asarray(T.decode_rgb(buf.getvalue())).min() == 255  # fully transparent -> white, not black
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).convert("CMYK").save(buf, "JPEG")
+    r, g, b = np.asarray(T.decode_rgb(buf.getvalue())).reshape(-1, 3).mean(0)
+    assert r > 150 and g < 80 and b < 80
+
+
+def test_decompression_bomb_is_a_skip_with_the_reason(monkeypatch):
+    monkeypatch.setattr(T, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40)).save(buf, "PNG")  # 1600 px > 1000: Pillow only warns below 2x
+    with pytest.raises(T.ImageDecodeError, match="decompression-bomb limit of 1000 pixels"):
+        T.check_decodes(buf.getvalue())
+    buf = io.BytesIO()
+    Image.new("RGB", (10, 10)).save(buf, "PNG")
+    assert T.check_decodes(buf.getvalue(), min_size=8)[:2] == (10, 10)

@@ -2,20 +2,28 @@
 
 An exported model is two files side by side:
   model.safetensors  the state dict, timm key names
-  config.json        {"model": ViTConfig fields, "class_names": [...], ...any metadata}
+  config.json        {"model": ViTConfig fields, "class_names": [...], ...any metadata,
+                      plus timm's fields (architecture, model_args, pretrained_cfg, label_names)}
+so `timm.create_model("local-dir:<folder>", pretrained=True)` opens it as it is, and a folder timm
+wrote loads here (`model_from_bytes`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
+import warnings
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from safetensors.torch import load as st_load_bytes
 from safetensors.torch import save as st_save_bytes
 
+from .formats import class_names_from_json, config_from_json, from_jax_npz, timm_config, timm_incompatibilities, timm_notes
 from .vit import ViTConfig, VisionTransformer, resample_pos_embed
 
 WEIGHTS_NAME = "model.safetensors"
@@ -81,11 +89,22 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: VisionTransform
             raise ValueError(f"pos_embed width {src.shape[-1]} does not match the model's {own['pos_embed'].shape[-1]}")
         sd["pos_embed"] = resample_pos_embed(src, math.isqrt(own["pos_embed"].shape[1] - 1))
     if drop_head:
+        # Fine-tuning (paper section 3.2): the pretraining head goes, and with it a pre-logits layer
+        # the model does not have; the model's fresh zero head takes their place.
+        dropped_pre_logits = "pre_logits.fc.weight" in sd and "pre_logits.fc.weight" not in own
+        if dropped_pre_logits:
+            sd = {k: v for k, v in sd.items() if not k.startswith("pre_logits.")}
         for k in ("head.weight", "head.bias"):
-            if k in sd and k in own and sd[k].shape != own[k].shape:
+            if k in own and (dropped_pre_logits or (k in sd and sd[k].shape != own[k].shape)):
                 sd[k] = own[k].clone()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
+    if "norm.weight" in missing and "fc_norm.weight" in unexpected:
+        raise ValueError("the checkpoint normalises after average pooling (fc_norm, timm's default for avg) and the "
+                         "model normalises every token: set model.fc_norm: true")
+    if "fc_norm.weight" in missing and "norm.weight" in unexpected:
+        raise ValueError("the checkpoint normalises every token before pooling (an export from before fc_norm, or "
+                         "timm's fc_norm=False) and the model normalises after the pool: set model.fc_norm: false")
     if missing or unexpected:
         raise ValueError(
             "checkpoint does not match the model architecture: "
@@ -108,23 +127,47 @@ def load_weights(model: VisionTransformer, state_dict: dict[str, torch.Tensor], 
 
 # ---- bytes and folders ----------------------------------------------------------------------
 def export_bytes(model: VisionTransformer, **metadata) -> tuple[bytes, bytes]:
-    """(safetensors bytes, config JSON bytes) of a model; metadata (e.g. class_names) goes in the JSON."""
+    """(safetensors bytes, config JSON bytes) of a model; metadata (e.g. class_names) goes in the JSON.
+
+    The JSON carries timm's fields too; an option timm has no slot for (pre_logits) is stated as a
+    warning and in `timm_incompatible`, and the timm fields are then left out (timm would refuse).
+    """
+    cfg = model.cfg
     weights = st_save_bytes(to_timm_state_dict(model), metadata={"format": "pt", "layout": "timm"})
-    config = json.dumps({"model": model.cfg.to_dict(), **metadata}, indent=2, sort_keys=True).encode()
-    return weights, config
+    blockers, notes = timm_incompatibilities(cfg), timm_notes(cfg)
+    for line in blockers:
+        warnings.warn(f"export not loadable by timm: {line}", stacklevel=2)
+    doc = {"model": cfg.to_dict(), **metadata, **timm_config(cfg, metadata.get("class_names"))}
+    if blockers:
+        doc["timm_incompatible"] = blockers
+    if notes:
+        doc["timm_notes"] = notes
+    return weights, json.dumps(doc, indent=2, sort_keys=True).encode()
 
 
 def model_from_bytes(weights: bytes, config: bytes, **overrides) -> tuple[VisionTransformer, dict]:
-    """Build a model from exported bytes; returns (model in eval mode, the config JSON as a dict).
+    """Build a model from exported bytes (this project's export or a timm folder's two files);
+    returns (model in eval mode, the config JSON as a dict, with `class_names` filled in).
 
     Overrides (e.g. `img_size=384`) change the architecture built; position embeddings resample.
     """
     meta = json.loads(config)
-    if "model" not in meta:
-        raise ValueError(f"{CONFIG_NAME} has no 'model' section: not a vit-ray export")
-    model = VisionTransformer(ViTConfig(**{**meta["model"], **overrides}))
+    base = config_from_json(meta)
+    model = VisionTransformer(ViTConfig(**{**base.to_dict(), **overrides}))
     load_weights(model, st_load_bytes(weights))
+    meta["class_names"] = class_names_from_json(meta, model.cfg.num_classes)
     return model.eval(), meta
+
+
+def load_npz_bytes(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
+    """The paper's / big_vision's `.npz` checkpoint -> (timm-layout state dict, ViTConfig fields). Never unpickles."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            return from_jax_npz(arrays)
+    except ValueError as e:
+        if "allow_pickle" in str(e) or "pickle" in str(e).lower():
+            raise ValueError("the .npz holds pickled objects, which are never loaded: not a JAX ViT checkpoint") from None
+        raise
 
 
 def save_pretrained(model: VisionTransformer, folder: str | Path, **metadata) -> Path:

@@ -4,7 +4,8 @@ Reads top to bottom like the paper's section 3.1:
   z0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos            (eq. 1)  PatchEmbed, VisionTransformer
   z'_l = MSA(LN(z_{l-1})) + z_{l-1}                         (eq. 2)  Attention, Block
   z_l  = MLP(LN(z'_l)) + z'_l                               (eq. 3)  Mlp, Block
-  y    = LN(z_L^0)                                          (eq. 4)  VisionTransformer.forward_head
+  y    = LN(z_L^0)                                          (eq. 4)  VisionTransformer.forward_features
+With `global_pool="avg"` the LayerNorm moves after the pool (`fc_norm`), as timm and big_vision do.
 
 Parameter names follow timm (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.attn.qkv`, ...)
 so weights move between this package and timm without glue. Plain PyTorch, no Ray.
@@ -42,12 +43,16 @@ class ViTConfig:
     qkv_bias: bool = True
     global_pool: Literal["token", "avg"] = "token"
     pos_embed: Literal["learn", "sincos2d"] = "learn"
+    fc_norm: bool | None = None  # LayerNorm after the pool instead of on every token; None: on for avg (timm's default)
     pre_logits: bool = False  # the paper's pretraining head: Linear + tanh before the classifier
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    # Preprocessing the weights expect; travels with them (config.json, timm's pretrained_cfg).
     mean: tuple[float, float, float] | tuple[float, ...] = field(default=INCEPTION_MEAN)
     std: tuple[float, float, float] | tuple[float, ...] = field(default=INCEPTION_STD)
+    crop_pct: float = 0.9  # eval: resize the shorter side to img_size / crop_pct, center-crop img_size (timm's ViT default)
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
 
     def __post_init__(self) -> None:
         self.mean, self.std = tuple(self.mean), tuple(self.std)
@@ -66,6 +71,16 @@ class ViTConfig:
             raise ValueError(f"pos_embed must be 'learn' or 'sincos2d', got {self.pos_embed!r}")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise ValueError(f"mean/std need {self.in_chans} values (one per channel)")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std values must be positive, got {list(self.std)}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in ("bicubic", "bilinear"):
+            raise ValueError(f"interpolation must be 'bicubic' or 'bilinear', got {self.interpolation!r}")
+
+    @property
+    def use_fc_norm(self) -> bool:
+        return self.global_pool == "avg" if self.fc_norm is None else bool(self.fc_norm)
 
     @property
     def grid_size(self) -> int:
@@ -227,7 +242,9 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear in depth, as timm
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
-        self.norm = nn.LayerNorm(d, eps=1e-6)
+        # timm's layout: `norm` on every token, or (fc_norm) an Identity there and `fc_norm` after the pool.
+        self.norm = nn.Identity() if cfg.use_fc_norm else nn.LayerNorm(d, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(d, eps=1e-6) if cfg.use_fc_norm else nn.Identity()
         if cfg.pre_logits:
             self.pre_logits = nn.Sequential()
             self.pre_logits.add_module("fc", nn.Linear(d, d))
@@ -266,6 +283,10 @@ class VisionTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
 
     # ---- input step -------------------------------------------------------------------------
+    def normalize(self, patches: torch.Tensor) -> torch.Tensor:
+        """uint8 patches (B, N, P*P*C) -> float patches normalised with the config's mean/std."""
+        return patches.to(self._in_scale.dtype) * self._in_scale + self._in_shift
+
     def embed_input(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) float or patches (B, N, P*P*C) uint8/float -> tokens (B, N, D)."""
         cfg = self.cfg
@@ -288,7 +309,7 @@ class VisionTransformer(nn.Module):
                     f"= {cfg.patch_dim}, got shape {tuple(x.shape)}"
                 )
             if x.dtype == torch.uint8:
-                x = x.to(self._in_scale.dtype) * self._in_scale + self._in_shift
+                x = self.normalize(x)
         else:
             raise ValueError(f"expected images (B, C, H, W) or patches (B, N, P*P*C), got shape {tuple(x.shape)}")
         x = self.patch_embed(x.to(self.patch_embed.proj.weight.dtype))
@@ -302,7 +323,7 @@ class VisionTransformer(nn.Module):
 
     # ---- encoder and head -------------------------------------------------------------------
     def forward_tokens(self, x: torch.Tensor, return_attn: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Tokens after the final LayerNorm (B, 1+N, D), and per-layer attention (B, H, 1+N, 1+N) if asked."""
+        """Tokens after the last block and `norm` (B, 1+N, D), and per-layer attention (B, H, 1+N, 1+N) if asked."""
         x = self.embed_input(x)
         attns = []
         for blk in self.blocks:
@@ -312,10 +333,12 @@ class VisionTransformer(nn.Module):
         return self.norm(x), attns
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens[:, 1:].mean(dim=1) if self.cfg.global_pool == "avg" else tokens[:, 0]
+        """Class token, or the mean of the patch tokens for `avg`; then `fc_norm` (an Identity unless on)."""
+        pooled = tokens[:, 1:].mean(dim=1) if self.cfg.global_pool == "avg" else tokens[:, 0]
+        return self.fc_norm(pooled)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The pooled representation (B, D): class token, or mean of patch tokens for `avg`."""
+        """The pooled representation (B, D) the head reads."""
         return self.pre_logits(self.pool(self.forward_tokens(x)[0]))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
@@ -332,7 +355,11 @@ class VisionTransformer(nn.Module):
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:
-    """(1, prefix + g*g, D) -> (1, prefix + new_grid^2, D) by bicubic 2-D interpolation of the grid."""
+    """(1, prefix + g*g, D) -> (1, prefix + new_grid^2, D) by bicubic 2-D interpolation of the grid.
+
+    As timm's `resample_abs_pos_embed`: bicubic, antialiased both ways, align_corners=False, computed in
+    float32, the class slot copied untouched.
+    """
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     old = math.isqrt(grid.shape[1])
     if old * old != grid.shape[1]:
@@ -341,6 +368,6 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens
         return pos_embed
     d = grid.shape[-1]
     g = grid.reshape(1, old, old, d).permute(0, 3, 1, 2).float()
-    g = F.interpolate(g, size=(new_grid, new_grid), mode="bicubic", align_corners=False, antialias=new_grid < old)
+    g = F.interpolate(g, size=(new_grid, new_grid), mode="bicubic", align_corners=False, antialias=True)
     g = g.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, d).to(pos_embed.dtype)
     return torch.cat([prefix, g], dim=1)

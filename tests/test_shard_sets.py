@@ -1,0 +1,167 @@
+"""Shard sets that never change under a reader, made by the Ray Data job: awkward real-world inputs either
+train or are listed as skipped, a re-run writes a new version beside the old, a damaged shard is named."""
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import pretrain, shards, storage
+from pipeline.data import StreamConfig, read_encoded, split_stream
+from pipeline.pretrain_config import PretrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _encode(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _photo(w=64, h=48, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _half(data):
+    return data[: len(data) // 2]
+
+
+def _exif_rotated_jpeg():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait (rotate 90 clockwise)
+    return _encode(_photo(64, 40, 1), "JPEG", exif=exif.tobytes())
+
+
+@pytest.fixture
+def awkward_tree(tmp_path):
+    """One file of each awkward kind; what each must become: 'train' or a skip reason's words."""
+    root = tmp_path / "awkward"
+    gradient16 = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (40, 1))
+    files = {
+        "a/photo.mpo": (_encode(_photo(), "MPO", save_all=True, append_images=[_photo(seed=2)]), "train"),
+        "a/targa.tga": (_encode(_photo(seed=3), "TGA"), "train"),
+        "a/icon.ico": (_encode(_photo(48, 48, 4), "ICO", sizes=[(48, 48)]), "train"),
+        "a/deep.png": (_encode(Image.fromarray(gradient16), "PNG"), "train"),
+        "a/cmyk.jpg": (_encode(_photo(seed=5).convert("CMYK"), "JPEG"), "train"),
+        "a/rotated.jpg": (_exif_rotated_jpeg(), "train"),
+        "a/alpha.png": (_encode(_photo(seed=6).convert("LA"), "PNG"), "train"),
+        "b/palette.gif": (_encode(_photo(seed=7).convert("P"), "GIF"), "train"),
+        "b/tiny.png": (_encode(_photo(1, 1), "PNG"), "smaller than the minimum"),
+        "b/truncated.jpg": (_half(_encode(_photo(seed=8), "JPEG")), "does not decode"),
+        "b/zero.jpg": (b"", "empty file"),
+        "b/notes.jpg": (b"just text, not an image at all", "not an image"),
+        "b/vector.eps": (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n", "not one of the allowed formats"),
+    }
+    for rel, (data, _) in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    os.symlink(root / "gone.jpg", root / "b" / "dangling.jpg")
+    (root / "empty_class").mkdir()
+    expect = {str(root / rel): want for rel, (_, want) in files.items()}
+    expect[str(root / "b" / "dangling.jpg")] = "dangling symlink"
+    expect[str(root / "empty_class")] = "empty folder"
+    return root, expect
+
+
+def test_awkward_inputs_train_or_are_listed_skipped_and_nothing_counted_is_dropped(ray_cluster, awkward_tree, bucket):
+    root, expect = awkward_tree
+    m = shards.make_shards(str(root), f"{bucket}/awk", val_fraction=0.0, shard_size=3, progress=False)  # the Ray Data job
+    assert Image.open(root / "a/photo.mpo").format == "MPO"
+    skipped = {s["path"]: s["reason"] for s in m["skipped"]}
+    for path, want in expect.items():
+        if want == "train":
+            assert path not in skipped, (path, skipped.get(path))
+        else:
+            assert want in skipped.get(path, ""), (path, skipped.get(path))
+    counted = m["splits"]["train"]["count"]
+    assert counted == sum(w == "train" for w in expect.values()) == 8 and m["classes"] == ["a", "b"]
+    ds, _ = split_stream(f"{bucket}/awk", "train", StreamConfig(32, 4, train=True), shuffle_seed=0)
+    rows = ds.take_all()
+    assert len(rows) == counted and all(r["valid"] for r in rows)  # every counted sample arrives decodable
+    formats = sorted(r["format"] for r in read_encoded(shards.load_manifest(f"{bucket}/awk"), "train").take_all())
+    assert formats == sorted(["mpo", "tga", "ico", "png", "jpeg", "jpeg", "png", "gif"])
+
+
+def test_a_rerun_leaves_the_version_a_job_holds_byte_for_byte(ray_cluster, tmp_path, bucket):
+    root = tmp_path / "tree"
+    for i in range(12):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        (root / f"c{i % 2}" / f"{i}.png").write_bytes(_encode(_photo(40, 40, i), "PNG"))
+    out = f"{bucket}/set"
+    v1 = shards.make_shards(str(root), out, val_fraction=0.0, shard_size=2, progress=False, executor="local")
+    held = shards.load_manifest(out)  # what a starting training job holds
+    expected = {}
+    for entry in held["splits"]["train"]["shards"]:
+        rows = shards.unpack_shards({"bytes": [storage.read_bytes(f"{out}/{entry['name']}")], "path": ["x"]}, {}, "webdataset")
+        expected.update({k: (bytes(img), int(lab)) for k, img, lab in zip(rows["key"], rows["image"], rows["label"])})
+    stream = read_encoded(held, "train", shuffle_seed=0)  # built now, executed after the re-run
+    # the data changes: every image re-encoded, a third class; the same seed and shard names
+    for i in range(12):
+        (root / f"c{i % 2}" / f"{i}.png").write_bytes(_encode(_photo(40, 40, 100 + i), "PNG"))
+    (root / "c2").mkdir()
+    (root / "c2" / "new.png").write_bytes(_encode(_photo(40, 40, 99), "PNG"))
+    v2 = shards.make_shards(str(root), out, val_fraction=0.0, shard_size=2, progress=False, executor="local",
+                            keep_versions=2)
+    assert v2["version"] != v1["version"] and v2["classes"] == ["c0", "c1", "c2"]
+    got = {r["key"]: (bytes(r["image"]), int(r["label"])) for r in stream.take_all()}
+    assert got == expected  # the old job read the old version, sha256-checked, byte for byte
+    assert shards.load_manifest(out)["version"] == v2["version"]
+    # a resumed training run reads the version it started on
+    cfg = PretrainConfig.model_validate({"data": {"manifest": f"{out}/manifest.json", "val_split": None},
+                                         "train": {"output": f"{bucket}/runs", "batch_size": 4}})
+    pretrain.pin_data(cfg, held)
+    assert pretrain.preflight(cfg)["manifest"]["version"] == v1["version"]
+    # pruning keeps the newest N complete versions and never the current one
+    v3 = shards.make_shards(str(root), out, val_fraction=0.0, shard_size=2, progress=False, executor="local", keep_versions=2)
+    assert "pruned 1 old version" in v3["_summary"]
+    assert not storage.list_files(f"{out}/versions/{v1['version']}")
+    assert storage.list_files(f"{out}/versions/{v2['version']}")
+    with pytest.raises(pretrain.JobError, match="which is gone"):
+        pretrain.preflight(cfg)
+
+
+def test_a_flipped_byte_is_an_error_naming_the_shard(ray_cluster, tmp_path, bucket):
+    root = tmp_path / "tree"
+    for i in range(6):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        (root / f"c{i % 2}" / f"{i}.png").write_bytes(_encode(_photo(40, 40, i), "PNG"))
+    m = shards.make_shards(str(root), f"{bucket}/s", val_fraction=0.0, shard_size=3, progress=False, executor="local")
+    name = m["splits"]["train"]["shards"][1]["name"]
+    data = bytearray(storage.read_bytes(f"{bucket}/s/{name}"))
+    data[len(data) // 3] ^= 0x01
+    storage.write_bytes(f"{bucket}/s/{name}", bytes(data))
+    ds, _ = split_stream(f"{bucket}/s", "train", StreamConfig(32, 4, train=False))
+    with pytest.raises(Exception, match=r"shard .*" + name.split("/")[-1] + r" does not match its manifest"):
+        ds.take_all()
+
+
+def test_flat_prefix_with_a_labels_file_on_s3(stack, bucket):
+    rows = []
+    for i in range(6):
+        storage.write_bytes(f"{bucket}/raw/img {i}.png", _encode(_photo(40, 40, i), "PNG"))
+        rows.append(f"img {i}.png,{'cat' if i % 2 else 'dog'}")
+    storage.write_bytes(f"{bucket}/raw/extra.png", _encode(_photo(40, 40, 9), "PNG"))
+    storage.write_bytes(f"{bucket}/labels.csv", ("path,label\n" + "\n".join(rows) + "\nmissing.png,cat\n").encode())
+    m = shards.make_shards(f"{bucket}/raw", f"{bucket}/out", labels=f"{bucket}/labels.csv", val_fraction=0.0,
+                           progress=False, executor="local")
+    assert m["classes"] == ["cat", "dog"] and m["splits"]["train"]["per_class"] == {"cat": 3, "dog": 3}
+    reasons = {s["path"].rsplit("/", 1)[1]: s["reason"] for s in m["skipped"]}
+    assert "not in the labels file" in reasons["extra.png"] and "not under --source" in reasons["missing.png"]
+
+
+def test_make_shards_job_exit_codes_and_progress(stack, bucket, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "jobs/make_shards.py"), "--source", str(tmp_path / "nope"),
+                        "--output", f"{bucket}/x", "--local"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "is not a folder" in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "jobs/make_shards.py"), "--source", "digits", "--output",
+                        f"{bucket}/d", "--local", "--min-size", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--min-size must be at least 1" in r.stderr
