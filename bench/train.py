@@ -8,11 +8,9 @@ batch; steady-state images/s is the median of the progress windows after the fir
 """
 
 import argparse
-import io
 import os
 import statistics
 import sys
-import tarfile
 import uuid
 from pathlib import Path
 
@@ -83,10 +81,9 @@ def cpu(args):
     # (a) the plain loop: same shards, decoded in the loop's own process, no Ray
     m = shards.load_manifest(manifest)
     samples = []
-    for uri in shards.shard_uris(m, "train"):
-        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(uri))) as tar:
-            members = {x.name: tar.extractfile(x).read() for x in tar.getmembers()}
-        samples += [(members[n], int(members[n[:-4] + ".cls"])) for n in members if n.endswith(".png")]
+    for path, digest in shards.expected_digests(m, "train").items():
+        rows = shards.unpack_shards({"bytes": [storage.read_bytes(f"s3://{path}")], "path": [path]}, {path: digest}, m["format"])
+        samples += [(bytes(img), int(lab)) for img, lab in zip(rows["image"], rows["label"])]
     t = ImageTransform(32, 4, train=True, scale=(0.08, 1.0), hflip=0.0)
     rng = np.random.default_rng(0)
 

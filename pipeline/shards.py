@@ -432,9 +432,7 @@ def _progress(total: int, on: bool):
 def _run_ray(descs: list[dict], output: str, fmt: str, min_size: int, reads: int, progress: bool):
     import ray.data
 
-    from .data import configure_ray_data
-
-    configure_ray_data(progress=progress)
+    ray.data.DataContext.get_current().enable_progress_bars = progress
     ds = ray.data.from_items([{"desc": json.dumps(d)} for d in descs], override_num_blocks=max(1, len(descs)))
     ds = ds.map(_write_rows, fn_kwargs={"output": output, "fmt": fmt, "min_size": min_size, "reads": reads}, num_cpus=1)
     return ds.iter_rows()

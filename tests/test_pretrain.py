@@ -96,14 +96,14 @@ def test_smoke_two_workers_checkpoints_and_exported_model_reproduces_val(ray_clu
     model, meta = vit_model.model_from_bytes(storage.read_bytes(f"{bucket}/runs/smoke/model/model.safetensors"),
                                               storage.read_bytes(f"{bucket}/runs/smoke/model/config.json"))
     assert meta["class_names"] == [str(i) for i in range(10)]
-    t = ImageTransform(32, 4, train=False)
+    t = ImageTransform(32, 4, train=False, crop_fraction=model.cfg.crop_pct, interpolation=model.cfg.interpolation)
     correct = n = 0
     for uri in shard_uris(load_manifest(digits_shards), "val"):
         with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(uri))) as tar:
             members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
         for name, data in members.items():
-            if name.endswith(".png"):
-                label = int(members[name[:-4] + ".cls"])
+            if name.endswith(".image"):
+                label = int(members[name[:-len(".image")] + ".cls"])
                 with torch.no_grad():
                     pred = model(torch.from_numpy(t(data, None))[None]).argmax().item()
                 correct += pred == label
