@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline.transforms import ImageTransform, patchify, random_resized_crop_box  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from roles import cpu_seconds_by_role  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data" / "hymenoptera_data"
 
 
@@ -66,29 +69,6 @@ def upscale(data: bytes, long_side=2000) -> bytes:
     return buf.getvalue()
 
 
-def _cpu_seconds_by_role() -> dict[int, tuple[str, float]]:
-    """pid -> (role, user+system CPU seconds) for every process on the machine that serves the stream."""
-    import psutil
-
-    out = {}
-    for p in psutil.process_iter(["name", "cmdline", "cpu_times"]):
-        name, cmd, t = p.info["name"] or "", " ".join(p.info["cmdline"] or []), p.info["cpu_times"]
-        if t is None:
-            continue
-        if p.pid == os.getpid():
-            role = "driver"
-        elif name.startswith("ray::") and not any(k in name for k in ("Actor", "Dashboard")):
-            role = "data workers"  # ray::IDLE between tasks, ray::ReadWebDataset->MapBatches(...) during them
-        elif "weed" in name:
-            role = "S3 server"
-        elif name.startswith("ray::") or "raylet" in name or "gcs_server" in name or "ray/" in cmd or "dashboard" in cmd:
-            role = "Ray services"
-        else:
-            continue
-        out[p.pid] = (role, t.user + t.system)
-    return out
-
-
 def ray_stream_rate(folder: Path, bucket: str, shard_size: int, epochs: int = 2):
     """Make shards of `folder` in the local S3 server and time the Ray Data patch stream.
 
@@ -119,14 +99,14 @@ def ray_stream_rate(folder: Path, bucket: str, shard_size: int, epochs: int = 2)
     w.start()
     for _ in ds.iter_batches(batch_size=32, batch_format="numpy"):  # warm-up epoch: workers start
         pass
-    cpu0 = _cpu_seconds_by_role()
+    cpu0 = cpu_seconds_by_role()
     n, t0 = 0, time.perf_counter()
     for _ in range(epochs):
         for b in ds.iter_batches(batch_size=32, batch_format="numpy"):
             n += len(b["label"])
     dt = time.perf_counter() - t0
     cpu = {}
-    for pid, (role, seconds) in _cpu_seconds_by_role().items():
+    for pid, (role, seconds) in cpu_seconds_by_role().items():
         cpu[role] = cpu.get(role, 0.0) + seconds - cpu0.get(pid, (role, 0.0))[1]
     stop.set()
     return n / dt, cpu, peak[0], n
@@ -188,7 +168,7 @@ def main():
         c, cpu, peak, n = ray_stream_rate(folder, bucket, shard_size)
         b = (b_before + rates({"b": ours}, datas, seconds=6)["b"]) / 2
         used = sum(cpu.values())
-        per_used, per_worker = n / used, n / cpu["data workers"]
+        per_used, per_worker = n / used, n / cpu["data tasks"]
         print(f"{label:16s}: (c) Ray Data stream from S3 {c:7.1f} img/s on {cores} cores ({cpus:g} Ray CPU slots), "
               f"{used / (n / c):.2f} cores busy | CPU s: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu.items())), flush=True)
         print(f"{'':16s}  (b) around it {b:6.1f} | per core used: {per_used:6.1f} img/s counting every process (Ray services, S3 server, driver) "

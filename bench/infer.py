@@ -1,5 +1,6 @@
-"""Inference throughput: (a) a plain PyTorch loop over the same decoded images, (b) the Ray Data job
-end to end from the local S3 server with 1 and 2 model replicas; then the cost of reading the
+"""Inference throughput: (a) the job's own steps in one process without Ray (the same GETs from the local S3
+server, decode, model, Parquet written back), (b) the Ray Data job, at 2,000 and 6,000 images: the
+per-image time is the slope between the two sizes; then the cost of reading the
 --since-last-run state after 1, 10 and 100 committed runs (the ledger against reading every published
 row, the way it was done before). Needs `make up`.
   python bench/infer.py
@@ -21,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "cluster" / "local"))
+sys.path.insert(0, str(ROOT / "bench"))
 import vit_model  # noqa: E402
 
 
@@ -45,7 +47,33 @@ def gpu(args):
     print(f"{args.model} bf16 inference batch {args.batch} on {torch.cuda.get_device_name()}: {ips:.0f} images/s{mfu}")
 
 
+def plain_run(uris: list[str], model_uri: str, out: str, batch: int, reads: int, threads: int) -> None:
+    """The job's own steps in one process, without Ray: concurrent GETs + decode, the Predictor, Parquet to S3."""
+    import datetime as dt
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from pipeline import exported, storage
+    from pipeline.data import StreamConfig
+    from pipeline.inference import fetch_and_preprocess
+    from pipeline.predictor import Predictor
+
+    w, c = exported.read(model_uri)
+    transform = StreamConfig.for_model(exported.model_config(c), False).transform()
+    p = Predictor(w, c, hashlib.sha256(w).hexdigest(), model_uri, 5, False, "plain", dt.datetime.now(dt.timezone.utc), False, threads)
+    for i in range(0, len(uris), batch):
+        part = uris[i:i + batch]
+        rows = fetch_and_preprocess({"image_uri": np.asarray(part, dtype=object), "label_id": np.full(len(part), -1)},
+                                    transform, reads)
+        buf = io.BytesIO()
+        pq.write_table(p(rows), buf)
+        storage.write_bytes(f"{out}/part-{i // batch:05d}.parquet", buf.getvalue())
+
+
 def cpu(args):
+    """(a) the job's steps in one plain process and (b) the Ray Data job, each at two sizes; the per-image time
+    is the slope between them (start-up, listing and publishing cancel), CPU seconds by role beside it."""
     import stack
 
     os.environ.update(stack.env_vars())  # before importing ray: its auth mode is read at import
@@ -53,7 +81,7 @@ def cpu(args):
 
     from pipeline import inference, storage
     from pipeline.inference import InferConfig
-    from pipeline.transforms import ImageTransform
+    from roles import RoleClock, per_image
 
     ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     from ray.data import DataContext
@@ -66,30 +94,44 @@ def cpu(args):
     storage.write_bytes(f"s3://{bucket}/model/model.safetensors", w)
     storage.write_bytes(f"s3://{bucket}/model/config.json", c)
     rng = np.random.default_rng(0)
+    from concurrent.futures import ThreadPoolExecutor
+
     from PIL import Image
 
-    datas = []
-    for i in range(args.images):
+    sizes = args.sizes
+
+    def put(i):
         buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
-        datas.append(buf.getvalue())
-        storage.write_bytes(f"s3://{bucket}/in/{i:05d}.jpg", datas[-1])
-    # (a) plain loop: decode + eval transform + model, batch by batch, in this process
-    t = ImageTransform(m.cfg.img_size, m.cfg.patch_size, train=False)
-    m.eval()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(datas), args.batch):
-            x = torch.from_numpy(np.stack([t(d, None) for d in datas[i:i + args.batch]]))
-            m(x).softmax(-1).topk(5)
-    a = len(datas) / (time.perf_counter() - t0)
-    print(f"(a) plain PyTorch loop             {a:8.1f} img/s ({len(datas)} images, {args.cpu_model})", flush=True)
-    for replicas in (1, 2):
-        r = inference.run(InferConfig(model=f"s3://{bucket}/model", input=f"s3://{bucket}/in", output=f"s3://{bucket}/out{replicas}",
-                                      replicas=(replicas, replicas), batch_size=args.batch))
-        end_to_end = r["inputs"] / r["elapsed_s"]
-        print(f"(b) Ray Data job, {replicas} replica{'s' if replicas > 1 else ' '}       {r['images_per_s']:8.1f} img/s in the pipeline, "
-              f"{end_to_end:8.1f} img/s end to end incl. listing and publish | pipeline/(a) {r['images_per_s'] / a:4.2f}", flush=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+        for n in sizes:
+            if i < n:
+                storage.write_bytes(f"s3://{bucket}/in{n}/{i:05d}.jpg", buf.getvalue())
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, range(max(sizes))))
+    threads = int(args.cpus_per_replica)
+    res = {}
+    for n in sizes:
+        uris = [f"s3://{bucket}/in{n}/{i:05d}.jpg" for i in range(n)]
+        clock = RoleClock().start()
+        t0 = time.perf_counter()
+        plain_run(uris, f"s3://{bucket}/model", f"s3://{bucket}/plain{n}", args.batch, args.reads, threads)
+        res[("a", n)] = (time.perf_counter() - t0, clock.stop())
+        clock = RoleClock().start()
+        t0 = time.perf_counter()
+        r = inference.run(InferConfig(model=f"s3://{bucket}/model", input=f"s3://{bucket}/in{n}", output=f"s3://{bucket}/out{n}",
+                                      replicas=(1, 1), batch_size=args.batch, reads=args.reads,
+                                      cpus_per_replica=args.cpus_per_replica, decode_cpus=args.decode_cpus))
+        res[("b", n)] = (time.perf_counter() - t0, clock.stop())
+        print(f"{n} images: (a) plain process {res[('a', n)][0]:6.1f} s | (b) Ray Data job {res[('b', n)][0]:6.1f} s end to end "
+              f"(stages: " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings_s"].items()) + "; in predict: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in r.get("operator_s", {}).items()) + " task-s)", flush=True)
+    n1, n2 = sizes
+    slope = {k: (res[(k, n2)][0] - res[(k, n1)][0]) / (n2 - n1) for k in ("a", "b")}
+    for k, label in (("a", "(a) plain process (same GETs, decode, model, Parquet to S3)"), ("b", "(b) Ray Data job, 1 replica")):
+        print(f"{label}: {slope[k] * 1000:.2f} ms per image ({1 / slope[k]:.0f} img/s marginal); at {n2}: "
+              + per_image(res[(k, n2)][1], n2))
+    print(f"(b)/(a) marginal images/s: {slope['a'] / slope['b']:.2f} (goal >= 0.8)")
     storage.delete(f"s3://{bucket}", recursive=True)
 
 
@@ -153,7 +195,11 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--cpu-model", default="vit_micro_patch4_32")
-    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--sizes", type=int, nargs=2, default=[2000, 6000], help="the two run sizes of the slope")
+    ap.add_argument("--reads", type=int, default=16, help="concurrent GETs per read task, (a) and (b)")
+    ap.add_argument("--cpus-per-replica", type=float, default=1.0)
+    ap.add_argument("--decode-cpus", type=float, default=1.0, help="CPU slots per read+decode task (other than "
+                    "--cpus-per-replica: decoding runs in tasks of its own beside the model actor instead of inside it)")
     ap.add_argument("--state-rows", type=int, default=50, help="new images per committed run in the state-cost part")
     ap.add_argument("--state-only", action="store_true")
     args = ap.parse_args()

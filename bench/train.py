@@ -5,6 +5,7 @@ batch; steady-state images/s is the median of the progress windows after the fir
   python bench/train.py
   python bench/train.py --device cuda     # no Ray: ViT-B/16, bf16, synthetic patches -> images/s, MFU
   python bench/train.py --checkpoint-cost # step time of a checkpoint, sync against async upload (ViT-S/16)
+  python bench/train.py --emulate 0.1     # GPU emulation: a step sleeps 100 ms; the fraction of step time Ray adds
 """
 
 import argparse
@@ -20,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "cluster" / "local"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from pipeline.pretrain_config import PretrainConfig  # noqa: E402
 from pipeline.train_loop import LocalSession, train  # noqa: E402
@@ -29,6 +31,14 @@ def steady(reports):
     ips = [r["images_per_s"] for r in reports if "images_per_s" in r][1:]
     waits = [r["data_wait"] for r in reports if "data_wait" in r][1:]
     return statistics.median(ips), statistics.median(waits)
+
+
+def whole_epochs(reports, batch) -> tuple[float, float]:
+    """Images/s of the first epoch and of the later ones, from each epoch's wall time (start-up included)."""
+    ends = [m for m in reports if "epoch_s" in m]
+    steps = [m["step"] for m in ends]
+    rates = [(s - p) * batch / m["epoch_s"] for p, s, m in zip([0] + steps, steps, ends)]
+    return rates[0], statistics.mean(rates[1:]) if len(rates) > 1 else float("nan")
 
 
 def gpu(args):
@@ -68,6 +78,7 @@ def cpu(args):
 
     from pipeline import pretrain, shards, storage
     from pipeline.transforms import ImageTransform
+    from roles import RoleClock, per_image
 
     ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     bucket = f"bench-{uuid.uuid4().hex[:6]}"
@@ -98,16 +109,81 @@ def cpu(args):
     s = LocalSession(batches, None, device=torch.device("cpu"))
     train(cfg, s, num_classes=10, train_count=m["splits"]["train"]["count"])
     a, a_wait = steady(s.reports)
+    a_epochs = whole_epochs(s.reports, cfg.train.batch_size)
     results = {}
     for workers in (1, 2):
         c = PretrainConfig.model_validate({**base, "train": {**base["train"], "num_workers": workers, "name": f"w{workers}"}})
-        pretrain.run(c)
+        clock = RoleClock().start()
+        out = pretrain.run(c)
+        cpu = clock.stop()
         lines = [__import__("json").loads(x) for x in storage.read_bytes(f"s3://{bucket}/runs/w{workers}/metrics.jsonl").decode().splitlines()]
-        results[workers] = steady(lines)
-    print(f"(a) plain loop, no Ray        {a:7.1f} img/s (data wait {a_wait * 100:3.0f}%, decoding in the loop)")
-    for w, (ips, wait) in results.items():
-        print(f"({'b' if w == 1 else 'c'}) Ray Train, {w} worker{'s' if w > 1 else ' '}       {ips:7.1f} img/s (data wait {wait * 100:3.0f}%) "
-              f"ratio to (a) {ips / a:4.2f}")
+        results[workers] = (*steady(lines), whole_epochs(lines, c.train.batch_size), cpu, out["step"] * c.train.batch_size)
+    print(f"(a) plain loop, no Ray        {a:7.1f} img/s median window, {a_epochs[1]:7.1f} img/s over epochs 2+ "
+          f"(first epoch {a_epochs[0]:.1f} img/s; data wait {a_wait * 100:3.0f}%, decoding in the loop)")
+    for w, (ips, wait, (first, later), cpu, images) in results.items():
+        print(f"({'b' if w == 1 else 'c'}) Ray Train, {w} worker{'s' if w > 1 else ' '}       {ips:7.1f} img/s median window, "
+              f"{later:7.1f} img/s over epochs 2+ (first epoch {first:.1f} img/s, workers starting cold; data wait {wait * 100:3.0f}%) "
+              f"ratio to (a) {ips / a:4.2f} by windows, {later / a_epochs[1]:4.2f} by epochs")
+        print(f"    CPU by role: " + per_image(cpu, images))
+    storage.delete(f"s3://{bucket}", recursive=True)
+
+
+def emulate(args):
+    """GPU emulation: every step sleeps `--emulate` seconds (ViT-B/16 on an H100 is 100-300 ms a step) while
+    the data stream, progress reports and asynchronous checkpoints run for real, under Ray Train with one
+    worker. What Ray adds is the step time above the sleep: in steady state (every progress window but an
+    epoch's first) and over whole epochs (epoch start-up included), against the same loop without Ray."""
+    import json
+    import time
+
+    import stack
+
+    os.environ.update(stack.env_vars())
+    import ray
+
+    from pipeline import pretrain, shards, storage
+    from roles import RoleClock, per_image
+
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    bucket = f"bench-{uuid.uuid4().hex[:6]}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    shards.make_shards("digits", f"s3://{bucket}/digits", progress=False, executor="local")
+    step, batch, epochs = args.emulate, args.cpu_batch, 4
+    base = {"model": {"name": "vit_micro_patch4_32"},
+            "data": {"manifest": f"s3://{bucket}/digits/manifest.json", "val_split": None, "hflip": 0.0},
+            "optim": {"warmup_steps": 2},
+            "train": {"output": f"s3://{bucket}/runs", "batch_size": batch, "epochs": epochs, "log_every_steps": 1,
+                      "report_every_s": 2.0, "emulate_step_s": step, "checkpoint_every_steps": 100, "name": "emu"}}
+    def steady(reports):  # every progress window but an epoch's first: (ms a step, data wait)
+        windows = [m for m in reports if "images_per_s_worker" in m and "epoch_s" not in m]
+        keep = [m for prev, m in zip([None] + windows, windows) if prev is not None and prev["epoch"] == m["epoch"]]
+        return (statistics.median(batch / m["images_per_s_worker"] for m in keep),
+                statistics.median(m["data_wait"] for m in keep))
+
+    # the same loop without Ray: batches from memory, the same sleep, the same reports and checkpoints
+    cfg = PretrainConfig.model_validate(base)
+    fake = {"patches": np.zeros((batch, 64, 48), np.uint8), "label": np.zeros(batch, np.int64), "valid": np.ones(batch, bool)}
+    s = LocalSession(lambda *a: iter([fake] * (1618 // batch)), None, device=torch.device("cpu"))
+    train(cfg, s, num_classes=10, train_count=1618)
+    plain_step, _ = steady(s.reports)
+    clock = RoleClock().start()
+    t0 = time.perf_counter()
+    summary = pretrain.run(PretrainConfig.model_validate(base))
+    wall = time.perf_counter() - t0
+    cpu = clock.stop()
+    lines = [json.loads(x) for x in storage.read_bytes(f"s3://{bucket}/runs/emu/metrics.jsonl").decode().splitlines()]
+    ray_step, wait = steady(lines)
+    epochs_ = [m for m in lines if "epoch_s" in m]
+    steps = summary["step"]
+    print(f"GPU emulation: {step * 1000:.0f} ms a step, batch {batch}, {steps} steps in {epochs} epochs, progress reports "
+          f"every {base['train']['report_every_s']} s, an async checkpoint every {base['train']['checkpoint_every_steps']} steps")
+    print(f"  the loop without Ray, steady state: {plain_step * 1000:6.1f} ms a step (checkpoint saves and reports included)")
+    print(f"  Ray Train, 1 worker, steady state:  {ray_step * 1000:6.1f} ms a step -> Ray adds {1 - plain_step / ray_step:6.2%} "
+          f"to the loop without Ray, {1 - step / ray_step:6.2%} to the bare step (data wait {wait:.1%}; goal <= 3%)")
+    print(f"  start-up, apart: {wall - sum(m['epoch_s'] for m in epochs_):.1f} s before the first epoch and after the last "
+          f"(workers, model, export); first batch of each epoch " + ", ".join(f"{m['first_batch_s']:.2f}" for m in epochs_)
+          + f" s; whole epochs {statistics.mean(steps / epochs * step / m['epoch_s'] for m in epochs_):.1%} stepping")
+    print(f"  CPU by role: " + per_image(cpu, steps * batch))
     storage.delete(f"s3://{bucket}", recursive=True)
 
 
@@ -165,9 +241,12 @@ def main():
     ap.add_argument("--cpu-batch", type=int, default=64)
     ap.add_argument("--checkpoint-cost", action="store_true")
     ap.add_argument("--ckpt-batch", type=int, default=4)
+    ap.add_argument("--emulate", type=float, default=None, help="GPU emulation: seconds a step sleeps")
     args = ap.parse_args()
     if args.checkpoint_cost:
         return checkpoint_cost(args)
+    if args.emulate:
+        return emulate(args)
     gpu(args) if args.device == "cuda" else cpu(args)
 
 

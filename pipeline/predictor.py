@@ -61,6 +61,11 @@ class Predictor:
         self.embeddings, self.model_uri, self.run_id, self.inferred_at = embeddings, model_uri, run_id, inferred_at
         self.schema = output_schema(self.k, self.model.cfg.embed_dim if embeddings else None)
 
+    def threads(self) -> int:
+        import torch
+
+        return torch.get_num_threads()
+
     def __call__(self, batch: dict) -> pa.Table:
         import torch
 

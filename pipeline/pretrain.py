@@ -203,6 +203,8 @@ def run(cfg: PretrainConfig) -> dict:
     if d.val_split:
         datasets[d.val_split], _ = split_stream(manifest, d.val_split, StreamConfig.for_model(mcfg, False, **common))
     storage_path, fs = storage.ray_storage_path(cfg.train.output)
+    # Ray Train V2 propagates this from the driver to its controller; a user's own setting wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(cfg.train.controller_poll_s))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump_json(), "num_classes": info["num_classes"],

@@ -95,11 +95,18 @@ class TrainSection(Section):
         "async", description="async: training goes on while rank 0's checkpoint uploads (its local copy removed after)")
     fresh_start_if_checkpoints_bad: bool = Field(
         False, description="when every checkpoint of the run is damaged: start over instead of stopping with an error")
-    log_every_steps: int = Field(20, ge=1, description="progress line every N steps")
+    log_every_steps: int = Field(20, ge=1, description="check every N steps whether a progress report is due")
+    report_every_s: float = Field(
+        2.0, gt=0, description="progress to Ray Train (and the log) at most this often: a faster report blocks every worker")
+    controller_poll_s: float = Field(
+        0.25, gt=0, description="Ray Train's controller poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; Ray's default 2 s takes one report per poll)")
     max_failures: int = Field(2, ge=0, description="restarts of the worker group from the latest checkpoint")
     max_cluster_cpus: float | None = Field(
         None, gt=0, description="CPU slots the cluster can grow to, when Ray does not report its autoscaler's node types")
     max_cluster_gpus: float | None = Field(None, ge=0, description="GPUs the cluster can grow to (as max_cluster_cpus)")
+    emulate_step_s: float | None = Field(
+        None, gt=0, description="benchmarks: each step sleeps this long instead of computing (a GPU step's time); "
+        "data, reports and checkpoints run as usual, so what Ray adds shows")
     peak_tflops: float | None = Field(None, gt=0, description="per-device peak for the MFU estimate (default: known GPUs)")
     mlflow_tracking_uri: str | None = Field(None, description="log metrics to MLflow too")
 

@@ -126,6 +126,7 @@ class Session:
     world_size = 1
     rank = 0
     device = torch.device("cpu")
+    cpu_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
 
     def batches(self, split: str, batch_size: int, epoch: int, train: bool) -> Iterable[dict]:
         raise NotImplementedError
@@ -153,6 +154,9 @@ class RaySession(Session):
         self.world_size, self.rank = ctx.get_world_size(), ctx.get_world_rank()
         self.device = ray.train.torch.get_device()
         self.cfg = cfg
+        # Ray sets OMP_NUM_THREADS=1 in a worker unless told otherwise; compute with the slots it holds.
+        self.cpu_threads = max(1, int(cfg.train.cpus_per_worker))
+        os.environ["OMP_NUM_THREADS"] = str(self.cpu_threads)
         self._uploads: list[dict] = []  # filled by the upload thread: {"dir", "start", "end"}
         self._returned: dict[str, float] = {}  # checkpoint dir -> when report() gave control back
 
@@ -296,13 +300,27 @@ class Run:
     start_step: int = 0  # where this attempt began: 0, or the step of the checkpoint it resumed from
     t_start: float = field(default_factory=time.time)
     mixer: Mixer | None = None  # Mixup / CutMix (None: off)
+    progress_reports: int = 0  # progress reports sent (checkpoints and epoch ends not counted)
+    epoch_t0: float = 0.0  # when this epoch asked for its first batch
+    first_batch_s: float = 0.0  # how long that first batch took (the stream's start-up)
+
+
+def report_is_due(run: Run, window: "Window") -> bool:
+    """`train.report_every_s` has passed since the window began, by rank 0's clock; every rank gets rank 0's
+    answer (one tiny broadcast), so all call `report` together as Ray Train requires."""
+    due = time.time() - window.t0 >= run.cfg.train.report_every_s
+    if run.session.world_size > 1 and dist.is_available() and dist.is_initialized():
+        flag = torch.tensor([int(due)], device=run.session.device)
+        dist.broadcast(flag, src=0)
+        due = bool(flag.item())
+    return due
 
 
 def build_run(cfg: PretrainConfig, session: Session, num_classes: int, train_count: int, class_names: list[str]) -> Run:
     t = cfg.train
     device = session.device
-    if device.type == "cpu":  # as many threads as the CPU slots this worker holds (Ray sets OMP_NUM_THREADS)
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+    if device.type == "cpu" and session.cpu_threads:  # as many threads as the CPU slots this worker holds
+        torch.set_num_threads(session.cpu_threads)
     core = build_model(cfg, num_classes)
     if t.init_from:
         exported.load_init_weights(core, t.init_from)
@@ -366,6 +384,11 @@ def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: Windo
             raise RuntimeError(f"worker {run.session.rank} ran out of data in epoch {state.epoch}: its shard is shorter "
                                f"than {run.steps_per_epoch} steps x {t.per_worker_batch} rows") from None
         window.data_wait_s += time.time() - waited
+        if micro == 0 and run.first_batch_s == 0.0:  # the epoch's first batch: the stream's start-up
+            run.first_batch_s = max(time.time() - waited, 1e-9)
+        if t.emulate_step_s:  # benchmarks: the step's compute is a sleep (a GPU step), everything else is real
+            window.images += len(labels)
+            continue
         last = micro == t.accum_steps - 1
         inputs, soft_targets = batch_augment(run, state, micro, patches, labels, valid)
         with (run.model.no_sync() if not last and hasattr(run.model, "no_sync") else nullcontext()), \
@@ -382,6 +405,12 @@ def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: Windo
         window.invalid += len(labels) - n_valid
         window.skipped += n_valid == 0
         window.images += len(labels)
+    if t.emulate_step_s:
+        time.sleep(t.emulate_step_s)
+        state.step += 1
+        state.step_in_epoch += 1
+        window.steps += 1
+        return lr
     if cfg.optim.clip_grad:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_grad)
     run.optimizer.step()
@@ -404,7 +433,8 @@ def progress(run: Run, state: TrainState, window: Window, lr: float) -> dict:
     state.skipped_batches += skipped
     m = {"loss": float(window.loss) / max(window.steps, 1), "lr": lr, "images_per_s": ips, "images_per_s_worker": per_worker,
          "data_wait": window.data_wait_s / elapsed, "step": state.step, "epoch": state.epoch,
-         "dropped_samples": state.dropped_samples, "skipped_batches": state.skipped_batches, "start_step": run.start_step}
+         "dropped_samples": state.dropped_samples, "skipped_batches": state.skipped_batches, "start_step": run.start_step,
+         "torch_threads": torch.get_num_threads()}
     if run.peak_flops:
         m["mfu"] = per_worker * run.flops_per_image / run.peak_flops
     if run.session.rank == 0:
@@ -462,7 +492,8 @@ def end_of_epoch(run: Run, state: TrainState, metrics: dict) -> None:
         state.epoch += 1
         state.step_in_epoch = 0
     metrics = {**metrics, "step": state.step, "epoch": state.epoch, "dropped_samples": state.dropped_samples,
-               "skipped_batches": state.skipped_batches}
+               "skipped_batches": state.skipped_batches, "epoch_s": time.time() - run.epoch_t0,
+               "first_batch_s": run.first_batch_s}
     cfg = run.cfg
     if cfg.data.val_split:
         model = _with_weights(run.core, run.ema.weights) if run.ema else run.model
@@ -527,21 +558,27 @@ def train(cfg: PretrainConfig, session: Session, *, num_classes: int, train_coun
     try:
         while state.step < run.total_steps and state.epoch < cfg.train.epochs:
             steps = min(run.steps_per_epoch - state.step_in_epoch, run.total_steps - state.step)
+            run.epoch_t0, run.first_batch_s = time.time(), 0.0
             batches = iter(Batches(session.batches(cfg.data.train_split, cfg.train.micro_batch, state.epoch, True), session.device))
             window, last = Window.start(session.device), {}
             for _ in range(steps):
                 lr = optimizer_step(run, state, batches, window)
                 epoch_ends = state.step_in_epoch == run.steps_per_epoch
-                if state.step % cfg.train.log_every_steps == 0 or epoch_ends:
+                ckpt_due = bool(cfg.train.checkpoint_every_steps) and state.step % cfg.train.checkpoint_every_steps == 0 \
+                    and state.step < run.total_steps and not epoch_ends  # the last step is checkpointed by end_of_epoch
+                # Progress is reported by time, not by step: Ray Train takes one report per controller poll, and a
+                # faster report blocks every worker in `ray.train.report`. The step count only says how often to ask.
+                report_due = state.step % cfg.train.log_every_steps == 0 and report_is_due(run, window)
+                if report_due or epoch_ends or ckpt_due:
                     last = progress(run, state, window, lr)
                     window = Window.start(session.device)
                 if epoch_ends:
                     break
-                if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0 \
-                        and state.step < run.total_steps:  # the last step is checkpointed by end_of_epoch
+                if ckpt_due:
                     checkpoint(run, state, {**last, "step": state.step, "epoch": state.epoch})
-                elif state.step % cfg.train.log_every_steps == 0:
+                elif report_due:
                     session.report({**last, "step": state.step, "epoch": state.epoch}, None)
+                    run.progress_reports += 1
             if window.steps:  # a max_steps stop inside a window
                 last = progress(run, state, window, lr)
             end_of_epoch(run, state, last)
@@ -551,7 +588,7 @@ def train(cfg: PretrainConfig, session: Session, *, num_classes: int, train_coun
                 shutil.rmtree(d, ignore_errors=True)
         raise
     export(run, "model", state.history[-1] if state.history else {})
-    return {"state": asdict(state), "elapsed_s": time.time() - run.t_start}
+    return {"state": asdict(state), "elapsed_s": time.time() - run.t_start, "progress_reports": run.progress_reports}
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -84,9 +84,23 @@ def test_predictions_equal_the_model_in_a_plain_loop(ray_cluster, bucket, model_
     assert off_by_default > 0  # the default crop would have given other scores: the export's settings were used
     success = json.loads(storage.read_bytes(r["output"] + "/_SUCCESS"))
     assert success["rows"] == success["inputs"] == 12 and success["errors"] == 2
+    stages = "+".join(success["operator_s"])  # where the time went, stage by stage (fused stages joined by +)
+    assert "read+decode" in stages and "model" in stages and "write" in stages
     assert r["output"].split("/")[-2] == f"dt={dt.datetime.now(dt.timezone.utc):%Y-%m-%d}"
     assert not storage.list_files(f"{bucket}/out/_staging")  # staging cleaned after publish
     assert not storage.exists(f"{bucket}/out/_lease.json")  # released
+
+
+def test_a_replica_computes_with_the_cpu_slots_it_holds(ray_cluster, model_uri):
+    w, c = storage.read_bytes(f"{model_uri}/model.safetensors"), storage.read_bytes(f"{model_uri}/config.json")
+    import hashlib
+
+    replica = ray_cluster.remote(num_cpus=2)(predictor.Predictor).remote(
+        w, c, hashlib.sha256(w).hexdigest(), model_uri, 2, False, "r", dt.datetime.now(dt.timezone.utc), False, 2)
+    try:
+        assert ray_cluster.get(replica.threads.remote()) == 2
+    finally:
+        ray_cluster.kill(replica)
 
 
 def test_class_tree_input_writes_accuracy(ray_cluster, bucket, model_uri):

@@ -62,7 +62,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_plain_loop_runs_without_ray_and_resumes(tmp_path):
     """The worker loop as a plain function (world size 1): trains, checkpoints, resumes at the step."""
-    cfg = PretrainConfig.model_validate({"train": {"batch_size": 16, "epochs": 2, "log_every_steps": 1, "max_steps": 3},
+    cfg = PretrainConfig.model_validate({"train": {"batch_size": 16, "epochs": 2, "log_every_steps": 1, "max_steps": 3, "report_every_s": 1e-6},
                                          "optim": {"warmup_steps": 1}})
     rng = np.random.default_rng(0)
     data = {"patches": rng.integers(0, 255, (64, 64, 48), dtype=np.uint8), "label": rng.integers(0, 10, 64), "valid": np.ones(64, bool)}
@@ -112,13 +112,16 @@ def test_smoke_two_workers_checkpoints_and_exported_model_reproduces_val(ray_clu
 
 
 def test_resume_continues_from_the_checkpoint_step(ray_cluster, digits_shards, bucket):
-    first = pretrain.run(_smoke(digits_shards, f"{bucket}/runs", max_steps=3, checkpoint_every_steps=None))
+    # one worker holding 2 CPU slots: it computes with 2 threads (Ray would set OMP_NUM_THREADS=1)
+    one = dict(num_workers=1, cpus_per_worker=2, checkpoint_every_steps=None)
+    first = pretrain.run(_smoke(digits_shards, f"{bucket}/runs", max_steps=3, **one))
     assert first["step"] == 3
-    second = pretrain.run(_smoke(digits_shards, f"{bucket}/runs", max_steps=6, checkpoint_every_steps=None))
+    second = pretrain.run(_smoke(digits_shards, f"{bucket}/runs", max_steps=6, **one))
     assert second["step"] == 6
     metrics = [json.loads(l) for l in storage.read_bytes(f"{bucket}/runs/smoke/metrics.jsonl").decode().splitlines()]
     steps = [m["step"] for m in metrics if "loss" in m]
     assert steps == sorted(steps) and steps[-1] == 6 and 2 in steps and 4 in steps  # one curve, no reset
+    assert {m["torch_threads"] for m in metrics if "torch_threads" in m} == {2}
 
 
 def test_demo_config_reaches_90_percent(trained_digits):
