@@ -112,12 +112,12 @@ def test_deit_batch_augmentations_run_in_the_step_and_repeat_on_a_rerun():
 def test_progress_reports_are_timed_not_per_step():
     """A short step and a check every step: progress goes out at most once per report_every_s, and every
     report still carries the metrics (loss, images/s, threads)."""
-    cfg = PretrainConfig.model_validate({"train": {"batch_size": 16, "epochs": 40, "log_every_steps": 1, "report_every_s": 0.25},
+    cfg = PretrainConfig.model_validate({"train": {"batch_size": 16, "epochs": 20, "log_every_steps": 1, "report_every_s": 0.25},
                                          "optim": {"warmup_steps": 1}, "data": {"val_split": None}})
     s = LocalSession(_data(), None, device=torch.device("cpu"))
     out = train(cfg, s, num_classes=10, train_count=128)
     steps = out["state"]["step"]
-    assert steps == 40 * 8
+    assert steps == 20 * 8
     bound = out["elapsed_s"] / 0.25 + 1
     assert 0 < out["progress_reports"] <= bound < steps / 2, (out["progress_reports"], bound, steps)
     progress = [r for r in s.reports if "images_per_s" in r and "val_top1" not in r]

@@ -79,9 +79,10 @@ def test_a_job_without_ray_address_runs_the_smoke_config_on_a_private_ray(stack,
     replaces a loopback node address by the machine's and its gRPC servers listen on every interface, so
     the listening sockets are only checked for a dashboard: the token is what guards the rest.)"""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    log = tempfile.TemporaryFile(mode="w+")  # not a pipe: Ray Data's progress bars would fill it and block the job
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs/pretrain.py"), "--config", str(ROOT / "configs/smoke.yaml"),
                              "--data", digits_shards, "--output", f"{bucket}/runs", "--name", "private"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     seen, token_modes, deadline = {}, set(), time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         for p in psutil.Process(proc.pid).children(recursive=True):
@@ -97,7 +98,10 @@ def test_a_job_without_ray_address_runs_the_smoke_config_on_a_private_ray(stack,
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         time.sleep(0.5)
-    out = proc.communicate(timeout=60)[0]
+    proc.wait(timeout=60)
+    log.seek(0)
+    out = log.read()
+    log.close()
     assert proc.returncode == 0, out[-3000:]
     assert "starting a local Ray on 127.0.0.1" in out and "best val top-1" in out
     assert "raylet" in seen and "--temp_dir" not in seen["raylet"] or "vitray-local-ray-" in seen["raylet"], seen
