@@ -125,6 +125,10 @@ def main():
     import tempfile
 
     big_dir = Path(tempfile.mkdtemp(prefix="vitray-big-")) / "large"
+    import atexit
+    import shutil
+
+    atexit.register(shutil.rmtree, big_dir.parent, True)  # generated photos: removed however the run ends
     large = []
     for i, d in enumerate(small[:96]):
         large.append(upscale(d))
@@ -152,6 +156,7 @@ def main():
     # The stream is measured over ~3,200 images (the photos repeated under new names), so that Ray
     # Data's per-epoch start-up does not dominate as it would on 245 images.
     small_dir = Path(tempfile.mkdtemp(prefix="vitray-small-")) / "small"
+    atexit.register(shutil.rmtree, small_dir.parent, True)
     for rep in range(8):
         for i, d in enumerate(small):
             (small_dir / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
