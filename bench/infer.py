@@ -125,7 +125,8 @@ def cpu(args):
         res[("b", n)] = (time.perf_counter() - t0, clock.stop())
         print(f"{n} images: (a) plain process {res[('a', n)][0]:6.1f} s | (b) Ray Data job {res[('b', n)][0]:6.1f} s end to end "
               f"(stages: " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings_s"].items()) + "; in predict: "
-              + ", ".join(f"{k} {v:.1f}" for k, v in r.get("operator_s", {}).items()) + " task-s)", flush=True)
+              + ", ".join(f"{k} {v:.1f}" for k, v in r.get("operator_s", {}).items()) + " task-s; after the pipeline started: "
+              + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in r.get("startup_s", {}).items()) + ")", flush=True)
     n1, n2 = sizes
     slope = {k: (res[(k, n2)][0] - res[(k, n1)][0]) / (n2 - n1) for k in ("a", "b")}
     for k, label in (("a", "(a) plain process (same GETs, decode, model, Parquet to S3)"), ("b", "(b) Ray Data job, 1 replica")):

@@ -33,11 +33,17 @@ def steady(reports):
     return statistics.median(ips), statistics.median(waits)
 
 
+def epoch_walls(reports) -> list[float]:
+    """Wall seconds of each epoch: the first from its start, each later one from the end of the one before
+    (that epoch's evaluation and checkpoint included, and the next stream's start-up wherever it ran)."""
+    ends = [m for m in reports if "epoch_s" in m]
+    return [ends[0]["epoch_s"]] + [m["epoch_end_at"] - p["epoch_end_at"] for p, m in zip(ends, ends[1:])]
+
+
 def whole_epochs(reports, batch) -> tuple[float, float]:
     """Images/s of the first epoch and of the later ones, from each epoch's wall time (start-up included)."""
-    ends = [m for m in reports if "epoch_s" in m]
-    steps = [m["step"] for m in ends]
-    rates = [(s - p) * batch / m["epoch_s"] for p, s, m in zip([0] + steps, steps, ends)]
+    steps = [m["step"] for m in reports if "epoch_s" in m]
+    rates = [(s - p) * batch / w for p, s, w in zip([0] + steps, steps, epoch_walls(reports))]
     return rates[0], statistics.mean(rates[1:]) if len(rates) > 1 else float("nan")
 
 
@@ -150,7 +156,8 @@ def emulate(args):
     shards.make_shards("digits", f"s3://{bucket}/digits", progress=False, executor="local")
     step, batch, epochs = args.emulate, args.cpu_batch, 4
     base = {"model": {"name": "vit_micro_patch4_32"},
-            "data": {"manifest": f"s3://{bucket}/digits/manifest.json", "val_split": None, "hflip": 0.0},
+            "data": {"manifest": f"s3://{bucket}/digits/manifest.json", "val_split": None, "hflip": 0.0,
+                     **({"local_shuffle_buffer": args.shuffle_buffer} if args.shuffle_buffer is not None else {})},
             "optim": {"warmup_steps": 2},
             "train": {"output": f"s3://{bucket}/runs", "batch_size": batch, "epochs": epochs, "log_every_steps": 1,
                       "report_every_s": 2.0, "emulate_step_s": step, "checkpoint_every_steps": 100, "name": "emu"}}
@@ -180,9 +187,11 @@ def emulate(args):
     print(f"  the loop without Ray, steady state: {plain_step * 1000:6.1f} ms a step (checkpoint saves and reports included)")
     print(f"  Ray Train, 1 worker, steady state:  {ray_step * 1000:6.1f} ms a step -> Ray adds {1 - plain_step / ray_step:6.2%} "
           f"to the loop without Ray, {1 - step / ray_step:6.2%} to the bare step (data wait {wait:.1%}; goal <= 3%)")
-    print(f"  start-up, apart: {wall - sum(m['epoch_s'] for m in epochs_):.1f} s before the first epoch and after the last "
+    walls = epoch_walls(lines)
+    print(f"  start-up, apart: {wall - sum(walls):.1f} s before the first epoch and after the last "
           f"(workers, model, export); first batch of each epoch " + ", ".join(f"{m['first_batch_s']:.2f}" for m in epochs_)
-          + f" s; whole epochs {statistics.mean(steps / epochs * step / m['epoch_s'] for m in epochs_):.1%} stepping")
+          + f" s (later epochs' streams start during the checkpoint before them); whole epochs (from one epoch's end to the "
+          f"next) {statistics.mean(steps / epochs * step / w for w in walls[1:]):.1%} stepping")
     print(f"  CPU by role: " + per_image(cpu, steps * batch))
     storage.delete(f"s3://{bucket}", recursive=True)
 
@@ -242,6 +251,8 @@ def main():
     ap.add_argument("--checkpoint-cost", action="store_true")
     ap.add_argument("--ckpt-batch", type=int, default=4)
     ap.add_argument("--emulate", type=float, default=None, help="GPU emulation: seconds a step sleeps")
+    ap.add_argument("--shuffle-buffer", type=int, default=None, help="GPU emulation: data.local_shuffle_buffer (rows "
+                    "a worker buffers before its first batch; default: the config's)")
     args = ap.parse_args()
     if args.checkpoint_cost:
         return checkpoint_cost(args)

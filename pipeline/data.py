@@ -11,6 +11,7 @@ memory is bounded by Ray Data's streaming executor (object store budget, see `co
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -133,6 +134,44 @@ def decode_patchify(batch: dict, cfg: StreamConfig) -> dict:
             "key": np.asarray(keys if keys is not None else [""] * len(valid), dtype=object)}
 
 
+def shuffled_batches(source, batch_size: int, size: int, initial: int, rng: np.random.Generator, drop_last: bool):
+    """Batches of `batch_size` rows drawn at random from a buffer that fills as the stream arrives
+    (webdataset's `shuffle(size, initial)`): the first batch leaves once `initial` rows are in (not a
+    full buffer, which would hold every epoch's first step until `size` rows were decoded), and the
+    buffer then grows by half of what arrives until it holds `size` rows. `source` yields dicts of
+    equal-length arrays; memory is the buffer, allocated once."""
+    buf, n, seen = None, 0, 0
+
+    def take(k: int) -> dict:
+        nonlocal n
+        idx = rng.choice(n, k, replace=False)
+        out = {c: a[idx] for c, a in buf.items()}  # fancy indexing copies
+        tail = np.setdiff1d(np.arange(n - k, n), idx)  # rows at the end still in the buffer ...
+        holes = idx[idx < n - k]  # ... move into the slots just taken
+        for a in buf.values():
+            a[holes] = a[tail]
+        n -= k
+        return out
+
+    for batch in source:
+        rows = len(next(iter(batch.values())))
+        if buf is None:
+            cap = max(size, initial) + 2 * max(batch_size, rows)
+            buf = {c: np.empty((cap, *np.shape(v)[1:]), dtype=np.asarray(v).dtype) for c, v in batch.items()}
+        if n + rows > len(buf[next(iter(buf))]):  # a source batch larger than the last one: grow once
+            buf = {c: np.concatenate([a[:n], np.empty((n + rows, *a.shape[1:]), a.dtype)]) for c, a in buf.items()}
+        for c, v in batch.items():
+            buf[c][n:n + rows] = v
+        n, seen = n + rows, seen + rows
+        want = min(size, max(initial, seen // 2))
+        while n - batch_size >= want:
+            yield take(batch_size)
+    while n >= batch_size:
+        yield take(batch_size)
+    if n and not drop_last:
+        yield take(n)
+
+
 def _paths(uris: list[str]) -> tuple[list[str], object]:
     fs, _ = storage.resolve(uris[0])
     return [storage.parse_uri(u).path for u in uris], fs
@@ -153,10 +192,32 @@ def read_encoded(manifest: dict, split: str, *, shuffle_seed: int | None = None,
         raise ValueError(f"the {split!r} split of {manifest['_base']} has no shards (0 samples)")
     paths, fs = _paths(uris)
     shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
-    ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, shuffle=shuffle,
-                                    override_num_blocks=len(paths), num_cpus=num_cpus)
+    ds = ray.data.read_datasource(_shard_files()(paths, filesystem=fs, include_paths=True, shuffle=shuffle),
+                                  override_num_blocks=len(paths), num_cpus=num_cpus)
     return ds.map_batches(unpack_shards, fn_kwargs={"digests": expected_digests(manifest, split), "fmt": manifest["format"]},
                           batch_size=None, batch_format="numpy", num_cpus=num_cpus)
+
+
+@functools.cache
+def _shard_files():
+    """Ray Data source of whole shard files as rows {bytes, path}: `read_binary_files` with one GET of
+    the known size per file (pyarrow's random-access file) instead of a buffered stream, which cost
+    3x the CPU per byte from S3 (measured: 19 against 6 ms per 6 MB shard)."""
+    from ray.data.datasource import FileBasedDatasource
+
+    class ShardFiles(FileBasedDatasource):
+        def _open_input_source(self, filesystem, path, **open_args):
+            return filesystem.open_input_file(path)
+
+        def _read_stream(self, f, path):
+            import pyarrow as pa
+
+            yield pa.table({"bytes": pa.array([f.readall()], pa.binary())})
+
+        def _rows_per_file(self):
+            return 1
+
+    return ShardFiles
 
 
 def read_class_tree(uri: str, classes: list[str] | None = None):

@@ -40,7 +40,7 @@ def read(uri: str) -> tuple[bytes, bytes]:
     loc = storage.parse_uri(uri)
     try:
         config = storage.read_bytes(loc.join(CONFIG_NAME).uri)
-        weights = storage.read_bytes(loc.join(WEIGHTS_NAME).uri)
+        weights = storage.read_bytes(loc.join(WEIGHTS_NAME).uri, large=True)
     except storage.StorageError as e:
         pickled = [n for n in ("pytorch_model.bin", "model.pth") if storage.exists(loc.join(n).uri)]
         if pickled:
@@ -70,8 +70,8 @@ def load_init_weights(model: vit_model.VisionTransformer, uri: str) -> None:
 
     loc = storage.parse_uri(uri)
     if loc.uri.endswith(".npz"):
-        state_dict, _ = vit_model.load_npz_bytes(storage.read_bytes(loc.uri))
+        state_dict, _ = vit_model.load_npz_bytes(storage.read_bytes(loc.uri, large=True))
     else:
         weights_uri = loc.uri if loc.uri.endswith(".safetensors") else loc.join(WEIGHTS_NAME).uri
-        state_dict = st_load(storage.read_bytes(weights_uri))
+        state_dict = st_load(storage.read_bytes(weights_uri, large=True))
     vit_model.load_weights(model, state_dict, drop_head=True)

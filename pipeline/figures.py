@@ -219,7 +219,7 @@ def _images_from_shards(manifest: dict, limit: int) -> list[str]:
     digests = expected_digests(manifest, split)
     for path in digests:
         uri = f"s3://{path}" if manifest["_base"].startswith("s3://") else path
-        rows = unpack_shards({"bytes": [storage.read_bytes(uri)], "path": [path]}, digests, manifest["format"])
+        rows = unpack_shards({"bytes": [storage.read_bytes(uri, large=True)], "path": [path]}, digests, manifest["format"])
         for key, image in zip(rows["key"], rows["image"]):
             if image is not None:
                 out.append(f"{folder}/{key}.img")

@@ -21,6 +21,7 @@ import posixpath
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -160,21 +161,25 @@ def predict_to_staging(cfg: InferConfig, info: dict, run_id: str, started: dt.da
         ds = ray.data.from_items([{"image_uri": u, "label_id": lab} for u, lab in inputs], override_num_blocks=n_blocks)
         ds = ds.map_batches(fetch_and_preprocess, fn_kwargs={"transform": eval_transform, "reads": cfg.reads},
                             batch_size=None, batch_format="numpy", num_cpus=cfg.decode_cpus)
-    weights = ray.put(info["weights"])  # read once by the driver: every replica gets these exact bytes
+    weights = info.get("weights_ref") or ray.put(info["weights"])  # read once by the driver: every replica gets these bytes
+    staging = publish.Layout.of(cfg.output).staging(run_id)
+    timeline = staging.join(TIMELINE).uri
     ds = ds.map_batches(
         Predictor,
         fn_constructor_args=(weights, info["config"], info["weights_sha256"], cfg.model, cfg.top_k, cfg.embeddings,
                              run_id, started, cfg.num_gpus > 0, int(cfg.cpus_per_replica)),
+        fn_constructor_kwargs={"timeline": timeline},
         compute=ActorPoolStrategy(min_size=cfg.replicas[0], max_size=cfg.replicas[1]),
         num_gpus=cfg.num_gpus, num_cpus=cfg.cpus_per_replica, batch_size=cfg.batch_size, batch_format="numpy",
     )
-    staging = publish.Layout.of(cfg.output).staging(run_id)
     fs, path = storage.resolve(staging.uri)
+    t0 = time.time()
     ds.write_parquet(path, filesystem=fs, filename_provider=StagedNames())
     try:
         info["operator_s"] = operator_seconds(ds.stats())
     except Exception as e:  # stats are for the summary line only
         log.debug("no Ray Data stats: %s", e)
+    info["startup_s"] = startup_seconds(timeline, t0)
     return [storage.to_uri(staging, f.path) for f in storage.list_files(staging.uri) if f.path.endswith(publish.STAGED_SUFFIX)]
 
 
@@ -201,11 +206,28 @@ def operator_seconds(stats: str) -> dict[str, float]:
     return out
 
 
+TIMELINE = "_timeline"  # in the run's staging folder: one note per model replica
+
+
+def startup_seconds(timeline: str, t0: float) -> dict[str, float]:
+    """From the replicas' notes: seconds from the pipeline's start (`t0`) to the first replica ready
+    (model built) and to the first batch predicted, and the longest model load of a replica."""
+    notes = []
+    for f in storage.list_files(timeline):
+        try:
+            notes.append(json.loads(storage.read_bytes(storage.to_uri(storage.parse_uri(timeline), f.path))))
+        except (storage.StorageError, ValueError):
+            continue
+    if not notes:
+        return {}
+    return {"first_batch": round(min(n["first_batch_at"] for n in notes) - t0, 3),
+            "replica_ready": round(min(n["ready_at"] for n in notes) - t0, 3),
+            "model_load": round(max(n["ready_at"] - n["started_at"] for n in notes), 3)}
+
+
 def fetch_and_preprocess(batch: dict, transform, reads: int) -> dict:
     """map_batches step: image URIs -> their bytes (`reads` GETs in flight) -> eval-transformed patches.
     A file that cannot be read keeps its row, with the reason, as an undecodable one does."""
-    from concurrent.futures import ThreadPoolExecutor
-
     uris = list(batch["image_uri"])
 
     def get(uri):
@@ -275,6 +297,14 @@ class _Stages:
         self.s[name] = round(self.s.get(name, 0.0) + time.time() - t, 3)
 
 
+def _list_and_state(cfg: InferConfig, info: dict, layout: publish.Layout):
+    """(inputs, kind, inputs already done or None, seconds it took)."""
+    t = time.time()
+    inputs, kind = list_inputs(cfg, info["class_names"])
+    done = publish.done_inputs(layout, info["weights_sha256"], cfg.retry_errors) if cfg.since_last_run else None
+    return inputs, kind, done, time.time() - t
+
+
 def run(cfg: InferConfig) -> dict:
     """The whole job. Raises LeaseHeld (nothing touched), ErrorRateExceeded (nothing published),
     StorageError / ValueError (bad input, before any prediction)."""
@@ -289,11 +319,20 @@ def run(cfg: InferConfig) -> dict:
     with Lease(cfg.output, run_id, cfg.lease_ttl_s) as lease:
         with stages("recover"):
             result["recovered"] = publish.recover(layout, lease)
-        with stages("list"):
-            info["inputs"], info["kind"] = list_inputs(cfg, info["class_names"])
+        # Listing (and the --since-last-run state) runs in a thread while this one connects to Ray and puts
+        # the weights in the object store: on a large prefix the listing takes as long as the start-up.
+        with ThreadPoolExecutor(1) as pool:
+            listing = pool.submit(_list_and_state, cfg, info, layout)
+            with stages("connect"):
+                from .ray_cluster import connect
+
+                connect(log_to_driver=True)
+                import ray
+
+                info["weights_ref"] = ray.put(info["weights"])
+            info["inputs"], info["kind"], done, listed_s = listing.result()
+        stages.s["list"] = round(listed_s, 3)  # beside "connect", not after it
         if cfg.since_last_run:
-            with stages("state"):
-                done = publish.done_inputs(layout, info["weights_sha256"], cfg.retry_errors)
             before = len(info["inputs"])
             info["inputs"] = [x for x in info["inputs"] if x[0] not in done]
             result["already_done"] = before - len(info["inputs"])
@@ -303,9 +342,6 @@ def run(cfg: InferConfig) -> dict:
         if not info["inputs"]:
             return {**result, "elapsed_s": time.time() - stages.t0, "timings_s": stages.s}
         try:
-            from .ray_cluster import connect
-
-            connect(log_to_driver=True)
             with stages("predict"):
                 staged = predict_to_staging(cfg, info, run_id, started)
             summary = summarize_staged(staged, info["class_names"])
@@ -324,13 +360,13 @@ def run(cfg: InferConfig) -> dict:
             layout, run_id, f"{started:%Y-%m-%d}", staged, accuracy_report=acc, ledger=info["kind"] != "shards",
             rows=summary["rows"], inputs=n_inputs, errors=summary["errors"], model_uri=cfg.model,
             model_sha256=info["weights_sha256"], input=cfg.input, started_at=started.isoformat(), timings_s=stages.s,
-            operator_s=info.get("operator_s", {}),
+            operator_s=info.get("operator_s", {}), startup_s=info.get("startup_s", {}),
             accuracy=acc and {k: acc[k] for k in ("top1", "top5", "count")})
         with stages("publish"):
             publish.commit(layout, intent, lease)
     return {**result, **intent["success"], "output": intent["run_dir"], "accuracy_full": acc,
             "elapsed_s": time.time() - stages.t0, "images_per_s": n_inputs / max(stages.s["predict"], 1e-9), "timings_s": stages.s,
-            "operator_s": info.get("operator_s", {})}
+            "operator_s": info.get("operator_s", {}), "startup_s": info.get("startup_s", {})}
 
 
 def print_summary(r: dict) -> None:
@@ -347,7 +383,11 @@ def print_summary(r: dict) -> None:
         worst = sorted(acc["per_class"].items(), key=lambda kv: kv[1]["top1"])[:3]
         lines.append("lowest       " + ", ".join(f"{c} {v['top1'] * 100:.0f}%" for c, v in worst))
     lines.append("stages       " + "  ".join(f"{k} {v:.1f} s" for k, v in r.get("timings_s", {}).items()))
-    if r.get("operator_s"):
-        lines.append("in predict   " + "  ".join(f"{k} {v:.1f} task-s" for k, v in r["operator_s"].items()))
+    first = r.get("startup_s") or {}
+    if first or r.get("operator_s"):
+        lines.append("in predict   " + "  ".join(
+            ([f"first batch {first['first_batch']:.1f} s (replica ready {first['replica_ready']:.1f} s, model load "
+              f"{first['model_load']:.1f} s)"] if first else [])
+            + [f"{k} {v:.1f} task-s" for k, v in r.get("operator_s", {}).items()]))
     lines.append("=" * 64)
     print("\n".join(lines), flush=True)

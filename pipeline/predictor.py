@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import time
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -39,7 +41,10 @@ class Predictor:
     """One model replica: builds the model from the driver's weights once, then maps patch batches to rows."""
 
     def __init__(self, weights, config: bytes, sha256: str, model_uri: str, top_k: int, embeddings: bool, run_id: str,
-                 inferred_at: dt.datetime, use_gpu: bool, threads: int):
+                 inferred_at: dt.datetime, use_gpu: bool, threads: int, timeline: str | None = None):
+        """`timeline`: a folder URI where this replica notes when it was built and when its first batch
+        was done (the job's time-to-first-batch line); the folder is the run's staging, removed at commit."""
+        t0 = time.time()
         import torch
 
         import vit_model
@@ -60,6 +65,7 @@ class Predictor:
         self.k = min(top_k, self.model.cfg.num_classes)
         self.embeddings, self.model_uri, self.run_id, self.inferred_at = embeddings, model_uri, run_id, inferred_at
         self.schema = output_schema(self.k, self.model.cfg.embed_dim if embeddings else None)
+        self.timeline = timeline and {"uri": f"{timeline}/{uuid.uuid4().hex}.json", "started_at": t0, "ready_at": time.time()}
 
     def threads(self) -> int:
         import torch
@@ -97,7 +103,27 @@ class Predictor:
         data = {"image_uri": list(batch["image_uri"]), "label_id": label_id, "label": label, **cols, "error": errors,
                 "model_uri": [self.model_uri] * n, "model_sha256": [self.sha] * n, "run_id": [self.run_id] * n,
                 "inferred_at": [self.inferred_at] * n}
-        return pa.table({f.name: pa.array(data[f.name], f.type) for f in self.schema}, schema=self.schema)
+        table = pa.table({f.name: pa.array(data[f.name], f.type) for f in self.schema}, schema=self.schema)
+        if self.timeline:
+            self._note_first_batch()
+        return table
+
+    def _note_first_batch(self) -> None:
+        """One small object per replica, written beside the batches (a lost note loses a summary figure only)."""
+        import json
+        import threading
+
+        from . import storage
+
+        note, self.timeline = {**self.timeline, "first_batch_at": time.time()}, None
+
+        def write():
+            try:
+                storage.write_bytes(note.pop("uri"), json.dumps(note).encode())
+            except Exception:  # noqa: BLE001 - timings are for the summary line only
+                pass
+
+        threading.Thread(target=write, daemon=True).start()
 
 
 def preprocess(batch: dict, transform) -> dict:

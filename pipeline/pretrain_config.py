@@ -44,8 +44,12 @@ class DataSection(Section):
     train_split: str = Field("train", description="split to train on")
     val_split: str | None = Field("val", description="split to evaluate every epoch (null: none)")
     shuffle_seed: int = Field(0, description="file-order shuffle seed (reshuffled every epoch)")
-    local_shuffle_buffer: int = Field(1024, ge=0, description="rows in each worker's shuffle buffer")
+    local_shuffle_buffer: int = Field(1024, ge=0, description="rows in each worker's shuffle buffer (0: none)")
+    shuffle_initial: int = Field(0, ge=0, description="rows in the shuffle buffer before an epoch's first batch (0: one "
+                                 "batch); the buffer fills to local_shuffle_buffer as the epoch goes (webdataset's initial)")
     prefetch_batches: int = Field(2, ge=0, description="batches prefetched per worker")
+    prefetch_next_epoch: bool = Field(True, description="start the next epoch's stream (and take its first batch) "
+                                      "while the current epoch evaluates and checkpoints")
     decode_batch_size: int | None = Field(
         None, ge=1, description="rows per decode task (null: one shard block per task, fused with its read: fastest)")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs per decode task")

@@ -333,8 +333,16 @@ def _write_rows(row: dict, output: str, fmt: str, min_size: int, reads: int) -> 
 
 
 # ---- the job ------------------------------------------------------------------------------------
+_last_version_us = 0
+
+
 def new_version() -> str:
-    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    """A version id that sorts in creation order (pruning keeps the newest by name): UTC time to the
+    microsecond, strictly increasing within a process; runs a second apart sorted right before, but
+    two in the same second could sort either way."""
+    global _last_version_us
+    us = _last_version_us = max(time.time_ns() // 1000, _last_version_us + 1)
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(us // 1_000_000))}.{us % 1_000_000:06d}Z-{uuid.uuid4().hex[:6]}"
 
 
 def make_shards(source: str, output: str, *, labels: str | None = None, val_fraction: float = 0.1, seed: int = 0,
@@ -520,6 +528,45 @@ def unpack_shards(batch: dict, digests: dict[str, str], fmt: str) -> dict:
             "__url__": np.asarray(urls, dtype=object)}
 
 
+def _tar_files(data: bytes):
+    """(name, content) of every regular file in a tar archive held in memory.
+
+    Plain ustar/v7 headers (what make_shards writes) are parsed directly: tarfile's generic reader
+    costs about as much per member as the sha256 of the shard. Any other entry (pax or GNU long
+    names, sparse files) hands the whole archive to tarfile, which reads every format."""
+    view, pos, out = memoryview(data), 0, []
+    while pos + 512 <= len(data):
+        header = data[pos:pos + 512]
+        if header.count(0) == 512:  # end-of-archive blocks
+            return out
+        kind = header[156:157]
+        try:
+            size = int(header[124:136].rstrip(b"\0 ").decode("ascii") or "0", 8)
+        except ValueError:
+            break
+        if kind not in (b"0", b"\0", b"5") or sum(header[:148]) + 256 + sum(header[156:]) != _checksum(header):
+            break
+        start = pos + 512
+        if start + size > len(data):  # truncated: let tarfile say so
+            break
+        if kind != b"5":
+            name = header[:100].split(b"\0", 1)[0]
+            if header[257:262] == b"ustar" and header[345]:
+                name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+            out.append((name.decode("utf-8"), bytes(view[start:start + size])))
+        pos = start + (size + 511) // 512 * 512
+    # no end-of-archive marker where one was due, or an entry of another kind: tarfile decides
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+def _checksum(header: bytes) -> int:
+    try:
+        return int(header[148:156].rstrip(b"\0 ").decode("ascii"), 8)
+    except ValueError:
+        return -1
+
+
 def _samples_of(data: bytes, fmt: str):
     """(key, image bytes or None, label, format) of every sample in one shard file (both layouts)."""
     if fmt == "parquet":
@@ -533,15 +580,12 @@ def _samples_of(data: bytes, fmt: str):
         return
     members: dict[str, dict[str, bytes]] = {}
     order = []
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            key, _, ext = m.name.rpartition(".")
-            if key not in members:
-                members[key] = {}
-                order.append(key)
-            members[key][ext] = tar.extractfile(m).read()
+    for name, content in _tar_files(data):
+        key, _, ext = name.rpartition(".")
+        if key not in members:
+            members[key] = {}
+            order.append(key)
+        members[key][ext] = content
     for key in order:
         parts = members[key]
         label = int(parts["cls"].decode()) if "cls" in parts else -1

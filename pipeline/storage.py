@@ -203,10 +203,13 @@ def check_bucket(uri: str | os.PathLike) -> None:
 
 
 # ---- small whole-object operations, all through the same filesystems --------------------------
-def read_bytes(uri: str | os.PathLike) -> bytes:
+def read_bytes(uri: str | os.PathLike, large: bool = False) -> bytes:
+    """The whole object. `large` (weights, shards: megabytes and up): one GET of the size a HEAD
+    returned, about 5x faster from S3 than pyarrow's buffered stream (100 MB: 0.2 against 1.2 s);
+    small objects (images, JSON) skip the HEAD."""
     loc = parse_uri(uri)
     try:
-        with loc.filesystem.open_input_stream(loc.path) as f:
+        with (loc.filesystem.open_input_file if large else loc.filesystem.open_input_stream)(loc.path) as f:
             return f.read()
     except Exception as e:
         raise explain(e, loc, "read") from None

@@ -86,6 +86,9 @@ def test_predictions_equal_the_model_in_a_plain_loop(ray_cluster, bucket, model_
     assert success["rows"] == success["inputs"] == 12 and success["errors"] == 2
     stages = "+".join(success["operator_s"])  # where the time went, stage by stage (fused stages joined by +)
     assert "read+decode" in stages and "model" in stages and "write" in stages
+    first = success["startup_s"]  # the replicas' own notes: built, then their first batch, after the pipeline started
+    assert 0 < first["model_load"] and 0 < first["replica_ready"] <= first["first_batch"] < success["timings_s"]["predict"]
+    assert {"connect", "list", "predict"} <= set(success["timings_s"])
     assert r["output"].split("/")[-2] == f"dt={dt.datetime.now(dt.timezone.utc):%Y-%m-%d}"
     assert not storage.list_files(f"{bucket}/out/_staging")  # staging cleaned after publish
     assert not storage.exists(f"{bucket}/out/_lease.json")  # released

@@ -81,6 +81,43 @@ def test_plain_loop_runs_without_ray_and_resumes(tmp_path):
     assert steps[0] == 4 and out2["state"]["step"] == 6  # continued, not restarted
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_the_next_epoch_stream_starts_while_the_epoch_evaluates(prefetch):
+    """With data.prefetch_next_epoch the next epoch's first batch is taken while the current epoch's
+    validation runs (its stream start-up hidden); the training itself is the same either way."""
+    cfg = PretrainConfig.model_validate({"train": {"batch_size": 16, "epochs": 3, "log_every_steps": 1, "seed": 1},
+                                         "optim": {"warmup_steps": 1}, "data": {"prefetch_next_epoch": prefetch}})
+    rng = np.random.default_rng(0)
+    data = {"patches": rng.integers(0, 255, (64, 64, 48), dtype=np.uint8), "label": rng.integers(0, 10, 64), "valid": np.ones(64, bool)}
+    log = []
+
+    def batches(split, bs, epoch, train_):
+        log.append(("open", split, epoch))
+        order = np.random.default_rng(epoch).permutation(64) if train_ else np.arange(64)  # each epoch its own order
+        for i in range(0, 64 - bs + 1, bs):
+            if not train_ and i == 0:
+                import time
+
+                time.sleep(0.3)  # a validation stream slow to start
+            log.append(("batch", split, epoch))
+            yield {k: v[order[i:i + bs]] for k, v in data.items()}
+        log.append(("end", split, epoch))
+
+    s = LocalSession(batches, None, device=torch.device("cpu"))
+    out = train(cfg, s, num_classes=10, train_count=64)
+    assert out["state"]["epoch"] == 3
+    first_train_batch = {e: log.index(("batch", "train", e)) for e in range(3)}
+    val_end = {e: log.index(("end", "val", e)) for e in (1, 2, 3)}  # after training epoch e-1 (the count is then e)
+    for e in (1, 2):  # epoch e's first batch against the end of the validation before it
+        assert (first_train_batch[e] < val_end[e]) == prefetch, log
+    assert ("open", "train", 3) not in log  # nothing started past the last epoch
+    losses = [round(r["loss"], 6) for r in s.reports if "loss" in r]
+    if prefetch:
+        test_the_next_epoch_stream_starts_while_the_epoch_evaluates.losses = losses
+    else:
+        assert losses == test_the_next_epoch_stream_starts_while_the_epoch_evaluates.losses  # same epochs, same steps
+
+
 def test_smoke_two_workers_checkpoints_and_exported_model_reproduces_val(ray_cluster, digits_shards, bucket):
     cfg = _smoke(digits_shards, f"{bucket}/runs")
     summary = pretrain.run(cfg)

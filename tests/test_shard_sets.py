@@ -129,6 +129,13 @@ def test_a_rerun_leaves_the_version_a_job_holds_byte_for_byte(ray_cluster, tmp_p
         pretrain.preflight(cfg)
 
 
+def test_version_ids_sort_in_creation_order():
+    """Pruning keeps the newest versions by name: ids made within one second must still sort by time
+    (they did not when they had whole seconds and a random suffix)."""
+    ids = [shards.new_version() for _ in range(200)]
+    assert ids == sorted(ids) and len(set(ids)) == 200
+
+
 def test_a_flipped_byte_is_an_error_naming_the_shard(ray_cluster, tmp_path, bucket):
     root = tmp_path / "tree"
     for i in range(6):
@@ -165,3 +172,35 @@ def test_make_shards_job_exit_codes_and_progress(stack, bucket, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "jobs/make_shards.py"), "--source", "digits", "--output",
                         f"{bucket}/d", "--local", "--min-size", "0"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--min-size must be at least 1" in r.stderr
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax"])
+def test_the_tar_reader_reads_what_tarfile_reads(fmt, monkeypatch):
+    """Shard tars are parsed directly when plain (what make_shards writes) and by tarfile otherwise; both
+    give every regular file's name and bytes, and a truncated archive is an error, not fewer samples."""
+    import tarfile
+
+    names = ["k0.image", "k0.cls", "sub/k1.json", "d/" * 60 + "long.image"]  # the last needs a ustar prefix or an extension
+    if fmt != "ustar":
+        names.append("x" * 150 + ".image")  # no slash to split at: a GNU or pax long name
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format={"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT,
+                                                      "pax": tarfile.PAX_FORMAT}[fmt]) as tar:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            data = os.urandom(100 * i + 1)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("adir")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    data = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        want = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    opened = []
+    real_open = tarfile.open
+    monkeypatch.setattr(shards.tarfile, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    assert shards._tar_files(data) == want and [n for n, _ in want] == names
+    assert bool(opened) == (fmt != "ustar")  # the plain archive never reaches tarfile
+    with pytest.raises(tarfile.ReadError):
+        shards._tar_files(data[: 3 * 512 + 50])  # the second member cut short

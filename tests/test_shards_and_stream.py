@@ -203,3 +203,36 @@ def test_clear_errors_for_missing_manifest_bucket_and_patch_size(stack, bucket):
         shards.load_manifest("s3://vitray-missing-bucket/x/manifest.json")
     with pytest.raises(ValueError, match="not divisible by patch_size 16"):
         split_stream(f"{bucket}/nothing", "train", StreamConfig(100, 16, train=True))
+
+
+def test_the_shuffle_buffer_starts_early_and_loses_nothing():
+    """A worker's shuffle buffer: the first batch leaves after `initial` rows (not a full buffer), every row
+    comes out exactly once, the order depends on the seed only, and the buffer does grow to its size."""
+    from pipeline.data import shuffled_batches
+
+    consumed = []
+
+    def source(total=1000, rows=32):
+        for i in range(0, total, rows):
+            consumed.append(i)
+            ids = np.arange(i, min(i + rows, total))
+            yield {"label": ids, "patches": np.repeat(ids[:, None, None], 3, axis=2).astype(np.int64),
+                   "key": np.asarray([f"k{j}" for j in ids], dtype=object)}
+
+    out = list(shuffled_batches(source(), 16, size=400, initial=48, rng=np.random.default_rng(0), drop_last=False))
+    ids = np.concatenate([b["label"] for b in out])
+    assert sorted(ids.tolist()) == list(range(1000))  # nothing lost, nothing twice
+    for b in out:  # rows kept together across columns
+        assert (b["patches"][:, 0, 0] == b["label"]).all() and [f"k{j}" for j in b["label"]] == list(b["key"])
+    assert [len(b["label"]) for b in out] == [16] * (1000 // 16) + [1000 % 16]
+    consumed.clear()
+    first = next(shuffled_batches(source(), 16, size=400, initial=48, rng=np.random.default_rng(0), drop_last=True))
+    assert len(first["label"]) == 16 and len(consumed) * 32 <= 48 + 32  # after ~initial rows, not after 400
+    assert not (np.diff(ids) == 1).all()  # shuffled
+    # late in the epoch rows come from a wide window: the buffer grew towards its 400 rows
+    late = np.concatenate([b["label"] for b in out[30:40]])
+    assert late.max() - late.min() > 300
+    again = list(shuffled_batches(source(), 16, size=400, initial=48, rng=np.random.default_rng(0), drop_last=False))
+    assert all((a["label"] == b["label"]).all() for a, b in zip(out, again))
+    dropped = list(shuffled_batches(source(), 16, size=400, initial=48, rng=np.random.default_rng(0), drop_last=True))
+    assert sum(len(b["label"]) for b in dropped) == 1000 // 16 * 16
