@@ -288,6 +288,14 @@ def down() -> None:
     _stop(ray_pids, "ray")
     if not ray_pids:
         print("ray: not running")
+    deadline = time.time() + 10  # the GCS may still hold its port a moment after its process is gone
+    while time.time() < deadline and (_ray_pids() or _port_open(RAY_PORT)):
+        time.sleep(0.2)
+    if not _ray_pids() and not _port_open(RAY_PORT) and _ray_tmpdir().exists():
+        # Ray's session files (logs, sockets, spilled objects) of the runs this stack served: hundreds of MB
+        # after a day of runs. Copy what you need from /tmp/vitray-ray-<port>/session_latest/logs first.
+        shutil.rmtree(_ray_tmpdir(), ignore_errors=True)
+        print(f"ray: removed its session files ({_ray_tmpdir()})")
     pid = _read_pid(STATE / "weed.pid")
     if pid:
         # weed mini runs as one process group we created (start_new_session): stop the group.
