@@ -161,7 +161,7 @@ def predict_to_staging(cfg: InferConfig, info: dict, run_id: str, started: dt.da
         ds = ray.data.from_items([{"image_uri": u, "label_id": lab} for u, lab in inputs], override_num_blocks=n_blocks)
         ds = ds.map_batches(fetch_and_preprocess, fn_kwargs={"transform": eval_transform, "reads": cfg.reads},
                             batch_size=None, batch_format="numpy", num_cpus=cfg.decode_cpus)
-    weights = info.get("weights_ref") or ray.put(info["weights"])  # read once by the driver: every replica gets these bytes
+    weights = ray.put(info["weights"])  # read once by the driver: every replica gets these exact bytes
     staging = publish.Layout.of(cfg.output).staging(run_id)
     timeline = staging.join(TIMELINE).uri
     ds = ds.map_batches(
@@ -319,17 +319,15 @@ def run(cfg: InferConfig) -> dict:
     with Lease(cfg.output, run_id, cfg.lease_ttl_s) as lease:
         with stages("recover"):
             result["recovered"] = publish.recover(layout, lease)
-        # Listing (and the --since-last-run state) runs in a thread while this one connects to Ray and puts
-        # the weights in the object store: on a large prefix the listing takes as long as the start-up.
+        # Listing (and the --since-last-run state) runs in a thread while this one connects to Ray: on a large
+        # prefix the listing takes as long as the start-up. The weights go to the object store only when
+        # there is something to predict.
         with ThreadPoolExecutor(1) as pool:
             listing = pool.submit(_list_and_state, cfg, info, layout)
             with stages("connect"):
                 from .ray_cluster import connect
 
                 connect(log_to_driver=True)
-                import ray
-
-                info["weights_ref"] = ray.put(info["weights"])
             info["inputs"], info["kind"], done, listed_s = listing.result()
         stages.s["list"] = round(listed_s, 3)  # beside "connect", not after it
         if cfg.since_last_run:

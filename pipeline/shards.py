@@ -338,8 +338,8 @@ _last_version_us = 0
 
 def new_version() -> str:
     """A version id that sorts in creation order (pruning keeps the newest by name): UTC time to the
-    microsecond, strictly increasing within a process; runs a second apart sorted right before, but
-    two in the same second could sort either way."""
+    microsecond, strictly increasing within a process. Against an id of the older whole-second format
+    it sorts by the second (within the same second either way)."""
     global _last_version_us
     us = _last_version_us = max(time.time_ns() // 1000, _last_version_us + 1)
     return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(us // 1_000_000))}.{us % 1_000_000:06d}Z-{uuid.uuid4().hex[:6]}"
