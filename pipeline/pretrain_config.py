@@ -101,7 +101,8 @@ class TrainSection(Section):
         False, description="when every checkpoint of the run is damaged: start over instead of stopping with an error")
     log_every_steps: int = Field(20, ge=1, description="check every N steps whether a progress report is due")
     report_every_s: float = Field(
-        2.0, gt=0, description="progress to Ray Train (and the log) at most this often: a faster report blocks every worker")
+        2.0, ge=0, description="progress to Ray Train (and the log) at most this often: a faster report blocks every worker "
+                               "(0: at every check, for tests that follow a run step by step)")
     controller_poll_s: float = Field(
         0.25, gt=0, description="Ray Train's controller poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; Ray's default 2 s takes one report per poll)")
     max_failures: int = Field(2, ge=0, description="restarts of the worker group from the latest checkpoint")

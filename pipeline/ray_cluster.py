@@ -3,7 +3,10 @@
 `connect()`: the cluster at RAY_ADDRESS (`ray job submit` sets it), or, with none, a Ray of the job's
 own: node address 127.0.0.1, no dashboard, token auth with a token file that only this user can read
 (mode 0600, in a private temporary folder with Ray's session files, removed at exit), and as many CPU
-slots as the local stack gives (2 x cores, so Ray Data decodes beside the training workers). Ray 2.60's
+slots as the local stack gives (2 x cores, so Ray Data decodes beside the training workers). The folder
+holds `owner.lock`, locked by the job's process for as long as it lives: a job killed with SIGKILL
+cannot remove its folder, so the next job that starts a private Ray removes every folder whose lock
+nobody holds (`remove_stale_local_rays`), never one whose owner is alive. Ray 2.60's
 gRPC servers (GCS, raylet, workers) still listen on every interface whatever the node address: the
 token is what guards them.
 
@@ -15,13 +18,18 @@ autoscales from zero is accepted; only what can never be scheduled is refused, n
 from __future__ import annotations
 
 import atexit
+import fcntl
 import logging
 import os
 import secrets
 import shutil
 import tempfile
+from pathlib import Path
 
 log = logging.getLogger(__name__)
+LOCAL_RAY_PREFIX = "vitray-local-ray-"
+OWNER_LOCK = "owner.lock"
+_owner_fds: list[int] = []  # the locks this process holds: open until it exits, however it exits
 
 
 def local_cpu_slots() -> int:
@@ -40,7 +48,8 @@ def connect(log_to_driver: bool = True) -> None:
         return
     if "ray" in __import__("sys").modules and __import__("ray").is_initialized():
         return
-    folder = tempfile.mkdtemp(prefix="vitray-local-ray-")  # 0700: the token and Ray's session files
+    remove_stale_local_rays()
+    folder = make_owned_folder()  # 0700: the token and Ray's session files
     atexit.register(shutil.rmtree, folder, True)  # registered before ray.init: runs after Ray's own shutdown
     token = os.path.join(folder, "auth_token")
     fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -52,6 +61,63 @@ def connect(log_to_driver: bool = True) -> None:
     print(f"no RAY_ADDRESS: starting a local Ray on 127.0.0.1 with {local_cpu_slots()} CPU slots (token auth)", flush=True)
     ray.init(num_cpus=local_cpu_slots(), _node_ip_address="127.0.0.1", include_dashboard=False,
              log_to_driver=log_to_driver, configure_logging=False, _temp_dir=os.path.join(folder, "ray"))
+
+
+def make_owned_folder(parent: str | None = None) -> str:
+    """A new private folder `{tmp}/vitray-local-ray-XXXX` whose `owner.lock` this process holds (flock) until
+    it exits. Locked under a hidden name first, then renamed: no other job ever sees it unlocked."""
+    staging = tempfile.mkdtemp(prefix="." + LOCAL_RAY_PREFIX, dir=parent)
+    fd = os.open(os.path.join(staging, OWNER_LOCK), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, f"{os.getpid()}\n".encode())  # for a person looking; the lock is what tells
+    _owner_fds.append(fd)
+    folder = os.path.join(os.path.dirname(staging), os.path.basename(staging)[1:])
+    os.rename(staging, folder)
+    return folder
+
+
+def _named_by_a_process(folder: Path) -> bool:
+    """A folder of a job from before owner locks: alive while any process's command line names it (Ray's
+    raylet and GCS carry their temp dir). Where /proc cannot tell, it counts as alive."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    needle = str(folder).encode()
+    for p in proc.iterdir():
+        if p.name.isdigit():
+            try:
+                if needle in (p / "cmdline").read_bytes():
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def remove_stale_local_rays(parent: str | None = None) -> list[str]:
+    """Remove the private-Ray folders of jobs that are gone (their `owner.lock` is free; an old folder without
+    one only if no process names it). A folder whose owner lives is left alone. Returns what was removed."""
+    removed = []
+    for d in sorted(Path(parent or tempfile.gettempdir()).glob(LOCAL_RAY_PREFIX + "*")):
+        if d.is_symlink() or not d.is_dir():
+            continue
+        lock = d / OWNER_LOCK
+        if lock.exists():
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except OSError:
+                continue  # not ours to judge (another user's, or gone meanwhile)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its owner is alive
+            finally:
+                os.close(fd)
+        elif _named_by_a_process(d):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        log.info("removed %s: the job that made it is gone", d)
+        removed.append(str(d))
+    return removed
 
 
 def capacity() -> dict[str, tuple[float, float | None]]:

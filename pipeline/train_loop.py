@@ -4,7 +4,7 @@
     for each epoch:                                            train()
         for each optimizer step:                               optimizer_step()
             micro-batches: forward + backward (accumulated), clip, AdamW, EMA
-            a progress report every `log_every_steps`
+            a progress report once `report_every_s` has passed (asked every `log_every_steps`)
         evaluate, export the best, checkpoint                  end_of_epoch()
 
 `train_loop_per_worker(config)` is what `TorchTrainer` calls on every worker; `train(cfg, LocalSession(...))`
@@ -306,11 +306,12 @@ class Window:
     steps: int = 0
     images: int = 0
     data_wait_s: float = 0.0
-    t0: float = field(default_factory=time.time)
+    t0: float = 0.0  # by the run's clock
 
     @classmethod
-    def start(cls, device: torch.device) -> "Window":
-        return cls(*(torch.zeros((), device=device, dtype=dt) for dt in (torch.float32, torch.int64, torch.int64)))
+    def start(cls, device: torch.device, now: float) -> "Window":
+        zeros = (torch.zeros((), device=device, dtype=dt) for dt in (torch.float32, torch.int64, torch.int64))
+        return cls(*zeros, t0=now)
 
 
 @dataclass
@@ -331,7 +332,10 @@ class Run:
     flops_per_image: float
     peak_flops: float | None
     start_step: int = 0  # where this attempt began: 0, or the step of the checkpoint it resumed from
-    t_start: float = field(default_factory=time.time)
+    # Every duration of the loop (report schedule, images/s, data wait, epoch time) is read from this clock;
+    # tests inject one they advance themselves, so no outcome depends on the machine's speed.
+    clock: Callable[[], float] = time.monotonic
+    t_start: float = 0.0
     mixer: Mixer | None = None  # Mixup / CutMix (None: off)
     progress_reports: int = 0  # progress reports sent (checkpoints and epoch ends not counted)
     epoch_t0: float = 0.0  # when this epoch asked for its first batch
@@ -341,7 +345,7 @@ class Run:
 def report_is_due(run: Run, window: "Window") -> bool:
     """`train.report_every_s` has passed since the window began, by rank 0's clock; every rank gets rank 0's
     answer (one tiny broadcast), so all call `report` together as Ray Train requires."""
-    due = time.time() - window.t0 >= run.cfg.train.report_every_s
+    due = run.clock() - window.t0 >= run.cfg.train.report_every_s
     if run.session.world_size > 1 and dist.is_available() and dist.is_initialized():
         flag = torch.tensor([int(due)], device=run.session.device)
         dist.broadcast(flag, src=0)
@@ -410,15 +414,16 @@ def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: Windo
         g["lr"] = lr
     device = run.session.device
     for micro in range(t.accum_steps):
-        waited = time.time()
+        waited = run.clock()
         try:
             patches, labels, valid = next(batches)
         except StopIteration:
             raise RuntimeError(f"worker {run.session.rank} ran out of data in epoch {state.epoch}: its shard is shorter "
                                f"than {run.steps_per_epoch} steps x {t.per_worker_batch} rows") from None
-        window.data_wait_s += time.time() - waited
+        got = run.clock()
+        window.data_wait_s += got - waited
         if micro == 0 and run.first_batch_s == 0.0:  # the epoch's first batch: the stream's start-up
-            run.first_batch_s = max(time.time() - waited, 1e-9)
+            run.first_batch_s = max(got - waited, 1e-9)
         if t.emulate_step_s:  # benchmarks: the step's compute is a sleep (a GPU step), everything else is real
             window.images += len(labels)
             continue
@@ -458,7 +463,7 @@ def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: Windo
 
 def progress(run: Run, state: TrainState, window: Window, lr: float) -> dict:
     """The metrics of one progress window (printed by rank 0); folds the window's counts into the state."""
-    elapsed = max(time.time() - window.t0, 1e-9)
+    elapsed = max(run.clock() - window.t0, 1e-9)
     per_worker = window.images / elapsed
     ips = per_worker * run.session.world_size
     invalid, skipped = int(window.invalid), int(window.skipped)  # the one device sync per window
@@ -484,10 +489,10 @@ def checkpoint(run: Run, state: TrainState, metrics: dict) -> None:
     """Rank 0 writes a local checkpoint (timed) and hands it to the session, which uploads and removes it."""
     folder = None
     if run.session.rank == 0:
-        t0 = time.time()
+        t0 = run.clock()
         folder = Path(tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}{os.getpid()}-"))
         save_checkpoint(folder, run.core, run.optimizer, asdict(state), run.ema.weights if run.ema else None, run.class_names)
-        metrics = {**metrics, "checkpoint_save_s": time.time() - t0}
+        metrics = {**metrics, "checkpoint_save_s": run.clock() - t0}
     run.session.report(metrics, folder)
 
 
@@ -525,7 +530,7 @@ def end_of_epoch(run: Run, state: TrainState, metrics: dict) -> None:
         state.epoch += 1
         state.step_in_epoch = 0
     metrics = {**metrics, "step": state.step, "epoch": state.epoch, "dropped_samples": state.dropped_samples,
-               "skipped_batches": state.skipped_batches, "epoch_s": time.time() - run.epoch_t0, "epoch_end_at": time.time(),
+               "skipped_batches": state.skipped_batches, "epoch_s": run.clock() - run.epoch_t0, "epoch_end_at": time.time(),
                "first_batch_s": run.first_batch_s}
     cfg = run.cfg
     if cfg.data.val_split:
@@ -574,10 +579,13 @@ def remove_stale_checkpoint_dirs() -> None:
 
 # ---- the loop ------------------------------------------------------------------------------
 def train(cfg: PretrainConfig, session: Session, *, num_classes: int, train_count: int,
-          class_names: list[str] | None = None) -> dict:
-    """Train `cfg.train.epochs` epochs (or `max_steps`), resuming from the newest usable checkpoint."""
+          class_names: list[str] | None = None, clock: Callable[[], float] = time.monotonic) -> dict:
+    """Train `cfg.train.epochs` epochs (or `max_steps`), resuming from the newest usable checkpoint.
+
+    `clock` (seconds, monotonic) times everything the loop measures; `epoch_end_at` stays wall time."""
     remove_stale_checkpoint_dirs()
     run = build_run(cfg, session, num_classes, train_count, class_names or [])
+    run.clock, run.t_start = clock, clock()
     saved, used, skipped = resume(session.checkpoints(), run.core, run.optimizer, run.ema.weights if run.ema else None,
                                   allow_fresh_start=cfg.train.fresh_start_if_checkpoints_bad)
     state = TrainState.from_checkpoint(saved) if saved else TrainState()
@@ -596,10 +604,10 @@ def train(cfg: PretrainConfig, session: Session, *, num_classes: int, train_coun
     try:
         while state.step < run.total_steps and state.epoch < cfg.train.epochs:
             steps = min(run.steps_per_epoch - state.step_in_epoch, run.total_steps - state.step)
-            run.epoch_t0, run.first_batch_s = time.time(), 0.0
+            run.epoch_t0, run.first_batch_s = run.clock(), 0.0
             batches = iter(primed or epoch_batches(state.epoch))
             primed = None
-            window, last = Window.start(session.device), {}
+            window, last = Window.start(session.device, run.clock()), {}
             for _ in range(steps):
                 lr = optimizer_step(run, state, batches, window)
                 epoch_ends = state.step_in_epoch == run.steps_per_epoch
@@ -610,7 +618,7 @@ def train(cfg: PretrainConfig, session: Session, *, num_classes: int, train_coun
                 report_due = state.step % cfg.train.log_every_steps == 0 and report_is_due(run, window)
                 if report_due or epoch_ends or ckpt_due:
                     last = progress(run, state, window, lr)
-                    window = Window.start(session.device)
+                    window = Window.start(session.device, run.clock())
                 if epoch_ends:
                     break
                 if ckpt_due:
@@ -633,7 +641,7 @@ def train(cfg: PretrainConfig, session: Session, *, num_classes: int, train_coun
                 shutil.rmtree(d, ignore_errors=True)
         raise
     export(run, "model", state.history[-1] if state.history else {})
-    return {"state": asdict(state), "elapsed_s": time.time() - run.t_start, "progress_reports": run.progress_reports}
+    return {"state": asdict(state), "elapsed_s": run.clock() - run.t_start, "progress_reports": run.progress_reports}
 
 
 def train_loop_per_worker(config: dict) -> None:

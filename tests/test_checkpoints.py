@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _local_cfg(max_steps, **train_kw):
-    return PretrainConfig.model_validate({"train": {"batch_size": 16, "epochs": 1, "log_every_steps": 1, "max_steps": max_steps, "report_every_s": 1e-6,
+    return PretrainConfig.model_validate({"train": {"batch_size": 16, "epochs": 1, "log_every_steps": 1, "max_steps": max_steps, "report_every_s": 0,
                                                     "checkpoint_every_steps": 2, **train_kw},
                                           "optim": {"warmup_steps": 1}, "data": {"val_split": None}})
 
@@ -109,19 +109,60 @@ def test_deit_batch_augmentations_run_in_the_step_and_repeat_on_a_rerun():
     assert mixed != losses()
 
 
+class StepClock:
+    """A clock that moves only when the test says: each training batch taken advances it by the next of
+    `durations` (cycled), so every step lasts exactly that long whatever the machine's speed."""
+
+    def __init__(self, durations):
+        self.now, self._durations, self._i = 100.0, list(durations), 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def data(self, rows=128):
+        inner = _data()
+
+        def batches(split, bs, epoch, train_):
+            for b in inner(split, bs, epoch, train_):
+                self.now += self._durations[self._i % len(self._durations)]
+                self._i += 1
+                yield b
+        return batches
+
+
+def _timed_run(durations, report_every_s, log_every_steps, epochs=3):
+    cfg = PretrainConfig.model_validate({"train": {"batch_size": 16, "epochs": epochs, "log_every_steps": log_every_steps,
+                                                   "report_every_s": report_every_s},
+                                         "optim": {"warmup_steps": 1},
+                                         "data": {"val_split": None, "prefetch_next_epoch": False}})
+    clock = StepClock(durations)
+    s = LocalSession(clock.data(), None, device=torch.device("cpu"))
+    out = train(cfg, s, num_classes=10, train_count=128, clock=clock)
+    progress = [r for r in s.reports if "images_per_s" in r and "epoch_s" not in r]  # not the epoch ends
+    return out, progress
+
+
 def test_progress_reports_are_timed_not_per_step():
-    """A short step and a check every step: progress goes out at most once per report_every_s, and every
-    report still carries the metrics (loss, images/s, threads)."""
-    cfg = PretrainConfig.model_validate({"train": {"batch_size": 16, "epochs": 20, "log_every_steps": 1, "report_every_s": 0.25},
-                                         "optim": {"warmup_steps": 1}, "data": {"val_split": None}})
-    s = LocalSession(_data(), None, device=torch.device("cpu"))
-    out = train(cfg, s, num_classes=10, train_count=128)
-    steps = out["state"]["step"]
-    assert steps == 20 * 8
-    bound = out["elapsed_s"] / 0.25 + 1
-    assert 0 < out["progress_reports"] <= bound < steps / 2, (out["progress_reports"], bound, steps)
-    progress = [r for r in s.reports if "images_per_s" in r and "val_top1" not in r]
-    assert all(np.isfinite(r["loss"]) and r["torch_threads"] >= 1 for r in progress)
+    """8 steps an epoch of exactly 0.125 s each and a check every step: with report_every_s 0.25 a report
+    goes out after steps 2, 4 and 6 of each epoch (step 8 ends the epoch, which reports anyway), and
+    each report carries its metrics measured by the same clock: 2 x 16 images in 0.25 s."""
+    out, progress = _timed_run([0.125], report_every_s=0.25, log_every_steps=1)
+    assert out["state"]["step"] == 3 * 8
+    assert out["progress_reports"] == len(progress) == 3 * 3
+    assert [r["step"] for r in progress] == [e * 8 + k for e in range(3) for k in (2, 4, 6)]
+    assert all(r["images_per_s"] == 128.0 and np.isfinite(r["loss"]) and r["torch_threads"] >= 1 for r in progress)
+    assert out["elapsed_s"] == 3 * 8 * 0.125
+
+
+def test_report_schedule_follows_uneven_steps_and_the_check_interval():
+    """Steps of 1 s, 0, 0, 0, 0.25, 0.25, 0.125, 0.125 with a check every 2 steps and report_every_s 0.5:
+    due at step 2 (1 s) and step 6 (0.5 s since), not at step 4 (0 s since); per epoch, two reports."""
+    out, progress = _timed_run([1.0, 0, 0, 0, 0.25, 0.25, 0.125, 0.125], report_every_s=0.5, log_every_steps=2)
+    assert [r["step"] for r in progress] == [e * 8 + k for e in range(3) for k in (2, 6)]
+    assert [r["images_per_s"] for r in progress[:2]] == [32 / 1.0, 64 / 0.5]
+    # slower than the interval: a report at every check (steps 2, 4, 6), never more often than the checks
+    _, progress = _timed_run([0.5], report_every_s=0.25, log_every_steps=2, epochs=1)
+    assert [r["step"] for r in progress] == [2, 4, 6]
 
 
 def test_ema_follows_the_weights_with_foreach_updates():

@@ -73,40 +73,95 @@ def test_preflight_without_node_types_waits_for_the_autoscaler_unless_given_a_ce
 
 
 # ---- a job without RAY_ADDRESS --------------------------------------------------------------------
+_OWNER = ("import sys, time; from pipeline import ray_cluster; "
+          "print(ray_cluster.make_owned_folder(sys.argv[1] if len(sys.argv) > 1 else None), flush=True); time.sleep(600)")
+
+
+def _owner(parent: str | None = None) -> tuple[subprocess.Popen, Path]:
+    """A process that made a private-Ray folder the way a job does and still holds it."""
+    p = subprocess.Popen([sys.executable, "-c", _OWNER, *([parent] if parent else [])], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    return p, Path(p.stdout.readline().strip())
+
+
+def _killed_owner(parent: str | None = None) -> Path:
+    """The folder of a job killed with SIGKILL: it never ran its clean-up."""
+    p, folder = _owner(parent)
+    p.kill()
+    p.wait()
+    assert folder.is_dir() and (folder / "owner.lock").read_text().strip() == str(p.pid)
+    return folder
+
+
+def test_stale_private_ray_folders_are_removed_and_live_ones_kept(tmp_path):
+    from pipeline.ray_cluster import remove_stale_local_rays
+
+    dead = _killed_owner(str(tmp_path))
+    live, live_folder = _owner(str(tmp_path))
+    legacy_dead = tmp_path / "vitray-local-ray-legacy1"  # made before owner locks, its Ray gone
+    legacy_live = tmp_path / "vitray-local-ray-legacy2"  # ... its Ray still running (named on a command line)
+    for d in (legacy_dead, legacy_live):
+        (d / "ray").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", f"--temp_dir={legacy_live}/ray"])
+    try:
+        removed = remove_stale_local_rays(str(tmp_path))
+        assert sorted(removed) == sorted([str(dead), str(legacy_dead)])
+        assert not dead.exists() and not legacy_dead.exists()
+        assert live_folder.is_dir() and legacy_live.is_dir()
+        assert remove_stale_local_rays(str(tmp_path)) == []  # nothing more to do, the live ones still kept
+    finally:
+        for p in (live, holder):
+            p.kill()
+            p.wait()
+    assert sorted(remove_stale_local_rays(str(tmp_path))) == sorted([str(live_folder), str(legacy_live)])  # now gone
+
+
 def test_a_job_without_ray_address_runs_the_smoke_config_on_a_private_ray(stack, digits_shards, bucket):
     """Two training workers on this 2-core machine (the local stack's sizing); the job's own Ray serves no
     dashboard and reads a token file only its user can read; nothing of it is left afterwards. (Ray 2.60
     replaces a loopback node address by the machine's and its gRPC servers listen on every interface, so
     the listening sockets are only checked for a dashboard: the token is what guards the rest.)"""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    log = tempfile.TemporaryFile(mode="w+")  # not a pipe: Ray Data's progress bars would fill it and block the job
-    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs/pretrain.py"), "--config", str(ROOT / "configs/smoke.yaml"),
-                             "--data", digits_shards, "--output", f"{bucket}/runs", "--name", "private"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    seen, token_modes, deadline = {}, set(), time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        for p in psutil.Process(proc.pid).children(recursive=True):
-            try:
-                if not token_modes and p.environ().get("RAY_AUTH_TOKEN_PATH"):
-                    token_modes.add(stat.S_IMODE(os.stat(p.environ()["RAY_AUTH_TOKEN_PATH"]).st_mode))
-                cmd = " ".join(p.cmdline())
-                if "raylet" in p.name():
-                    seen["raylet"] = cmd
-                    for c in p.net_connections(kind="inet"):
-                        if c.status == "LISTEN" and c.laddr.port in (8265,):
-                            raise AssertionError(f"a dashboard listens on {c.laddr}")
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        time.sleep(0.5)
-    proc.wait(timeout=60)
-    log.seek(0)
-    out = log.read()
-    log.close()
-    assert proc.returncode == 0, out[-3000:]
-    assert "starting a local Ray on 127.0.0.1" in out and "best val top-1" in out
-    assert "raylet" in seen and "--temp_dir" not in seen["raylet"] or "vitray-local-ray-" in seen["raylet"], seen
-    assert token_modes == {0o600}, token_modes
-    assert not list(Path(tempfile.gettempdir()).glob("vitray-local-ray-*"))  # token and session files removed at exit
+    stale = _killed_owner()  # an earlier job on this machine, killed with SIGKILL: its folder is in the temp dir
+    live, live_folder = _owner()  # a job that is still running
+    try:
+        log = tempfile.TemporaryFile(mode="w+")  # not a pipe: Ray Data's progress bars would fill it and block the job
+        proc = subprocess.Popen([sys.executable, str(ROOT / "jobs/pretrain.py"), "--config", str(ROOT / "configs/smoke.yaml"),
+                                 "--data", digits_shards, "--output", f"{bucket}/runs", "--name", "private"],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        seen, token_modes, token_path, deadline = {}, set(), None, time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            for p in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    if not token_modes and p.environ().get("RAY_AUTH_TOKEN_PATH"):
+                        token_path = Path(p.environ()["RAY_AUTH_TOKEN_PATH"])
+                        token_modes.add(stat.S_IMODE(os.stat(token_path).st_mode))
+                    cmd = " ".join(p.cmdline())
+                    if "raylet" in p.name():
+                        seen["raylet"] = cmd
+                        for c in p.net_connections(kind="inet"):
+                            if c.status == "LISTEN" and c.laddr.port in (8265,):
+                                raise AssertionError(f"a dashboard listens on {c.laddr}")
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            time.sleep(0.5)
+        proc.wait(timeout=60)
+        log.seek(0)
+        out = log.read()
+        log.close()
+        assert proc.returncode == 0, out[-3000:]
+        assert "starting a local Ray on 127.0.0.1" in out and "best val top-1" in out
+        assert "raylet" in seen and "--temp_dir" not in seen["raylet"] or "vitray-local-ray-" in seen["raylet"], seen
+        assert token_modes == {0o600}, token_modes
+        own = token_path.parent
+        assert own.name.startswith("vitray-local-ray-") and own != live_folder
+        assert not own.exists()  # its token and session files removed at exit
+        assert not stale.exists()  # the killed job's folder removed when this job started its Ray
+        assert live_folder.is_dir()  # the running job's left alone
+    finally:
+        for p in (live, *([proc] if "proc" in locals() and proc.poll() is None else [])):
+            p.kill()
+            p.wait()
+        shutil.rmtree(live_folder, ignore_errors=True)
 
 
 # ---- the launcher's own start commands, run on this machine ----------------------------------------
