@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU machines: the local CPU wheel. GPU machines: `make setup TORCH_SPEC="torch>=2.4,<2.15"` (CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo up down status bench clean-state
+.PHONY: setup lint test test-fast demo up down status bench clean-state
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -16,10 +16,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,demo]" "$(TORCH_SPEC)"
 	touch $@
 
-test: setup
+# Lint first: ruff's configured rules and its formatter (pyproject [tool.ruff]) on the whole tree.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: setup lint
 	$(PY) -m pytest tests
 
-test-fast: setup
+test-fast: setup lint
 	$(PY) -m pytest tests -m "not e2e and not multinode"
 
 demo: setup

@@ -20,14 +20,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from roles import cpu_seconds_by_role
+
+from pipeline.data.transforms import ImageTransform, patchify, random_resized_crop_box
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from pipeline.transforms import ImageTransform, patchify, random_resized_crop_box  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "bench"))
-from roles import cpu_seconds_by_role  # noqa: E402
-
 DATA = ROOT.parent / "shared" / "data" / "hymenoptera_data"
 
 
@@ -76,10 +73,17 @@ def ray_stream_rate(folder: Path, bucket: str, shard_size: int, epochs: int = 2)
     """
     import psutil
 
-    from pipeline import shards
-    from pipeline.data import StreamConfig, configure_ray_data, split_stream
+    from pipeline.data import shard_writer
+    from pipeline.data.streams import StreamConfig, configure_ray_data, split_stream
 
-    shards.make_shards(str(folder), f"s3://{bucket}/{folder.name}", val_fraction=0.0, shard_size=shard_size, progress=False, executor="local")
+    shard_writer.make_shards(
+        str(folder),
+        f"s3://{bucket}/{folder.name}",
+        val_fraction=0.0,
+        shard_size=shard_size,
+        progress=False,
+        executor="local",
+    )
     configure_ray_data(progress=False)
     # Ray Data's CPU budget = the machine's cores while measuring (the local stack declares 4 slots on 2
     # cores, for training beside decoding; 4 decode tasks on 2 cores inflate each one's CPU time)
@@ -87,7 +91,9 @@ def ray_stream_rate(folder: Path, bucket: str, shard_size: int, epochs: int = 2)
 
     ctx = DataContext.get_current()
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=float(os.cpu_count()))
-    ds, m = split_stream(f"s3://{bucket}/{folder.name}", "train", StreamConfig(224, 16, train=True), shuffle_seed=0)
+    ds, m = split_stream(
+        f"s3://{bucket}/{folder.name}", "train", StreamConfig(ImageTransform(224, 16, train=True)), shuffle_seed=0
+    )
     peak = [0]
     stop = threading.Event()
 
@@ -124,8 +130,10 @@ def task_cpu_seconds(stats: str) -> float:
     work without the background threads every Ray worker process runs, busy or idle."""
     import re
 
-    return sum(float(v) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[u]
-               for v, u in re.findall(r"Remote cpu time:[^\n]*?([\d.]+)(us|ms|s) total", stats))
+    return sum(
+        float(v) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[u]
+        for v, u in re.findall(r"Remote cpu time:[^\n]*?([\d.]+)(us|ms|s) total", stats)
+    )
 
 
 def main():
@@ -153,16 +161,19 @@ def main():
     for label, datas in (("~500x375 photos", small), ("2000 px photos", large)):
         r = rates({"a": baseline, "b": ours, "dec": decode_only}, datas)
         a, b, dec = r["a"], r["b"], r["dec"]
-        print(f"{label:16s}: images per CPU-second, one core: decode-only {dec:7.1f} | (a) baseline {a:7.1f} | (b) ours {b:7.1f} | "
-              f"(b)/(a) {b / a:4.2f}x | (b)/decode-only {b / dec:4.2f}", flush=True)
+        print(
+            f"{label:16s}: images per CPU-second, one core: decode-only {dec:7.1f} | (a) baseline {a:7.1f} | (b) ours "
+            f"{b:7.1f} | "
+            f"(b)/(a) {b / a:4.2f}x | (b)/decode-only {b / dec:4.2f}",
+            flush=True,
+        )
 
-    sys.path.insert(0, str(ROOT / "cluster" / "local"))
-    import stack  # noqa: E402
+    import local_stack
 
-    os.environ.update(stack.env_vars())  # before importing ray: its auth mode is read at import
+    local_stack.env()  # before importing ray: its auth mode is read at import
     import ray
 
-    from pipeline import storage
+    from pipeline.core import storage
 
     ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     cpus = ray.cluster_resources()["CPU"]
@@ -182,7 +193,10 @@ def main():
             (big_dir / f"c{i % 2}" / f"r{rep}-{i}.jpg").write_bytes(d)
     # Shards of ~15 MB (128 photos, 16 large ones): per-shard costs (a task, a GET, a tar header
     # sniff, a block) are paid once per shard, as with real shards of 100+ MB.
-    for label, folder, shard_size, datas in (("~500x375 photos", small_dir, 128, small), ("2000 px photos", big_dir, 16, large)):
+    for label, folder, shard_size, datas in (
+        ("~500x375 photos", small_dir, 128, small),
+        ("2000 px photos", big_dir, 16, large),
+    ):
         # (b) again right before and after (c): this machine's speed drifts by 10-20% over minutes,
         # so (c) is compared with (b) measured around it, not minutes earlier.
         b_before = rates({"b": ours}, datas, seconds=6)["b"]
@@ -190,14 +204,24 @@ def main():
         b = (b_before + rates({"b": ours}, datas, seconds=6)["b"]) / 2
         used = sum(cpu.values())
         per_used, per_worker, per_task = n / used, n / cpu["data tasks"], n / task_cpu
-        print(f"{label:16s}: (c) Ray Data stream from S3 {c:7.1f} img/s on {cores} cores ({cpus:g} Ray CPU slots, Ray Data "
-              f"limited to {cores}), {used / (n / c):.2f} cores busy | CPU s: "
-              + ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu.items())) + f" (in the data tasks themselves {task_cpu:.1f})", flush=True)
-        print(f"{'':16s}  (b) around it {b:6.1f} img per CPU-s | per core used by data tasks: {per_task:6.1f} img/s "
-              f"-> (c)/(b) {per_task / b:4.2f} (goal >= 0.8) | counting the data workers' processes (Ray's background "
-              f"threads too) {per_worker:6.1f} -> {per_worker / b:4.2f} | counting every process (Ray services, S3 server, "
-              f"driver) {per_used:6.1f} -> {per_used / b:4.2f} | per wall core {c / cores:6.1f} -> {c / cores / b:4.2f} | "
-              f"peak RSS of Ray's worker processes + driver {peak / 2**20:6.0f} MiB ({n} images)", flush=True)
+        print(
+            f"{label:16s}: (c) Ray Data stream from S3 {c:7.1f} img/s on {cores} cores ({cpus:g} Ray CPU slots, Ray "
+            "Data "
+            f"limited to {cores}), {used / (n / c):.2f} cores busy | CPU s: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu.items()))
+            + f" (in the data tasks themselves {task_cpu:.1f})",
+            flush=True,
+        )
+        print(
+            f"{'':16s}  (b) around it {b:6.1f} img per CPU-s | per core used by data tasks: {per_task:6.1f} img/s "
+            f"-> (c)/(b) {per_task / b:4.2f} (goal >= 0.8) | counting the data workers' processes (Ray's background "
+            f"threads too) {per_worker:6.1f} -> {per_worker / b:4.2f} | counting every process (Ray services, S3 "
+            "server, "
+            f"driver) {per_used:6.1f} -> {per_used / b:4.2f} | per wall core {c / cores:6.1f} -> {c / cores / b:4.2f} "
+            "| "
+            f"peak RSS of Ray's worker processes + driver {peak / 2**20:6.0f} MiB ({n} images)",
+            flush=True,
+        )
     storage.delete(f"s3://{bucket}", recursive=True)
 
 

@@ -11,7 +11,6 @@ row, the way it was done before). Needs `make up`.
 import argparse
 import io
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,11 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import vit_model
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "cluster" / "local"))
-sys.path.insert(0, str(ROOT / "bench"))
-import vit_model  # noqa: E402
 
 
 def gpu(args):
@@ -42,8 +39,8 @@ def gpu(args):
             n += args.batch
         torch.cuda.synchronize()
     ips = n / (time.perf_counter() - t0)
-    peak = 989e12 if any(k in torch.cuda.get_device_name() for k in ("H100", "H200")) else None
-    mfu = f", MFU {ips * vit_model.flops_per_image(cfg) / peak * 100:.1f}%" if peak else ""
+    peak = vit_model.gpu_peak_flops(torch.cuda.get_device_name())
+    mfu = f", MFU {vit_model.mfu(ips, cfg, peak, training=False) * 100:.1f}%" if peak else ""
     print(f"{args.model} bf16 inference batch {args.batch} on {torch.cuda.get_device_name()}: {ips:.0f} images/s{mfu}")
 
 
@@ -54,18 +51,30 @@ def plain_run(uris: list[str], model_uri: str, out: str, batch: int, reads: int,
 
     import pyarrow.parquet as pq
 
-    from pipeline import exported, storage
-    from pipeline.data import StreamConfig
-    from pipeline.inference import fetch_and_preprocess
-    from pipeline.predictor import Predictor
+    from pipeline.core import exported, storage
+    from pipeline.data.transforms import ImageTransform
+    from pipeline.inference.inputs import fetch_and_preprocess
+    from pipeline.inference.predictor import Predictor
 
     w, c = exported.read(model_uri)
-    transform = StreamConfig.for_model(exported.model_config(c), False).transform()
-    p = Predictor(w, c, hashlib.sha256(w).hexdigest(), model_uri, 5, False, "plain", dt.datetime.now(dt.timezone.utc), False, threads)
+    transform = ImageTransform.for_model(exported.model_config(c), False)
+    p = Predictor(
+        w,
+        c,
+        hashlib.sha256(w).hexdigest(),
+        model_uri,
+        5,
+        False,
+        "plain",
+        dt.datetime.now(dt.timezone.utc),
+        False,
+        threads,
+    )
     for i in range(0, len(uris), batch):
-        part = uris[i:i + batch]
-        rows = fetch_and_preprocess({"image_uri": np.asarray(part, dtype=object), "label_id": np.full(len(part), -1)},
-                                    transform, reads)
+        part = uris[i : i + batch]
+        rows = fetch_and_preprocess(
+            {"image_uri": np.asarray(part, dtype=object), "label_id": np.full(len(part), -1)}, transform, reads
+        )
         buf = io.BytesIO()
         pq.write_table(p(rows), buf)
         storage.write_bytes(f"{out}/part-{i // batch:05d}.parquet", buf.getvalue())
@@ -74,14 +83,15 @@ def plain_run(uris: list[str], model_uri: str, out: str, batch: int, reads: int,
 def cpu(args):
     """(a) the job's steps in one plain process and (b) the Ray Data job, each at two sizes; the per-image time
     is the slope between them (start-up, listing and publishing cancel), CPU seconds by role beside it."""
-    import stack
+    import local_stack
 
-    os.environ.update(stack.env_vars())  # before importing ray: its auth mode is read at import
+    local_stack.env()  # before importing ray: its auth mode is read at import
     import ray
-
-    from pipeline import inference, storage
-    from pipeline.inference import InferConfig
     from roles import RoleClock, per_image
+
+    from pipeline.core import storage
+    from pipeline.inference import batch as inference
+    from pipeline.inference.batch import InferConfig
 
     ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     from ray.data import DataContext
@@ -93,7 +103,6 @@ def cpu(args):
     w, c = vit_model.export_bytes(m, class_names=[str(i) for i in range(10)])
     storage.write_bytes(f"s3://{bucket}/model/model.safetensors", w)
     storage.write_bytes(f"s3://{bucket}/model/config.json", c)
-    rng = np.random.default_rng(0)
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
@@ -102,7 +111,9 @@ def cpu(args):
 
     def put(i):
         buf = io.BytesIO()
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(
+            buf, "JPEG", quality=90
+        )
         for n in sizes:
             if i < n:
                 storage.write_bytes(f"s3://{bucket}/in{n}/{i:05d}.jpg", buf.getvalue())
@@ -119,19 +130,41 @@ def cpu(args):
         res[("a", n)] = (time.perf_counter() - t0, clock.stop())
         clock = RoleClock().start()
         t0 = time.perf_counter()
-        r = inference.run(InferConfig(model=f"s3://{bucket}/model", input=f"s3://{bucket}/in{n}", output=f"s3://{bucket}/out{n}",
-                                      replicas=(1, 1), batch_size=args.batch, reads=args.reads,
-                                      cpus_per_replica=args.cpus_per_replica, decode_cpus=args.decode_cpus))
+        r = inference.run(
+            InferConfig(
+                model=f"s3://{bucket}/model",
+                input=f"s3://{bucket}/in{n}",
+                output=f"s3://{bucket}/out{n}",
+                replicas=(1, 1),
+                batch_size=args.batch,
+                reads=args.reads,
+                cpus_per_replica=args.cpus_per_replica,
+                decode_cpus=args.decode_cpus,
+            )
+        )
         res[("b", n)] = (time.perf_counter() - t0, clock.stop())
-        print(f"{n} images: (a) plain process {res[('a', n)][0]:6.1f} s | (b) Ray Data job {res[('b', n)][0]:6.1f} s end to end "
-              f"(stages: " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings_s"].items()) + "; in predict: "
-              + ", ".join(f"{k} {v:.1f}" for k, v in r.get("operator_s", {}).items()) + " task-s; after the pipeline started: "
-              + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in r.get("startup_s", {}).items()) + ")", flush=True)
+        print(
+            f"{n} images: (a) plain process {res[('a', n)][0]:6.1f} s | (b) Ray Data job {res[('b', n)][0]:6.1f} s "
+            "end to end "
+            f"(stages: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in r["timings_s"].items())
+            + "; in predict: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in r.get("operator_s", {}).items())
+            + " task-s; after the pipeline started: "
+            + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in r.get("startup_s", {}).items())
+            + ")",
+            flush=True,
+        )
     n1, n2 = sizes
     slope = {k: (res[(k, n2)][0] - res[(k, n1)][0]) / (n2 - n1) for k in ("a", "b")}
-    for k, label in (("a", "(a) plain process (same GETs, decode, model, Parquet to S3)"), ("b", "(b) Ray Data job, 1 replica")):
-        print(f"{label}: {slope[k] * 1000:.2f} ms per image ({1 / slope[k]:.0f} img/s marginal); at {n2}: "
-              + per_image(res[(k, n2)][1], n2))
+    for k, label in (
+        ("a", "(a) plain process (same GETs, decode, model, Parquet to S3)"),
+        ("b", "(b) Ray Data job, 1 replica"),
+    ):
+        print(
+            f"{label}: {slope[k] * 1000:.2f} ms per image ({1 / slope[k]:.0f} img/s marginal); at {n2}: "
+            + per_image(res[(k, n2)][1], n2)
+        )
     print(f"(b)/(a) marginal images/s: {slope['a'] / slope['b']:.2f} (goal >= 0.8)")
     storage.delete(f"s3://{bucket}", recursive=True)
 
@@ -142,15 +175,15 @@ def state_cost(args):
     import datetime as dt
     import statistics
 
+    import local_stack
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    import stack
-
-    os.environ.update(stack.env_vars())
-    from pipeline import publish, storage
-    from pipeline.predictor import output_schema
-    from pipeline.lease import Lease
+    local_stack.env()
+    from pipeline.core import storage
+    from pipeline.inference import publish
+    from pipeline.inference.lease import Lease
+    from pipeline.inference.predictor import output_schema
 
     bucket = f"bench-state-{uuid.uuid4().hex[:6]}"
     storage.s3_client().create_bucket(Bucket=bucket)
@@ -158,7 +191,6 @@ def state_cost(args):
     layout, sha, per_run, dim = publish.Layout.of(out), "cd" * 32, args.state_rows, 192
     schema = output_schema(5, dim)
     now = dt.datetime.now(dt.timezone.utc)
-    rng = np.random.default_rng(0)
 
     def timed(fn, repeat=5):
         times = []
@@ -168,24 +200,60 @@ def state_cost(args):
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
+    rng = np.random.default_rng(0)
     print(f"--since-last-run state: {per_run} new images per run, embeddings of {dim} floats", flush=True)
     with Lease(out, "bench") as lease:
         for r in range(1, 101):
-            rows = [{"image_uri": f"s3://in/r{r:03d}/{i:05d}.jpg", "label_id": None, "label": None, "pred_id": 1,
-                     "pred": "1", "score": 0.5, "topk_ids": [1, 2, 3, 4, 5], "topk_scores": [0.5, 0.2, 0.1, 0.1, 0.1],
-                     "embedding": rng.standard_normal(dim).astype(np.float32).tolist(), "error": None,
-                     "model_uri": "m", "model_sha256": sha, "run_id": f"r{r:03d}", "inferred_at": now} for i in range(per_run)]
+            rows = [
+                {
+                    "image_uri": f"s3://in/r{r:03d}/{i:05d}.jpg",
+                    "label_id": None,
+                    "label": None,
+                    "pred_id": 1,
+                    "pred": "1",
+                    "score": 0.5,
+                    "topk_ids": [1, 2, 3, 4, 5],
+                    "topk_scores": [0.5, 0.2, 0.1, 0.1, 0.1],
+                    "embedding": rng.standard_normal(dim).astype(np.float32).tolist(),
+                    "error": None,
+                    "model_uri": "m",
+                    "model_sha256": sha,
+                    "run_id": f"r{r:03d}",
+                    "inferred_at": now,
+                }
+                for i in range(per_run)
+            ]
             buf = io.BytesIO()
             pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
             staged = layout.staging(f"r{r:03d}").join("part-0.parquet.staged").uri
             storage.write_bytes(staged, buf.getvalue())
-            publish.commit(layout, publish.plan_commit(layout, f"r{r:03d}", "2026-11-28", [staged], accuracy_report=None,
-                                                       ledger=True, rows=per_run, inputs=per_run, errors=0, model_sha256=sha), lease)
+            publish.commit(
+                layout,
+                publish.plan_commit(
+                    layout,
+                    f"r{r:03d}",
+                    "2026-11-28",
+                    [staged],
+                    accuracy_report=None,
+                    ledger=True,
+                    rows=per_run,
+                    inputs=per_run,
+                    errors=0,
+                    model_sha256=sha,
+                ),
+                lease,
+            )
             if r in (1, 10, 100):
                 ledger = timed(lambda: publish.done_inputs(layout, sha))
-                everything = timed(lambda: set(publish.read_published(out, sha).column("image_uri").to_pylist()), repeat=3)
-                print(f"after {r:3d} runs ({r * per_run:6d} images): ledger {ledger * 1000:7.1f} ms | every published row "
-                      f"{everything * 1000:8.1f} ms | ledger/every-row {ledger / everything:5.2f}", flush=True)
+                everything = timed(
+                    lambda: set(publish.read_published(out, sha).column("image_uri").to_pylist()), repeat=3
+                )
+                print(
+                    f"after {r:3d} runs ({r * per_run:6d} images): ledger {ledger * 1000:7.1f} ms | every published "
+                    "row "
+                    f"{everything * 1000:8.1f} ms | ledger/every-row {ledger / everything:5.2f}",
+                    flush=True,
+                )
     storage.delete(f"s3://{bucket}", recursive=True)
 
 
@@ -199,8 +267,13 @@ def main():
     ap.add_argument("--sizes", type=int, nargs=2, default=[2000, 6000], help="the two run sizes of the slope")
     ap.add_argument("--reads", type=int, default=16, help="concurrent GETs per read task, (a) and (b)")
     ap.add_argument("--cpus-per-replica", type=float, default=1.0)
-    ap.add_argument("--decode-cpus", type=float, default=1.0, help="CPU slots per read+decode task (other than "
-                    "--cpus-per-replica: decoding runs in tasks of its own beside the model actor instead of inside it)")
+    ap.add_argument(
+        "--decode-cpus",
+        type=float,
+        default=1.0,
+        help="CPU slots per read+decode task (other than "
+        "--cpus-per-replica: decoding runs in tasks of its own beside the model actor instead of inside it)",
+    )
     ap.add_argument("--state-rows", type=int, default=50, help="new images per committed run in the state-cost part")
     ap.add_argument("--state-only", action="store_true")
     args = ap.parse_args()

@@ -8,17 +8,12 @@ measured matmul peak, and MFU on GPUs.
 """
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import vit_model  # noqa: E402
-
-GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+import vit_model
 
 
 class ReferenceViT(nn.Module):
@@ -31,8 +26,16 @@ class ReferenceViT(nn.Module):
         self.embed = nn.Conv2d(cfg.in_chans, d, cfg.patch_size, cfg.patch_size)
         self.cls = nn.Parameter(torch.zeros(1, 1, d))
         self.pos = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, d))
-        layer = nn.TransformerEncoderLayer(d, cfg.num_heads, int(d * cfg.mlp_ratio), dropout=0.0, activation="gelu",
-                                           layer_norm_eps=1e-6, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            d,
+            cfg.num_heads,
+            int(d * cfg.mlp_ratio),
+            dropout=0.0,
+            activation="gelu",
+            layer_norm_eps=1e-6,
+            batch_first=True,
+            norm_first=True,
+        )
         self.encoder = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.head = nn.Linear(d, cfg.num_classes)
@@ -107,9 +110,11 @@ def main():
     torch.manual_seed(0)
     peak_measured = matmul_peak(device, dtype)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    peak_spec = next((v for k, v in GPU_PEAKS.items() if k in name), None) if device.type == "cuda" else None
-    print(f"device {name}, dtype {args.dtype}, compile {args.compile}; measured matmul peak {peak_measured / 1e12:.3f} TFLOP/s"
-          + (f", spec peak {peak_spec / 1e12:.0f} TFLOP/s" if peak_spec else ""))
+    peak_spec = vit_model.gpu_peak_flops(name) if device.type == "cuda" else None
+    print(
+        f"device {name}, dtype {args.dtype}, compile {args.compile}; measured matmul peak {peak_measured / 1e12:.3f} "
+        "TFLOP/s" + (f", spec peak {peak_spec / 1e12:.0f} TFLOP/s" if peak_spec else "")
+    )
     for mname in args.models.split(","):
         cfg = vit_model.variant_config(mname)
         batch = args.batch or (64 if cfg.img_size <= 64 else (256 if device.type == "cuda" else 16))
@@ -122,10 +127,14 @@ def main():
         for train in (False, True):
             flops = vit_model.flops_per_image(cfg, training=train) * batch
             t_ours = bench_one(ours.train(train), x, y, device, dtype, train)
-            line = (f"{mname:24s} {'fwd+bwd' if train else 'forward':8s} batch {batch:4d}: ours {batch / t_ours:9.1f} img/s "
-                    f"{flops / t_ours / 1e12:7.3f} TFLOP/s ({flops / t_ours / peak_measured * 100:5.1f}% of measured matmul peak")
+            line = (
+                f"{mname:24s} {'fwd+bwd' if train else 'forward':8s} batch {batch:4d}: ours {batch / t_ours:9.1f} "
+                "img/s "
+                f"{flops / t_ours / 1e12:7.3f} TFLOP/s ({flops / t_ours / peak_measured * 100:5.1f}% of measured "
+                "matmul peak"
+            )
             if peak_spec:
-                line += f", MFU {flops / t_ours / peak_spec * 100:5.1f}%"
+                line += f", MFU {vit_model.mfu(batch / t_ours, cfg, peak_spec, training=train) * 100:5.1f}%"
             line += ")"
             if not args.no_reference:
                 t_ref = bench_one(ref.train(train), x, y, device, dtype, train)

@@ -17,12 +17,17 @@ def cpu_seconds_by_role() -> dict[int, tuple[str, float]]:
             role = "driver"
         elif "weed" in name:
             role = "S3 server"
-        elif name.startswith("ray::") and any(k in name for k in ("RayTrainWorker", "Predictor", "MapWorker", "_MapWorker")):
+        elif name.startswith("ray::") and any(
+            k in name for k in ("RayTrainWorker", "Predictor", "MapWorker", "_MapWorker")
+        ):
             role = "model (train workers / actors)"
-        elif name.startswith("ray::") and not any(k in name for k in ("Actor", "Dashboard", "Controller", "Coordinator",
-                                                                       "Manager", "Watcher", "Stats")):
+        elif name.startswith("ray::") and not any(
+            k in name for k in ("Actor", "Dashboard", "Controller", "Coordinator", "Manager", "Watcher", "Stats")
+        ):
             role = "data tasks"  # ray::IDLE between tasks, ray::ReadBinary->MapBatches(...) during them
-        elif name.startswith("ray::") or "raylet" in name or "gcs_server" in name or "ray/" in cmd or "dashboard" in cmd:
+        elif (
+            name.startswith("ray::") or "raylet" in name or "gcs_server" in name or "ray/" in cmd or "dashboard" in cmd
+        ):
             role = "Ray services"
         else:
             continue
@@ -44,6 +49,7 @@ class RoleClock:
         def sample():
             while not self._stop.wait(every_s):
                 self.last.update(cpu_seconds_by_role())
+
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
         return self

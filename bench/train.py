@@ -6,25 +6,23 @@ batch; steady-state images/s is the median of the progress windows after the fir
   python bench/train.py --device cuda     # no Ray: ViT-B/16, bf16, synthetic patches -> images/s, MFU
   python bench/train.py --checkpoint-cost # step time of a checkpoint, sync against async upload (ViT-S/16)
   python bench/train.py --emulate 0.1     # GPU emulation: a step sleeps 100 ms; the fraction of step time Ray adds
+  python bench/train.py --deit-step       # no Ray: Mixup/CutMix/erasing on patches against the image round trip
 """
 
 import argparse
 import os
 import statistics
-import sys
 import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "cluster" / "local"))
-sys.path.insert(0, str(ROOT / "bench"))
+from pipeline.training.loop import train
+from pipeline.training.sessions import LocalSession
+from pipeline.training.train_config import PretrainConfig
 
-from pipeline.pretrain_config import PretrainConfig  # noqa: E402
-from pipeline.train_loop import LocalSession, train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def steady(reports):
@@ -49,13 +47,21 @@ def whole_epochs(reports, batch) -> tuple[float, float]:
 
 def gpu(args):
     """ViT-B/16 bf16 training on one GPU with synthetic uint8 patches; no Ray involved."""
-    cfg = PretrainConfig.model_validate({
-        "model": {"name": args.model},
-        "train": {"batch_size": args.batch, "epochs": 1, "max_steps": args.steps, "log_every_steps": 10,
-                  "compile": args.compile, "precision": "bf16"},
-        "optim": {"warmup_steps": 5, "label_smoothing": 0.1},
-        "data": {"val_split": None},
-    })
+    cfg = PretrainConfig.model_validate(
+        {
+            "model": {"name": args.model},
+            "train": {
+                "batch_size": args.batch,
+                "epochs": 1,
+                "max_steps": args.steps,
+                "log_every_steps": 10,
+                "compile": args.compile,
+                "precision": "bf16",
+            },
+            "optim": {"warmup_steps": 5, "label_smoothing": 0.1},
+            "data": {"val_split": None},
+        }
+    )
     import vit_model
 
     mcfg = vit_model.variant_config(args.model)
@@ -72,65 +78,94 @@ def gpu(args):
     train(cfg, s, num_classes=1000, train_count=args.batch * args.steps)
     ips, wait = steady(s.reports)
     mfu = [r["mfu"] for r in s.reports if "mfu" in r][1:]
-    print(f"{args.model} bf16 compile={args.compile} batch {args.batch} on {torch.cuda.get_device_name()}: "
-          f"{ips:.0f} images/s, MFU {statistics.median(mfu) * 100:.1f}% (data wait {wait * 100:.0f}%)")
+    print(
+        f"{args.model} bf16 compile={args.compile} batch {args.batch} on {torch.cuda.get_device_name()}: "
+        f"{ips:.0f} images/s, MFU {statistics.median(mfu) * 100:.1f}% (data wait {wait * 100:.0f}%)"
+    )
 
 
 def cpu(args):
-    import stack
+    import local_stack
 
-    os.environ.update(stack.env_vars())  # before importing ray: its auth mode is read at import
+    local_stack.env()  # before importing ray: its auth mode is read at import
     import ray
-
-    from pipeline import pretrain, shards, storage
-    from pipeline.transforms import ImageTransform
     from roles import RoleClock, per_image
+
+    from pipeline.core import storage
+    from pipeline.data import shard_reader, shard_writer
+    from pipeline.data.manifest import load_manifest
+    from pipeline.data.transforms import Augment, ImageTransform
+    from pipeline.training import trainer
 
     ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     bucket = f"bench-{uuid.uuid4().hex[:6]}"
     storage.s3_client().create_bucket(Bucket=bucket)
-    shards.make_shards("digits", f"s3://{bucket}/digits", progress=False, executor="local")
+    shard_writer.make_shards("digits", f"s3://{bucket}/digits", progress=False, executor="local")
     manifest = f"s3://{bucket}/digits/manifest.json"
-    base = {"model": {"name": "vit_micro_patch4_32"}, "data": {"manifest": manifest, "val_split": None, "hflip": 0.0},
-            "optim": {"warmup_steps": 2},
-            "train": {"output": f"s3://{bucket}/runs", "batch_size": args.cpu_batch, "epochs": 3, "log_every_steps": 5}}
+    base = {
+        "model": {"name": "vit_micro_patch4_32"},
+        "data": {"manifest": manifest, "val_split": None, "hflip": 0.0},
+        "optim": {"warmup_steps": 2},
+        "train": {"output": f"s3://{bucket}/runs", "batch_size": args.cpu_batch, "epochs": 3, "log_every_steps": 5},
+    }
 
     # (a) the plain loop: same shards, decoded in the loop's own process, no Ray
-    m = shards.load_manifest(manifest)
+    m = load_manifest(manifest)
     samples = []
-    for path, digest in shards.expected_digests(m, "train").items():
-        rows = shards.unpack_shards({"bytes": [storage.read_bytes(f"s3://{path}")], "path": [path]}, {path: digest}, m["format"])
+    for path, digest in m.digests("train").items():
+        rows = shard_reader.unpack_shards(
+            {"bytes": [storage.read_bytes(f"s3://{path}")], "path": [path]}, {path: digest}, m.format
+        )
         samples += [(bytes(img), int(lab)) for img, lab in zip(rows["image"], rows["label"])]
-    t = ImageTransform(32, 4, train=True, scale=(0.08, 1.0), hflip=0.0)
+    t = ImageTransform(32, 4, train=True, augment=Augment(scale_min=0.08, hflip=0.0))
     rng = np.random.default_rng(0)
 
     def batches(split, bs, epoch, is_train):
         order = rng.permutation(len(samples))
         for i in range(0, len(order) - bs + 1, bs):
-            idx = order[i:i + bs]
-            yield {"patches": np.stack([t(samples[j][0], rng) for j in idx]),
-                   "label": np.array([samples[j][1] for j in idx]), "valid": np.ones(len(idx), bool)}
+            idx = order[i : i + bs]
+            yield {
+                "patches": np.stack([t(samples[j][0], rng) for j in idx]),
+                "label": np.array([samples[j][1] for j in idx]),
+                "valid": np.ones(len(idx), bool),
+            }
 
     cfg = PretrainConfig.model_validate(base)
     s = LocalSession(batches, None, device=torch.device("cpu"))
-    train(cfg, s, num_classes=10, train_count=m["splits"]["train"]["count"])
+    train(cfg, s, num_classes=10, train_count=m.splits["train"].count)
     a, a_wait = steady(s.reports)
     a_epochs = whole_epochs(s.reports, cfg.train.batch_size)
     results = {}
     for workers in (1, 2):
-        c = PretrainConfig.model_validate({**base, "train": {**base["train"], "num_workers": workers, "name": f"w{workers}"}})
+        c = PretrainConfig.model_validate(
+            {**base, "train": {**base["train"], "num_workers": workers, "name": f"w{workers}"}}
+        )
         clock = RoleClock().start()
-        out = pretrain.run(c)
+        out = trainer.run(c)
         cpu = clock.stop()
-        lines = [__import__("json").loads(x) for x in storage.read_bytes(f"s3://{bucket}/runs/w{workers}/metrics.jsonl").decode().splitlines()]
-        results[workers] = (*steady(lines), whole_epochs(lines, c.train.batch_size), cpu, out["step"] * c.train.batch_size)
-    print(f"(a) plain loop, no Ray        {a:7.1f} img/s median window, {a_epochs[1]:7.1f} img/s over epochs 2+ "
-          f"(first epoch {a_epochs[0]:.1f} img/s; data wait {a_wait * 100:3.0f}%, decoding in the loop)")
+        lines = [
+            __import__("json").loads(x)
+            for x in storage.read_bytes(f"s3://{bucket}/runs/w{workers}/metrics.jsonl").decode().splitlines()
+        ]
+        results[workers] = (
+            *steady(lines),
+            whole_epochs(lines, c.train.batch_size),
+            cpu,
+            out["step"] * c.train.batch_size,
+        )
+    print(
+        f"(a) plain loop, no Ray        {a:7.1f} img/s median window, {a_epochs[1]:7.1f} img/s over epochs 2+ "
+        f"(first epoch {a_epochs[0]:.1f} img/s; data wait {a_wait * 100:3.0f}%, decoding in the loop)"
+    )
     for w, (ips, wait, (first, later), cpu, images) in results.items():
-        print(f"({'b' if w == 1 else 'c'}) Ray Train, {w} worker{'s' if w > 1 else ' '}       {ips:7.1f} img/s median window, "
-              f"{later:7.1f} img/s over epochs 2+ (first epoch {first:.1f} img/s, workers starting cold; data wait {wait * 100:3.0f}%) "
-              f"ratio to (a) {ips / a:4.2f} by windows, {later / a_epochs[1]:4.2f} by epochs")
-        print(f"    CPU by role: " + per_image(cpu, images))
+        print(
+            f"({'b' if w == 1 else 'c'}) Ray Train, {w} worker{'s' if w > 1 else ' '}       {ips:7.1f} img/s median "
+            "window, "
+            f"{later:7.1f} img/s over epochs 2+ (first epoch {first:.1f} img/s, workers starting cold; data wait "
+            f"{wait * 100:3.0f}%) "
+            f"ratio to (a) {ips / a:4.2f} by windows, {later / a_epochs[1]:4.2f} by epochs"
+        )
+        print("    CPU by role: " + per_image(cpu, images))
     storage.delete(f"s3://{bucket}", recursive=True)
 
 
@@ -142,57 +177,94 @@ def emulate(args):
     import json
     import time
 
-    import stack
+    import local_stack
 
-    os.environ.update(stack.env_vars())
+    local_stack.env()
     import ray
-
-    from pipeline import pretrain, shards, storage
     from roles import RoleClock, per_image
+
+    from pipeline.core import storage
+    from pipeline.data import shard_writer
+    from pipeline.training import trainer
 
     ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     bucket = f"bench-{uuid.uuid4().hex[:6]}"
     storage.s3_client().create_bucket(Bucket=bucket)
-    shards.make_shards("digits", f"s3://{bucket}/digits", progress=False, executor="local")
+    shard_writer.make_shards("digits", f"s3://{bucket}/digits", progress=False, executor="local")
     step, batch, epochs = args.emulate, args.cpu_batch, 4
-    base = {"model": {"name": "vit_micro_patch4_32"},
-            "data": {"manifest": f"s3://{bucket}/digits/manifest.json", "val_split": None, "hflip": 0.0,
-                     **({"local_shuffle_buffer": args.shuffle_buffer} if args.shuffle_buffer is not None else {})},
-            "optim": {"warmup_steps": 2},
-            "train": {"output": f"s3://{bucket}/runs", "batch_size": batch, "epochs": epochs, "log_every_steps": 1,
-                      "report_every_s": 2.0, "emulate_step_s": step, "checkpoint_every_steps": 100, "name": "emu"}}
+    base = {
+        "model": {"name": "vit_micro_patch4_32"},
+        "data": {
+            "manifest": f"s3://{bucket}/digits/manifest.json",
+            "val_split": None,
+            "hflip": 0.0,
+            **({"local_shuffle_buffer": args.shuffle_buffer} if args.shuffle_buffer is not None else {}),
+        },
+        "optim": {"warmup_steps": 2},
+        "train": {
+            "output": f"s3://{bucket}/runs",
+            "batch_size": batch,
+            "epochs": epochs,
+            "log_every_steps": 1,
+            "report_every_s": 2.0,
+            "emulate_step_s": step,
+            "checkpoint_every_steps": 100,
+            "name": "emu",
+        },
+    }
+
     def steady(reports):  # every progress window but an epoch's first: (ms a step, data wait)
         windows = [m for m in reports if "images_per_s_worker" in m and "epoch_s" not in m]
         keep = [m for prev, m in zip([None] + windows, windows) if prev is not None and prev["epoch"] == m["epoch"]]
-        return (statistics.median(batch / m["images_per_s_worker"] for m in keep),
-                statistics.median(m["data_wait"] for m in keep))
+        return (
+            statistics.median(batch / m["images_per_s_worker"] for m in keep),
+            statistics.median(m["data_wait"] for m in keep),
+        )
 
     # the same loop without Ray: batches from memory, the same sleep, the same reports and checkpoints
     cfg = PretrainConfig.model_validate(base)
-    fake = {"patches": np.zeros((batch, 64, 48), np.uint8), "label": np.zeros(batch, np.int64), "valid": np.ones(batch, bool)}
+    fake = {
+        "patches": np.zeros((batch, 64, 48), np.uint8),
+        "label": np.zeros(batch, np.int64),
+        "valid": np.ones(batch, bool),
+    }
     s = LocalSession(lambda *a: iter([fake] * (1618 // batch)), None, device=torch.device("cpu"))
     train(cfg, s, num_classes=10, train_count=1618)
     plain_step, _ = steady(s.reports)
     clock = RoleClock().start()
     t0 = time.perf_counter()
-    summary = pretrain.run(PretrainConfig.model_validate(base))
+    summary = trainer.run(PretrainConfig.model_validate(base))
     wall = time.perf_counter() - t0
     cpu = clock.stop()
     lines = [json.loads(x) for x in storage.read_bytes(f"s3://{bucket}/runs/emu/metrics.jsonl").decode().splitlines()]
     ray_step, wait = steady(lines)
     epochs_ = [m for m in lines if "epoch_s" in m]
     steps = summary["step"]
-    print(f"GPU emulation: {step * 1000:.0f} ms a step, batch {batch}, {steps} steps in {epochs} epochs, progress reports "
-          f"every {base['train']['report_every_s']} s, an async checkpoint every {base['train']['checkpoint_every_steps']} steps")
-    print(f"  the loop without Ray, steady state: {plain_step * 1000:6.1f} ms a step (checkpoint saves and reports included)")
-    print(f"  Ray Train, 1 worker, steady state:  {ray_step * 1000:6.1f} ms a step -> Ray adds {1 - plain_step / ray_step:6.2%} "
-          f"to the loop without Ray, {1 - step / ray_step:6.2%} to the bare step (data wait {wait:.1%}; goal <= 3%)")
+    print(
+        f"GPU emulation: {step * 1000:.0f} ms a step, batch {batch}, {steps} steps in {epochs} epochs, progress "
+        "reports "
+        f"every {base['train']['report_every_s']} s, an async checkpoint every "
+        f"{base['train']['checkpoint_every_steps']} steps"
+    )
+    print(
+        f"  the loop without Ray, steady state: {plain_step * 1000:6.1f} ms a step (checkpoint saves and reports "
+        "included)"
+    )
+    print(
+        f"  Ray Train, 1 worker, steady state:  {ray_step * 1000:6.1f} ms a step -> Ray adds "
+        f"{1 - plain_step / ray_step:6.2%} "
+        f"to the loop without Ray, {1 - step / ray_step:6.2%} to the bare step (data wait {wait:.1%}; goal <= 3%)"
+    )
     walls = epoch_walls(lines)
-    print(f"  start-up, apart: {wall - sum(walls):.1f} s before the first epoch and after the last "
-          f"(workers, model, export); first batch of each epoch " + ", ".join(f"{m['first_batch_s']:.2f}" for m in epochs_)
-          + f" s (later epochs' streams start during the checkpoint before them); whole epochs (from one epoch's end to the "
-          f"next) {statistics.mean(steps / epochs * step / w for w in walls[1:]):.1%} stepping")
-    print(f"  CPU by role: " + per_image(cpu, steps * batch))
+    print(
+        f"  start-up, apart: {wall - sum(walls):.1f} s before the first epoch and after the last "
+        f"(workers, model, export); first batch of each epoch "
+        + ", ".join(f"{m['first_batch_s']:.2f}" for m in epochs_)
+        + " s (later epochs' streams start during the checkpoint before them); whole epochs (from one epoch's end to "
+        "the "
+        f"next) {statistics.mean(steps / epochs * step / w for w in walls[1:]):.1%} stepping"
+    )
+    print("  CPU by role: " + per_image(cpu, steps * batch))
     storage.delete(f"s3://{bucket}", recursive=True)
 
 
@@ -200,42 +272,65 @@ def checkpoint_cost(args):
     """What a checkpoint costs the training loop: ViT-S/16 at 224 px with its AdamW state (about 265 MB)
     on CPU, one Ray Train worker, a checkpoint every 3 steps, the upload synchronous against
     asynchronous, both in this run. The step after a checkpoint carries its cost (save + waiting)."""
-    import stack
+    import local_stack
 
-    os.environ.update(stack.env_vars())
+    local_stack.env()
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # a report every step: let the controller keep up
     import json
 
     import ray
 
-    from pipeline import pretrain, shards, storage
+    from pipeline.core import storage
+    from pipeline.data import shard_writer
+    from pipeline.training import trainer
 
     ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     bucket = f"bench-{uuid.uuid4().hex[:6]}"
     storage.s3_client().create_bucket(Bucket=bucket)
-    shards.make_shards("digits", f"s3://{bucket}/digits", progress=False, executor="local")
+    shard_writer.make_shards("digits", f"s3://{bucket}/digits", progress=False, executor="local")
     every, steps, batch = 3, 14, args.ckpt_batch
     rows = {}
     for mode in ("sync", "async"):
-        cfg = PretrainConfig.model_validate({
-            "model": {"name": "vit_small_patch16_224"},
-            "data": {"manifest": f"s3://{bucket}/digits/manifest.json", "val_split": None, "hflip": 0.0},
-            "optim": {"warmup_steps": 1},
-            "train": {"output": f"s3://{bucket}/runs", "name": mode, "batch_size": batch, "epochs": 1, "max_steps": steps,
-                      "log_every_steps": 1, "checkpoint_every_steps": every, "checkpoint_upload": mode,
-                      "cpus_per_worker": 2, "keep_checkpoints": 1}})
-        pretrain.run(cfg)
-        lines = [json.loads(x) for x in storage.read_bytes(f"s3://{bucket}/runs/{mode}/metrics.jsonl").decode().splitlines()]
-        step_s = {m["step"]: batch / m["images_per_s_worker"] for m in lines if "images_per_s_worker" in m and m["step"] > 1}
+        cfg = PretrainConfig.model_validate(
+            {
+                "model": {"name": "vit_small_patch16_224"},
+                "data": {"manifest": f"s3://{bucket}/digits/manifest.json", "val_split": None, "hflip": 0.0},
+                "optim": {"warmup_steps": 1},
+                "train": {
+                    "output": f"s3://{bucket}/runs",
+                    "name": mode,
+                    "batch_size": batch,
+                    "epochs": 1,
+                    "max_steps": steps,
+                    "log_every_steps": 1,
+                    "checkpoint_every_steps": every,
+                    "checkpoint_upload": mode,
+                    "cpus_per_worker": 2,
+                    "keep_checkpoints": 1,
+                },
+            }
+        )
+        trainer.run(cfg)
+        lines = [
+            json.loads(x) for x in storage.read_bytes(f"s3://{bucket}/runs/{mode}/metrics.jsonl").decode().splitlines()
+        ]
+        step_s = {
+            m["step"]: batch / m["images_per_s_worker"] for m in lines if "images_per_s_worker" in m and m["step"] > 1
+        }
         after = [t for s_, t in step_s.items() if s_ % every == 1 and s_ > every]
         plain = [t for s_, t in step_s.items() if s_ % every != 1]
         saves = [m["checkpoint_save_s"] for m in lines if "checkpoint_save_s" in m]
         uploads = [m["checkpoint_upload_s"] for m in lines if "checkpoint_upload_s" in m]
         rows[mode] = statistics.median(after) - statistics.median(plain)
         interval = (every - 1) * statistics.median(plain) + statistics.median(after)
-        print(f"{mode:5s} upload: step {statistics.median(plain):5.2f} s, step after a checkpoint {statistics.median(after):5.2f} s "
-              f"-> checkpoint cost {rows[mode]:5.2f} s (local save {statistics.median(saves):4.2f} s, "
-              f"upload {statistics.median(uploads) if uploads else float('nan'):4.2f} s); {interval:5.2f} s per {every} steps", flush=True)
+        print(
+            f"{mode:5s} upload: step {statistics.median(plain):5.2f} s, step after a checkpoint "
+            f"{statistics.median(after):5.2f} s "
+            f"-> checkpoint cost {rows[mode]:5.2f} s (local save {statistics.median(saves):4.2f} s, "
+            f"upload {statistics.median(uploads) if uploads else float('nan'):4.2f} s); {interval:5.2f} s per {every} "
+            "steps",
+            flush=True,
+        )
     print(f"async/sync checkpoint cost {rows['async'] / rows['sync']:4.2f}")
     storage.delete(f"s3://{bucket}", recursive=True)
 
@@ -251,13 +346,25 @@ def main():
     ap.add_argument("--checkpoint-cost", action="store_true")
     ap.add_argument("--ckpt-batch", type=int, default=4)
     ap.add_argument("--emulate", type=float, default=None, help="GPU emulation: seconds a step sleeps")
-    ap.add_argument("--shuffle-buffer", type=int, default=None, help="GPU emulation: data.local_shuffle_buffer (rows "
-                    "a worker buffers before its first batch; default: the config's)")
+    ap.add_argument(
+        "--deit-step", action="store_true", help="the DeiT-style step before and after (bench/deit_step.py)"
+    )
+    ap.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=None,
+        help="GPU emulation: data.local_shuffle_buffer (rows "
+        "a worker buffers before its first batch; default: the config's)",
+    )
     args = ap.parse_args()
     if args.checkpoint_cost:
         return checkpoint_cost(args)
     if args.emulate:
         return emulate(args)
+    if args.deit_step:
+        from deit_step import deit_step
+
+        return deit_step(args)
     gpu(args) if args.device == "cuda" else cpu(args)
 
 

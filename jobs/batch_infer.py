@@ -16,29 +16,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.config import parse_job_args  # noqa: E402
-from pipeline.inference import ALIASES, InferConfig  # noqa: E402
-
-EXIT_ERROR_RATE = 3
+from pipeline.core.config import parse_job_args  # noqa: E402
+from pipeline.core.exits import run_job  # noqa: E402
+from pipeline.inference.infer_config import ALIASES, InferConfig  # noqa: E402
 
 
 def main(argv=None) -> int:
     cfg = parse_job_args(InferConfig, ALIASES, __doc__, argv)
-    from pipeline import inference, lease, storage
+    from pipeline.inference import batch, run_report
 
-    try:
-        result = inference.run(cfg)
-    except lease.LeaseHeld as e:
-        print(f"batch_infer: {e}", file=sys.stderr)
-        return lease.EXIT_LEASE_HELD
-    except inference.ErrorRateExceeded as e:
-        print(f"batch_infer: error: {e}", file=sys.stderr)
-        return EXIT_ERROR_RATE
-    except (storage.StorageError, ValueError) as e:
-        print(f"batch_infer: error: {e}", file=sys.stderr)
-        return 2
-    inference.print_summary(result)
-    return 0
+    return run_job("batch_infer", lambda: run_report.print_summary(batch.run(cfg)))
 
 
 if __name__ == "__main__":

@@ -16,42 +16,67 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.shards import DEFAULT_MIN_SIZE, make_shards  # noqa: E402
-from pipeline.storage import StorageError  # noqa: E402
+from pipeline.core.exits import run_job  # noqa: E402
+from pipeline.data.shard_writer import DEFAULT_MIN_SIZE, make_shards  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", required=True,
-                    help="local folder or s3:// prefix of class folders (<class>/<img>, or train|val/<class>/<img>), "
-                         "a flat prefix with --labels, or 'digits' (the embedded data set)")
-    ap.add_argument("--labels", help="CSV (path,label) or JSON lines ({\"path\", \"label\"}); paths relative to --source")
+    ap.add_argument(
+        "--source",
+        required=True,
+        help="local folder or s3:// prefix of class folders (<class>/<img>, or train|val/<class>/<img>), "
+        "a flat prefix with --labels, or 'digits' (the embedded data set)",
+    )
+    ap.add_argument("--labels", help='CSV (path,label) or JSON lines ({"path", "label"}); paths relative to --source')
     ap.add_argument("--output", required=True, help="s3://bucket/prefix or a local folder")
-    ap.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction per class (ignored when the source has train/ and val/)")
+    ap.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="held-out fraction per class (ignored when the source has train/ and val/)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="fixes the split and the shard of every sample")
     ap.add_argument("--shard-size", type=int, default=256, help="samples per shard")
     ap.add_argument("--format", choices=["webdataset", "parquet"], default="webdataset")
-    ap.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE,
-                    help="smallest side in px an image must have (default: the largest patch size, 32)")
+    ap.add_argument(
+        "--min-size",
+        type=int,
+        default=DEFAULT_MIN_SIZE,
+        help="smallest side in px an image must have (default: the largest patch size, 32)",
+    )
     ap.add_argument("--reads", type=int, default=8, help="concurrent reads within one shard task")
-    ap.add_argument("--keep-versions", type=int, default=None,
-                    help="after writing, keep only the newest N versions (default: keep all; jobs may still read old ones)")
+    ap.add_argument(
+        "--keep-versions",
+        type=int,
+        default=None,
+        help="after writing, keep only the newest N versions (default: keep all; jobs may still read old ones)",
+    )
     ap.add_argument("--local", action="store_true", help="no Ray: write the shards one after another in this process")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def body() -> None:
         if not args.local:
-            from pipeline.ray_cluster import connect
+            from pipeline.core.ray_runtime import connect
 
             connect(log_to_driver=False)
-        m = make_shards(args.source, args.output, labels=args.labels, val_fraction=args.val_fraction, seed=args.seed,
-                        shard_size=args.shard_size, fmt=args.format, min_size=args.min_size, reads=args.reads,
-                        executor="local" if args.local else "ray", keep_versions=args.keep_versions)
-    except (StorageError, ValueError) as e:
-        print(f"make_shards: error: {e}", file=sys.stderr)
-        return 2
-    print(m["_summary"])
-    return 0
+        written = make_shards(
+            args.source,
+            args.output,
+            labels=args.labels,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            shard_size=args.shard_size,
+            fmt=args.format,
+            min_size=args.min_size,
+            reads=args.reads,
+            executor="local" if args.local else "ray",
+            keep_versions=args.keep_versions,
+        )
+        print(written.summary)
+
+    return run_job("make_shards", body)
 
 
 if __name__ == "__main__":

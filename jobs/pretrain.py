@@ -11,21 +11,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.config import parse_job_args  # noqa: E402
-from pipeline.pretrain_config import ALIASES, PretrainConfig  # noqa: E402
+from pipeline.core.config import parse_job_args  # noqa: E402
+from pipeline.core.exits import run_job  # noqa: E402
+from pipeline.training.train_config import ALIASES, PretrainConfig  # noqa: E402
 
 
 def main(argv=None) -> int:
     cfg = parse_job_args(PretrainConfig, ALIASES, __doc__, argv)
-    from pipeline import pretrain, storage
+    from pipeline.training import trainer
 
-    try:
-        summary = pretrain.run(cfg)
-    except (pretrain.JobError, storage.StorageError, ValueError) as e:
-        print(f"pretrain: error: {e}", file=sys.stderr)
-        return 2
-    pretrain.print_summary(summary)
-    return 0
+    return run_job("pretrain", lambda: trainer.print_summary(trainer.run(cfg)))
 
 
 if __name__ == "__main__":

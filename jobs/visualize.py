@@ -5,7 +5,7 @@
 --images: comma-separated files, a folder or prefix, or a shards manifest (its val split).
 Figures: filters (embedding PCA), posemb (position-embedding similarity), distance (mean attention
 distance), attention (rollout + last-layer class-token attention), curves (needs --run).
-For notebooks: pipeline.figures.compute_all(model, patches) returns the arrays.
+For notebooks: pipeline.inference.figures.compute_all(model, patches) returns the arrays.
 """
 
 import argparse
@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.figures import FIGURES  # noqa: E402
+from pipeline.inference.figures import FIGURES  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,21 +30,22 @@ def main(argv=None) -> int:
     unknown = set(which) - set(FIGURES)
     if unknown:
         ap.error(f"unknown figure(s) {sorted(unknown)}; choose from {', '.join(FIGURES)}")
-    from pipeline import figures, storage
-    from pipeline.transforms import ImageDecodeError
+    from pipeline.core.exits import run_job
+    from pipeline.inference import figures
 
-    try:
+    def body() -> None:
         images = figures.resolve_images(args.images, args.max_images) if args.images else []
         result = figures.write_figures(args.model, images, args.output, which, args.run)
-    except (ImageDecodeError, storage.StorageError, ValueError) as e:
-        print(f"visualize: error: {e}", file=sys.stderr)
-        return 2
-    g = result["arrays"]["grid_structure"]
-    print(f"position embeddings: grid neighbours {g['neighbours']:.3f} vs other pairs {g['other']:.3f}, score "
-          f"{g['score']:.2f} ({'grid structure present' if g['score'] > figures.GRID_THRESHOLD else 'no grid structure'})")
-    for name, uri in result["figures"].items():
-        print(f"{name:10s} {uri}")
-    return 0
+        g = result["arrays"]["grid_structure"]
+        structure = "grid structure present" if g["score"] > figures.GRID_THRESHOLD else "no grid structure"
+        print(
+            f"position embeddings: grid neighbours {g['neighbours']:.3f} vs other pairs {g['other']:.3f}, "
+            f"score {g['score']:.2f} ({structure})"
+        )
+        for name, uri in result["figures"].items():
+            print(f"{name:10s} {uri}")
+
+    return run_job("visualize", body)
 
 
 if __name__ == "__main__":

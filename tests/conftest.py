@@ -68,7 +68,7 @@ def ray_cluster(stack):
 @pytest.fixture
 def bucket(stack):
     """A fresh, empty bucket for one test: `s3://<name>`."""
-    from pipeline import storage
+    from pipeline.core import storage
 
     name = f"t-{uuid.uuid4().hex[:12]}"
     storage.s3_client().create_bucket(Bucket=name)
@@ -83,9 +83,9 @@ def bucket(stack):
 @pytest.fixture
 def digits_images(tmp_path):
     """A small class-folder tree of real images: scikit-learn's handwritten digits as PNG files."""
-    from sklearn.datasets import load_digits
-    from PIL import Image
     import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
 
     d = load_digits()
     root = tmp_path / "digits"
@@ -101,25 +101,28 @@ def digits_images(tmp_path):
 @pytest.fixture(scope="session")
 def digits_shards(stack):
     """The embedded digits, sharded once per session into a bucket of their own: the manifest URI."""
-    from pipeline import shards, storage
+    from pipeline.core import storage
+    from pipeline.data import shard_writer
 
     name = f"digits-{uuid.uuid4().hex[:8]}"
     storage.s3_client().create_bucket(Bucket=name)
-    m = shards.make_shards("digits", f"s3://{name}/digits", val_fraction=0.1, seed=0, shard_size=256, progress=False,
-                           executor="local")
-    assert (m["splits"]["train"]["count"], m["splits"]["val"]["count"]) == (1618, 179)  # as every version before
+    m = shard_writer.make_shards(
+        "digits", f"s3://{name}/digits", val_fraction=0.1, seed=0, shard_size=256, progress=False, executor="local"
+    ).manifest
+    assert (m.splits["train"].count, m.splits["val"].count) == (1618, 179)  # as every version before
     return f"s3://{name}/digits/manifest.json"
 
 
 @pytest.fixture(scope="session")
 def trained_digits(ray_cluster, digits_shards):
     """The demo config trained once (about 100 s on 2 cores): (summary, manifest URI, output URI)."""
-    from pipeline import pretrain
-    from pipeline.pretrain_config import PretrainConfig
     import yaml
+
+    from pipeline.training import trainer
+    from pipeline.training.train_config import PretrainConfig
 
     cfg = yaml.safe_load((ROOT / "configs" / "digits_demo.yaml").read_text())
     cfg["data"]["manifest"] = digits_shards
     cfg["train"]["output"] = digits_shards.rsplit("/", 2)[0] + "/runs"
-    summary = pretrain.run(PretrainConfig.model_validate(cfg))
+    summary = trainer.run(PretrainConfig.model_validate(cfg))
     return summary, digits_shards, cfg["train"]["output"]

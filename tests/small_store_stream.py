@@ -16,7 +16,8 @@ for var in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):  # a new clu
 
 import ray  # noqa: E402
 
-from pipeline.data import StreamConfig, configure_ray_data, split_stream  # noqa: E402
+from pipeline.data.streams import StreamConfig, configure_ray_data, split_stream  # noqa: E402
+from pipeline.data.transforms import ImageTransform  # noqa: E402
 
 
 def main():
@@ -24,7 +25,7 @@ def main():
     ray.init(num_cpus=2, object_store_memory=store, include_dashboard=False, log_to_driver=False)
     try:
         configure_ray_data(progress=False)
-        ds, _ = split_stream(manifest, "train", StreamConfig(224, 16, train=True), shuffle_seed=0)
+        ds, _ = split_stream(manifest, "train", StreamConfig(ImageTransform(224, 16, train=True)), shuffle_seed=0)
         epochs, patch_bytes = [], 0
         for _ in range(2):
             keys = []
@@ -33,8 +34,16 @@ def main():
                 patch_bytes += b["patches"].nbytes
             epochs.append({"rows": len(keys), "unique": len(set(keys))})
         stats = ds.stats()
-        print(json.dumps({"epochs": epochs, "patch_bytes": patch_bytes, "store_bytes": store,
-                          "spilled": "Spilled to disk" in stats}))
+        print(
+            json.dumps(
+                {
+                    "epochs": epochs,
+                    "patch_bytes": patch_bytes,
+                    "store_bytes": store,
+                    "spilled": "Spilled to disk" in stats,
+                }
+            )
+        )
     finally:
         ray.shutdown()
 

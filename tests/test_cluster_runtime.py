@@ -20,8 +20,8 @@ import psutil
 import pytest
 import yaml
 
-from pipeline import pretrain
-from pipeline.pretrain_config import PretrainConfig
+from pipeline.training import trainer
+from pipeline.training.train_config import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / ".venv" / "bin"
@@ -41,11 +41,17 @@ def autoscaling_config(ray_cluster):
             g = cfg.node_group_configs.add()
             g.name, g.max_count = name, max_count
             g.resources["CPU"] = cpus
-        internal_kv._internal_kv_put(raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, cfg.SerializeToString(), overwrite=True,
-                                     namespace=raylet.GCS_AUTOSCALER_STATE_NAMESPACE)
+        internal_kv._internal_kv_put(
+            raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY,
+            cfg.SerializeToString(),
+            overwrite=True,
+            namespace=raylet.GCS_AUTOSCALER_STATE_NAMESPACE,
+        )
 
     yield publish
-    internal_kv._internal_kv_del(raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, namespace=raylet.GCS_AUTOSCALER_STATE_NAMESPACE)
+    internal_kv._internal_kv_del(
+        raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, namespace=raylet.GCS_AUTOSCALER_STATE_NAMESPACE
+    )
 
 
 def _job(workers, **train):
@@ -57,29 +63,33 @@ def test_preflight_accepts_a_cluster_that_can_grow_and_refuses_one_that_cannot(a
 
     now = ray.cluster_resources()["CPU"]
     autoscaling_config([("head", 0, 1), ("cpu-data", 32, 4)])  # KubeRay: 0 to 4 pods of 32 slots
-    pretrain.check_cluster_fits(_job(64))  # 65 slots needed, 4 up now, 128 possible: accepted
+    trainer.check_cluster_fits(_job(64))  # 65 slots needed, 4 up now, 128 possible: accepted
     autoscaling_config([("head", 0, 1), ("cpu-data", 8, 1)])
-    with pytest.raises(pretrain.JobError, match=rf"needs 65 CPU slots; the cluster has {now:g} now and can grow to 8"):
-        pretrain.check_cluster_fits(_job(64))
+    with pytest.raises(trainer.JobError, match=rf"needs 65 CPU slots; the cluster has {now:g} now and can grow to 8"):
+        trainer.check_cluster_fits(_job(64))
 
 
 def test_preflight_without_node_types_waits_for_the_autoscaler_unless_given_a_ceiling(ray_cluster, caplog):
-    pretrain.check_cluster_fits(_job(64))  # nothing reported: it may still grow, so not refused
+    trainer.check_cluster_fits(_job(64))  # nothing reported: it may still grow, so not refused
     assert "waiting for the autoscaler" in caplog.text
-    with pytest.raises(pretrain.JobError, match="needs 65 CPU slots.*can grow to 16"):
-        pretrain.check_cluster_fits(_job(64, max_cluster_cpus=16))
-    with pytest.raises(pretrain.JobError, match="needs 2 GPU slots.*can grow to 0"):
-        pretrain.check_cluster_fits(_job(2, use_gpu=True, max_cluster_gpus=0))
+    with pytest.raises(trainer.JobError, match="needs 65 CPU slots.*can grow to 16"):
+        trainer.check_cluster_fits(_job(64, max_cluster_cpus=16))
+    with pytest.raises(trainer.JobError, match="needs 2 GPU slots.*can grow to 0"):
+        trainer.check_cluster_fits(_job(2, use_gpu=True, max_cluster_gpus=0))
 
 
 # ---- a job without RAY_ADDRESS --------------------------------------------------------------------
-_OWNER = ("import sys, time; from pipeline import ray_cluster; "
-          "print(ray_cluster.make_owned_folder(sys.argv[1] if len(sys.argv) > 1 else None), flush=True); time.sleep(600)")
+_OWNER = (
+    "import sys, time; from pipeline.core import ray_runtime; "
+    "print(ray_runtime.make_owned_folder(sys.argv[1] if len(sys.argv) > 1 else None), flush=True); time.sleep(600)"
+)
 
 
 def _owner(parent: str | None = None) -> tuple[subprocess.Popen, Path]:
     """A process that made a private-Ray folder the way a job does and still holds it."""
-    p = subprocess.Popen([sys.executable, "-c", _OWNER, *([parent] if parent else [])], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", _OWNER, *([parent] if parent else [])], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     return p, Path(p.stdout.readline().strip())
 
 
@@ -93,7 +103,7 @@ def _killed_owner(parent: str | None = None) -> Path:
 
 
 def test_stale_private_ray_folders_are_removed_and_live_ones_kept(tmp_path):
-    from pipeline.ray_cluster import remove_stale_local_rays
+    from pipeline.core.ray_runtime import remove_stale_local_rays
 
     dead = _killed_owner(str(tmp_path))
     live, live_folder = _owner(str(tmp_path))
@@ -125,9 +135,25 @@ def test_a_job_without_ray_address_runs_the_smoke_config_on_a_private_ray(stack,
     live, live_folder = _owner()  # a job that is still running
     try:
         log = tempfile.TemporaryFile(mode="w+")  # not a pipe: Ray Data's progress bars would fill it and block the job
-        proc = subprocess.Popen([sys.executable, str(ROOT / "jobs/pretrain.py"), "--config", str(ROOT / "configs/smoke.yaml"),
-                                 "--data", digits_shards, "--output", f"{bucket}/runs", "--name", "private"],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "jobs/pretrain.py"),
+                "--config",
+                str(ROOT / "configs/smoke.yaml"),
+                "--data",
+                digits_shards,
+                "--output",
+                f"{bucket}/runs",
+                "--name",
+                "private",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         seen, token_modes, token_path, deadline = {}, set(), None, time.time() + 300
         while proc.poll() is None and time.time() < deadline:
             for p in psutil.Process(proc.pid).children(recursive=True):
@@ -181,13 +207,25 @@ def _localise(cmd: str, head_port: int, dash_port: int, client_port: int, temp_d
         if a.startswith(("--autoscaling-config", "--dashboard-host", "--port")):
             continue
         out.append(a.replace("$RAY_HEAD_IP:6379", f"127.0.0.1:{head_port}"))
-    extra = ["--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--num-cpus=1",  # agents off the stack's ports
-             f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+    extra = [
+        "--node-ip-address=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+        "--num-cpus=1",  # agents off the stack's ports
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+    ]
     if "--head" in out:
-        extra += [f"--port={head_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-                  f"--ray-client-server-port={client_port}"]
-    return [str(BIN / "ray"), "start", *out, *extra, "--block"], dict(shlex.split(x)[0].split("=", 1) for x in shlex.split(env_part))
+        extra += [
+            f"--port={head_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash_port}",
+            f"--ray-client-server-port={client_port}",
+        ]
+    return [str(BIN / "ray"), "start", *out, *extra, "--block"], dict(
+        shlex.split(x)[0].split("=", 1) for x in shlex.split(env_part)
+    )
 
 
 def test_the_launchers_start_commands_form_a_token_protected_two_node_cluster(tmp_path):
@@ -196,8 +234,12 @@ def test_the_launchers_start_commands_form_a_token_protected_two_node_cluster(tm
     home.mkdir()
     # file_mounts materialised: the token that `ray get-auth-token --generate` made on the user's machine
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no token of the local stack
-    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env={**clean, "HOME": str(home)},
-                   check=True, capture_output=True)
+    subprocess.run(
+        [str(BIN / "ray"), "get-auth-token", "--generate"],
+        env={**clean, "HOME": str(home)},
+        check=True,
+        capture_output=True,
+    )
     for remote, local in config["file_mounts"].items():
         assert Path(local.replace("~", str(home))).exists() and remote.startswith("~/.ray/")
     token = (home / ".ray" / "auth_token").read_text().strip()
@@ -213,16 +255,33 @@ def test_the_launchers_start_commands_form_a_token_protected_two_node_cluster(tm
             env = {k: v.replace("~", str(home)) for k, v in env.items()}
             assert env["RAY_AUTH_MODE"] == "token"
             log = open(tmp_path / f"node{len(procs)}.log", "w")
-            procs.append(subprocess.Popen(argv, env={**base_env, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    argv, env={**base_env, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
             time.sleep(8 if len(procs) == 1 else 0)
         submit_env = {**base_env, "RAY_AUTH_MODE": "token"}  # the client: the same token file, under ~/.ray
         deadline = time.time() + 90
         nodes = 0
         while time.time() < deadline and nodes < 2:
-            r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash_port}", "--",
-                                "python", "-c", "import ray; ray.init(); print('nodes', len([n for n in ray.nodes() if n['Alive']]))"],
-                               env=submit_env, capture_output=True, text=True, timeout=120)
+            r = subprocess.run(
+                [
+                    str(BIN / "ray"),
+                    "job",
+                    "submit",
+                    "--address",
+                    f"http://127.0.0.1:{dash_port}",
+                    "--",
+                    "python",
+                    "-c",
+                    "import ray; ray.init(); print('nodes', len([n for n in ray.nodes() if n['Alive']]))",
+                ],
+                env=submit_env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             m = re.search(r"nodes (\d+)", r.stdout)
             nodes = int(m.group(1)) if m else 0
             time.sleep(2)

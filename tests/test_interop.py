@@ -11,16 +11,18 @@ import torch
 import torch.nn.functional as F
 
 import vit_model
-from pipeline import exported
-from pipeline.data import StreamConfig
-from pipeline.mixing import Mixer, cutmix_box, random_erase_, soft_target_cross_entropy
-from pipeline.transforms import ImageTransform
+from pipeline.core import exported
+from pipeline.data.transforms import ImageTransform
+from pipeline.training.mixing import Mixer, box_index, cutmix_box, random_erase_, soft_target_cross_entropy
 
 
 def tiny(**kw):
     torch.manual_seed(0)
-    m = vit_model.VisionTransformer(vit_model.ViTConfig(**{**dict(img_size=32, patch_size=8, embed_dim=32, depth=2,
-                                                                  num_heads=2, num_classes=5), **kw}))
+    m = vit_model.VisionTransformer(
+        vit_model.ViTConfig(
+            **{**dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5), **kw}
+        )
+    )
     with torch.no_grad():  # non-trivial values everywhere, so layout mistakes show in the logits
         for p in m.parameters():
             if p.requires_grad:
@@ -43,8 +45,14 @@ def timm_keys(depth: int, global_pool: str) -> set[str]:
 @pytest.mark.parametrize("pos_embed", ["learn", "sincos2d"])
 @pytest.mark.parametrize("img_size", [224, 384])
 def test_export_has_timm_fields_and_exactly_timm_keys(global_pool, pos_embed, img_size):
-    m = vit_model.create_model("vit_base_patch16_224", img_size=img_size, global_pool=global_pool, pos_embed=pos_embed,
-                               num_classes=10, device="meta")
+    m = vit_model.create_model(
+        "vit_base_patch16_224",
+        img_size=img_size,
+        global_pool=global_pool,
+        pos_embed=pos_embed,
+        num_classes=10,
+        device="meta",
+    )
     sd_keys = set(m.state_dict())
     assert sd_keys == timm_keys(12, global_pool) and len(sd_keys) == 152
     cfg = vit_model.timm_config(m.cfg, [f"c{i}" for i in range(10)])
@@ -59,8 +67,13 @@ def test_export_has_timm_fields_and_exactly_timm_keys(global_pool, pos_embed, im
 
 
 def test_export_reads_back_as_this_projects_and_as_a_timm_config(tmp_path):
-    m = tiny(global_pool="avg", crop_pct=0.75, interpolation="bilinear", mean=vit_model.IMAGENET_MEAN,
-             std=vit_model.IMAGENET_STD)
+    m = tiny(
+        global_pool="avg",
+        crop_pct=0.75,
+        interpolation="bilinear",
+        mean=vit_model.IMAGENET_MEAN,
+        std=vit_model.IMAGENET_STD,
+    )
     w, c = vit_model.export_bytes(m, class_names=list("abcde"))
     meta = json.loads(c)
     x = torch.randn(3, 3, 32, 32)
@@ -99,12 +112,27 @@ def test_a_timm_save_for_hf_folder_loads_for_inference_and_init(tmp_path):
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({
-        "architecture": "vit_base_patch16_224", "num_classes": 4, "num_features": 32, "global_pool": "token",
-        "label_names": ["w", "x", "y", "z"],
-        "model_args": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
-        "pretrained_cfg": {"input_size": [3, 32, 32], "interpolation": "bicubic", "crop_pct": 0.9, "crop_mode": "center",
-                           "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "num_classes": 4}}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architecture": "vit_base_patch16_224",
+                "num_classes": 4,
+                "num_features": 32,
+                "global_pool": "token",
+                "label_names": ["w", "x", "y", "z"],
+                "model_args": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+                "pretrained_cfg": {
+                    "input_size": [3, 32, 32],
+                    "interpolation": "bicubic",
+                    "crop_pct": 0.9,
+                    "crop_mode": "center",
+                    "mean": [0.485, 0.456, 0.406],
+                    "std": [0.229, 0.224, 0.225],
+                    "num_classes": 4,
+                },
+            }
+        )
+    )
     weights, config = exported.read(str(folder))
     model, meta = vit_model.model_from_bytes(weights, config)
     x = torch.randn(2, 3, 32, 32)
@@ -116,8 +144,11 @@ def test_a_timm_save_for_hf_folder_loads_for_inference_and_init(tmp_path):
     assert torch.equal(target.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
     assert torch.equal(target.head.weight, own_head) and target.pos_embed.shape == (1, 37, 32)
     # what this model cannot be: LayerScale, register tokens, map pooling are refused by name
-    for extra, word in (({"init_values": 1e-5}, "init_values"), ({"reg_tokens": 4}, "reg_tokens"),
-                        ({"global_pool": "map"}, "map")):
+    for extra, word in (
+        ({"init_values": 1e-5}, "init_values"),
+        ({"reg_tokens": 4}, "reg_tokens"),
+        ({"global_pool": "map"}, "map"),
+    ):
         bad = json.loads(config)
         bad["model_args"].update(extra)
         with pytest.raises(ValueError, match=word):
@@ -141,15 +172,21 @@ def test_pre_logits_export_states_timm_has_no_slot():
 
 
 # ---- the paper's .npz ------------------------------------------------------------------------------
-def to_published_npz(model: vit_model.VisionTransformer, num_classes_head: int | None = None, pre_logits=False,
-                     rng=None) -> bytes:
+def to_published_npz(
+    model: vit_model.VisionTransformer, num_classes_head: int | None = None, pre_logits=False, rng=None
+) -> bytes:
     """The google-research/vision_transformer layout, written from a model's own weights (the test's
     independent statement of that layout: HWIO kernels, per-head q/k/v, `Transformer/...` paths)."""
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     d, h = model.cfg.embed_dim, model.cfg.num_heads
-    a = {"embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0), "embedding/bias": sd["patch_embed.proj.bias"],
-         "cls": sd["cls_token"], "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
-         "Transformer/encoder_norm/scale": sd["norm.weight"], "Transformer/encoder_norm/bias": sd["norm.bias"]}
+    a = {
+        "embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+        "embedding/bias": sd["patch_embed.proj.bias"],
+        "cls": sd["cls_token"],
+        "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
+        "Transformer/encoder_norm/scale": sd["norm.weight"],
+        "Transformer/encoder_norm/bias": sd["norm.bias"],
+    }
     for i in range(model.cfg.depth):
         b, pre = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
         wq, wk, wv = np.split(sd[b + "attn.qkv.weight"], 3)
@@ -161,8 +198,14 @@ def to_published_npz(model: vit_model.VisionTransformer, num_classes_head: int |
         a[f"{pre}MultiHeadDotProductAttention_1/out/bias"] = sd[b + "attn.proj.bias"]
         a[f"{pre}LayerNorm_0/scale"], a[f"{pre}LayerNorm_0/bias"] = sd[b + "norm1.weight"], sd[b + "norm1.bias"]
         a[f"{pre}LayerNorm_2/scale"], a[f"{pre}LayerNorm_2/bias"] = sd[b + "norm2.weight"], sd[b + "norm2.bias"]
-        a[f"{pre}MlpBlock_3/Dense_0/kernel"], a[f"{pre}MlpBlock_3/Dense_0/bias"] = sd[b + "mlp.fc1.weight"].T, sd[b + "mlp.fc1.bias"]
-        a[f"{pre}MlpBlock_3/Dense_1/kernel"], a[f"{pre}MlpBlock_3/Dense_1/bias"] = sd[b + "mlp.fc2.weight"].T, sd[b + "mlp.fc2.bias"]
+        a[f"{pre}MlpBlock_3/Dense_0/kernel"], a[f"{pre}MlpBlock_3/Dense_0/bias"] = (
+            sd[b + "mlp.fc1.weight"].T,
+            sd[b + "mlp.fc1.bias"],
+        )
+        a[f"{pre}MlpBlock_3/Dense_1/kernel"], a[f"{pre}MlpBlock_3/Dense_1/bias"] = (
+            sd[b + "mlp.fc2.weight"].T,
+            sd[b + "mlp.fc2.bias"],
+        )
     if num_classes_head is None:
         a["head/kernel"], a["head/bias"] = sd["head.weight"].T, sd["head.bias"]
     else:
@@ -177,8 +220,9 @@ def to_published_npz(model: vit_model.VisionTransformer, num_classes_head: int |
 
 
 def test_published_npz_loads_back_to_the_same_logits(tmp_path):
-    m = vit_model.VisionTransformer(vit_model.ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
-                                                        num_classes=6))
+    m = vit_model.VisionTransformer(
+        vit_model.ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=6)
+    )
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -196,14 +240,16 @@ def test_published_npz_loads_back_to_the_same_logits(tmp_path):
 
 
 def test_21k_style_npz_with_pre_logits_fine_tunes_to_10_classes_at_384(tmp_path):
-    src = vit_model.VisionTransformer(vit_model.ViTConfig(img_size=224, patch_size=16, embed_dim=32, depth=2, num_heads=2,
-                                                          num_classes=1))
+    src = vit_model.VisionTransformer(
+        vit_model.ViTConfig(img_size=224, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=1)
+    )
     path = tmp_path / "ViT-Ti_16-21k.npz"
     path.write_bytes(to_published_npz(src, num_classes_head=21843, pre_logits=True, rng=np.random.default_rng(0)))
     sd, fields = vit_model.load_npz_bytes(path.read_bytes())
     assert fields["pre_logits"] and fields["num_classes"] == 21843 and sd["pos_embed"].shape == (1, 197, 32)
-    model = vit_model.VisionTransformer(vit_model.ViTConfig(img_size=384, patch_size=16, embed_dim=32, depth=2,
-                                                            num_heads=2, num_classes=10))
+    model = vit_model.VisionTransformer(
+        vit_model.ViTConfig(img_size=384, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    )
     exported.load_init_weights(model, str(path))
     assert model.pos_embed.shape == (1, 577, 32) and model.head.weight.shape == (10, 32)
     assert model.head.weight.abs().sum() == 0  # the paper's zero-initialised new head
@@ -236,7 +282,7 @@ def test_resampling_matches_antialiased_bicubic_and_keeps_the_class_slot(old, ne
 def test_the_eval_stream_uses_the_exports_crop_interpolation_and_mean():
     m = tiny(crop_pct=0.6, interpolation="bilinear", mean=vit_model.IMAGENET_MEAN, std=vit_model.IMAGENET_STD)
     _, config = vit_model.export_bytes(m)
-    t = StreamConfig.for_model(exported.model_config(config), False).transform()
+    t = ImageTransform.for_model(exported.model_config(config), False)
     assert (t.crop_fraction, t.interpolation, t.fill) == (0.6, "bilinear", (124, 116, 104))
     img = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
     buf = io.BytesIO()
@@ -244,7 +290,9 @@ def test_the_eval_stream_uses_the_exports_crop_interpolation_and_mean():
 
     Image.fromarray(img).save(buf, "PNG")
     got = t(buf.getvalue(), None)
-    assert np.array_equal(got, ImageTransform(32, 8, False, crop_fraction=0.6, interpolation="bilinear")(buf.getvalue(), None))
+    assert np.array_equal(
+        got, ImageTransform(32, 8, False, crop_fraction=0.6, interpolation="bilinear")(buf.getvalue(), None)
+    )
     assert not np.array_equal(got, ImageTransform(32, 8, False)(buf.getvalue(), None))
     # uint8 patches are normalised with the export's mean/std inside the model
     x = torch.from_numpy(got)[None]
@@ -254,19 +302,35 @@ def test_the_eval_stream_uses_the_exports_crop_interpolation_and_mean():
 
 
 # ---- DeiT batch augmentations ----------------------------------------------------------------------
+# They work on the model's input, normalised patches (B, N, P*P*C); the tests look at them as images
+# through unpatchify, and compare with the same draws done on images (the reference, as timm does it).
+P = 8
+
+
+def _as_patches(images):
+    return vit_model.patchify(images, P)
+
+
+def _as_images(patches):
+    return vit_model.unpatchify(patches, P, 3)
+
+
 def test_mixup_and_cutmix_targets_and_switching():
     labels = torch.tensor([0, 1, 2, 3, 4, 5])
     images = torch.randn(6, 3, 32, 32)
-    for kind, mixer in (("mixup", Mixer(10, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.0)),
-                        ("cutmix", Mixer(10, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=1.0))):
+    for kind, mixer in (
+        ("mixup", Mixer(10, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.0)),
+        ("cutmix", Mixer(10, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=1.0)),
+    ):
         for seed in range(20):
-            r = mixer(images, labels, generator=torch.Generator().manual_seed(seed))
+            r = mixer(_as_patches(images), labels, generator=torch.Generator().manual_seed(seed), patch_size=P)
             assert r.kind == kind
             torch.testing.assert_close(r.targets.sum(1), torch.ones(6))
+            got = _as_images(r.patches)
             if kind == "mixup":
-                torch.testing.assert_close(r.images, r.lam * images + (1 - r.lam) * images.flip(0))
+                torch.testing.assert_close(got, r.lam * images + (1 - r.lam) * images.flip(0))
             else:  # the pasted area is exactly 1 - lambda of the image
-                pasted = (r.images != images).any(1).float().mean((1, 2))
+                pasted = (got != images).any(1).float().mean((1, 2))
                 assert abs(float(pasted[0]) - (1 - r.lam)) < 1e-6 or r.lam == 1.0
             # the own label carries lam (+ smoothing share), the partner's 1 - lam
             assert float(r.targets[0, 0]) == pytest.approx(r.lam * 0.91 + (1 - r.lam) * 0.01, abs=1e-5)
@@ -274,9 +338,31 @@ def test_mixup_and_cutmix_targets_and_switching():
     assert not off.active
     # a partner that is an invalid sample leaves the row unmixed
     valid = torch.tensor([True, True, True, True, True, False])
-    r = Mixer(10, mixup_alpha=1.0)(images, labels, valid, torch.Generator().manual_seed(1))
-    torch.testing.assert_close(r.images[0], images[0])
+    r = Mixer(10, mixup_alpha=1.0)(_as_patches(images), labels, valid, torch.Generator().manual_seed(1), patch_size=P)
+    torch.testing.assert_close(_as_images(r.patches)[0], images[0])
     assert float(r.targets[0, 0]) == pytest.approx(0.91)
+
+
+def test_cutmix_on_patches_pastes_the_image_box_of_the_same_draw():
+    """The reference: the same generator state gives the same box; pasting it in image space and cutting
+    the result into patches equals pasting on the patches."""
+    images, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
+    mixer = Mixer(10, cutmix_alpha=1.0)
+    for seed in range(10):
+        r = mixer(_as_patches(images), labels, generator=torch.Generator().manual_seed(seed), patch_size=P)
+        gen = torch.Generator().manual_seed(seed)
+        lam, _ = mixer._draw(gen)
+        top, bottom, left, right = cutmix_box(32, 32, lam, gen)
+        want = images.clone()
+        want[:, :, top:bottom, left:right] = images.flip(0)[:, :, top:bottom, left:right]
+        torch.testing.assert_close(r.patches, _as_patches(want), rtol=0, atol=0)
+
+
+def test_box_index_addresses_the_image_box_in_patch_order():
+    images = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
+    patches = vit_model.patchify(images, 4)
+    token, column = box_index((3, 9, 5, 14), 4, 3, 4)
+    torch.testing.assert_close(patches[1, token, column], images[1, :, 3:9, 5:14].flatten(), rtol=0, atol=0)
 
 
 def test_cutmix_box_area_matches_lambda_when_not_clipped():
@@ -293,14 +379,21 @@ def test_cutmix_box_area_matches_lambda_when_not_clipped():
 
 
 def test_random_erasing_and_soft_target_loss():
-    images = torch.zeros(64, 3, 32, 32)
-    erased = random_erase_(images, 0.25, torch.Generator().manual_seed(0))
+    patches = torch.zeros(64, 16, P * P * 3)  # 32 px images
+    erased = random_erase_(patches, 0.25, torch.Generator().manual_seed(0), patch_size=P)
     assert 6 <= int(erased.sum()) <= 28
+    images = _as_images(patches)
     changed = (images != 0).flatten(1).any(1)
     assert torch.equal(changed, erased)
     frac = (images[erased] != 0).any(1).float().mean((1, 2))
     assert float(frac.min()) >= 0.015 and float(frac.max()) <= 0.34
+    # each erased image holds one box: its changed pixels fill their bounding rectangle
+    for img in images[erased]:
+        rows, cols = (img != 0).any(0).nonzero(as_tuple=True)
+        box = (img[:, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] != 0).any(0)
+        assert bool(box.all())
     logits, labels = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
-    soft = Mixer(10, smoothing=0.1)(torch.randn(4, 3, 8, 8), labels).targets
-    torch.testing.assert_close(soft_target_cross_entropy(logits, soft),
-                               F.cross_entropy(logits, labels, reduction="none", label_smoothing=0.1))
+    soft = Mixer(10, smoothing=0.1)(torch.randn(4, 16, P * P * 3), labels, patch_size=P).targets
+    torch.testing.assert_close(
+        soft_target_cross_entropy(logits, soft), F.cross_entropy(logits, labels, reduction="none", label_smoothing=0.1)
+    )

@@ -10,8 +10,9 @@ import time
 import pytest
 import yaml
 
-from pipeline import pretrain, storage
-from pipeline.pretrain_config import PretrainConfig
+from pipeline.core import storage
+from pipeline.training import trainer
+from pipeline.training.train_config import PretrainConfig
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 RAY = str(ROOT / ".venv/bin/ray") if (ROOT / ".venv/bin/ray").exists() else "ray"
@@ -25,9 +26,22 @@ def worker_node(stack, ray_cluster):
     env = {**os.environ, **stack}
     env.pop("RAY_ADDRESS", None)
     env["PATH"] = f"{ROOT / '.venv/bin'}{os.pathsep}{env['PATH']}"
-    proc = subprocess.Popen([RAY, "start", f"--address={stack['RAY_ADDRESS']}", "--num-cpus=2",
-                             '--resources={"worker_node": 1}', "--node-ip-address=127.0.0.1", "--block", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            RAY,
+            "start",
+            f"--address={stack['RAY_ADDRESS']}",
+            "--num-cpus=2",
+            '--resources={"worker_node": 1}',
+            "--node-ip-address=127.0.0.1",
+            "--block",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not any(n["Alive"] and "worker_node" in n["Resources"] for n in ray.nodes()):
         time.sleep(0.5)
@@ -69,7 +83,7 @@ def test_two_worker_run_places_one_worker_per_node(worker_node, digits_shards, b
     t = threading.Thread(target=watch, daemon=True)
     t.start()
     try:
-        summary = pretrain.run(cfg)
+        summary = trainer.run(cfg)
     finally:
         done.set()
         t.join()
@@ -84,27 +98,35 @@ def test_losing_the_worker_node_restarts_from_the_latest_checkpoint(worker_node,
 
     def run():
         try:
-            result["summary"] = pretrain.run(cfg)
+            result["summary"] = trainer.run(cfg)
         except Exception as e:  # surfaced below
             result["error"] = e
 
     t = threading.Thread(target=run)
     t.start()
+
     def complete_checkpoints():  # uploads are asynchronous: complete = trainer_state.json and checksums.json are in
         files = [f.path for f in storage.list_files(f"{bucket}/runs/fault") if "/checkpoint_" in f.path]
-        return [d for d in {p.rsplit("/", 1)[0] for p in files}
-                if f"{d}/trainer_state.json" in files and f"{d}/checksums.json" in files]
+        return [
+            d
+            for d in {p.rsplit("/", 1)[0] for p in files}
+            if f"{d}/trainer_state.json" in files and f"{d}/checksums.json" in files
+        ]
 
     deadline = time.time() + 300
     while time.time() < deadline and not complete_checkpoints():
         time.sleep(0.5)
     assert t.is_alive(), result
     # the steps of the checkpoints complete in storage when the node dies
-    checkpointed = [json.loads(storage.read_bytes(f"s3://{d}/trainer_state.json"))["step"] for d in complete_checkpoints()]
+    checkpointed = [
+        json.loads(storage.read_bytes(f"s3://{d}/trainer_state.json"))["step"] for d in complete_checkpoints()
+    ]
     from ray.util.state import list_actors
 
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    worker_node_id = next(n["NodeID"] for n in __import__("ray").nodes() if n["Alive"] and "worker_node" in n["Resources"])
+    worker_node_id = next(
+        n["NodeID"] for n in __import__("ray").nodes() if n["Alive"] and "worker_node" in n["Resources"]
+    )
     os.killpg(worker_node.pid, signal.SIGKILL)  # the node is gone, with its training worker
     if not any(w["node_id"] == worker_node_id for w in workers):  # SPREAD is a preference: both may sit on the head
         os.kill(workers[0]["pid"], signal.SIGKILL)  # then lose a worker process too, so the group restarts either way

@@ -1,5 +1,6 @@
 """jobs/pretrain.py and the training loop: real Ray Train on the local head, shards in real S3."""
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -11,11 +12,14 @@ import torch
 import yaml
 
 import vit_model
-from pipeline import pretrain, storage
-from pipeline.config import ConfigError, build_parser, load_config
-from pipeline.pretrain_config import ALIASES, PretrainConfig
-from pipeline.shards import load_manifest, shard_uris
-from pipeline.train_loop import LocalSession, lr_at, train
+from pipeline.core import storage
+from pipeline.core.config import ConfigError, build_parser, load_config
+from pipeline.data.manifest import Split, load_manifest
+from pipeline.training import trainer
+from pipeline.training.loop import train
+from pipeline.training.sessions import LocalSession
+from pipeline.training.step import lr_at
+from pipeline.training.train_config import ALIASES, PretrainConfig
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -32,9 +36,28 @@ def _smoke(manifest, output, **train):
 
 
 def test_config_overrides_aliases_and_errors():
-    cfg = _cfg(["--config", str(ROOT / "configs/smoke.yaml"), "--epochs", "3", "--optim.lr", "3e-4",
-                "--model", "vit_mini_patch4_32", "--no-use-gpu", "--name", "2024"])
-    assert (cfg.train.epochs, cfg.optim.lr, cfg.model.name, cfg.train.use_gpu, cfg.train.name) == (3, 3e-4, "vit_mini_patch4_32", False, "2024")
+    cfg = _cfg(
+        [
+            "--config",
+            str(ROOT / "configs/smoke.yaml"),
+            "--epochs",
+            "3",
+            "--optim.lr",
+            "3e-4",
+            "--model",
+            "vit_mini_patch4_32",
+            "--no-use-gpu",
+            "--name",
+            "2024",
+        ]
+    )
+    assert (cfg.train.epochs, cfg.optim.lr, cfg.model.name, cfg.train.use_gpu, cfg.train.name) == (
+        3,
+        3e-4,
+        "vit_mini_patch4_32",
+        False,
+        "2024",
+    )
     with pytest.raises(ConfigError, match="train: .*batch_size 64 is not divisible by num_workers 3"):
         _cfg(["--batch-size", "64", "--num-workers", "3"])
     with pytest.raises(ConfigError, match="optim.lr"):
@@ -47,9 +70,25 @@ def test_config_overrides_aliases_and_errors():
 
 
 def test_help_lists_every_flag():
-    out = subprocess.run([sys.executable, str(ROOT / "jobs/pretrain.py"), "--help"], capture_output=True, text=True, check=True).stdout
-    for flag in ("--config", "--data", "--output", "--name", "--epochs", "--batch-size", "--num-workers", "--use-gpu",
-                 "--model", "--img-size", "--patch-size", "--init-from", "--optim.weight_decay", "--train.max_failures"):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "jobs/pretrain.py"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in (
+        "--config",
+        "--data",
+        "--output",
+        "--name",
+        "--epochs",
+        "--batch-size",
+        "--num-workers",
+        "--use-gpu",
+        "--model",
+        "--img-size",
+        "--patch-size",
+        "--init-from",
+        "--optim.weight_decay",
+        "--train.max_failures",
+    ):
         assert flag in out, flag
 
 
@@ -62,14 +101,22 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_plain_loop_runs_without_ray_and_resumes(tmp_path):
     """The worker loop as a plain function (world size 1): trains, checkpoints, resumes at the step."""
-    cfg = PretrainConfig.model_validate({"train": {"batch_size": 16, "epochs": 2, "log_every_steps": 1, "max_steps": 3, "report_every_s": 1e-6},
-                                         "optim": {"warmup_steps": 1}})
+    cfg = PretrainConfig.model_validate(
+        {
+            "train": {"batch_size": 16, "epochs": 2, "log_every_steps": 1, "max_steps": 3, "report_every_s": 0},
+            "optim": {"warmup_steps": 1},
+        }
+    )
     rng = np.random.default_rng(0)
-    data = {"patches": rng.integers(0, 255, (64, 64, 48), dtype=np.uint8), "label": rng.integers(0, 10, 64), "valid": np.ones(64, bool)}
+    data = {
+        "patches": rng.integers(0, 255, (64, 64, 48), dtype=np.uint8),
+        "label": rng.integers(0, 10, 64),
+        "valid": np.ones(64, bool),
+    }
 
     def batches(split, bs, epoch, train_):
         for i in range(0, 64 - bs + 1, bs):
-            yield {k: v[i:i + bs] for k, v in data.items()}
+            yield {k: v[i : i + bs] for k, v in data.items()}
 
     s1 = LocalSession(batches, tmp_path, device=torch.device("cpu"))
     out = train(cfg, s1, num_classes=10, train_count=64)
@@ -85,10 +132,19 @@ def test_plain_loop_runs_without_ray_and_resumes(tmp_path):
 def test_the_next_epoch_stream_starts_while_the_epoch_evaluates(prefetch):
     """With data.prefetch_next_epoch the next epoch's first batch is taken while the current epoch's
     validation runs (its stream start-up hidden); the training itself is the same either way."""
-    cfg = PretrainConfig.model_validate({"train": {"batch_size": 16, "epochs": 3, "log_every_steps": 1, "seed": 1},
-                                         "optim": {"warmup_steps": 1}, "data": {"prefetch_next_epoch": prefetch}})
+    cfg = PretrainConfig.model_validate(
+        {
+            "train": {"batch_size": 16, "epochs": 3, "log_every_steps": 1, "report_every_s": 0, "seed": 1},
+            "optim": {"warmup_steps": 1},
+            "data": {"prefetch_next_epoch": prefetch},
+        }
+    )
     rng = np.random.default_rng(0)
-    data = {"patches": rng.integers(0, 255, (64, 64, 48), dtype=np.uint8), "label": rng.integers(0, 10, 64), "valid": np.ones(64, bool)}
+    data = {
+        "patches": rng.integers(0, 255, (64, 64, 48), dtype=np.uint8),
+        "label": rng.integers(0, 10, 64),
+        "valid": np.ones(64, bool),
+    }
     log = []
 
     def batches(split, bs, epoch, train_):
@@ -100,7 +156,7 @@ def test_the_next_epoch_stream_starts_while_the_epoch_evaluates(prefetch):
 
                 time.sleep(0.3)  # a validation stream slow to start
             log.append(("batch", split, epoch))
-            yield {k: v[order[i:i + bs]] for k, v in data.items()}
+            yield {k: v[order[i : i + bs]] for k, v in data.items()}
         log.append(("end", split, epoch))
 
     s = LocalSession(batches, None, device=torch.device("cpu"))
@@ -120,7 +176,7 @@ def test_the_next_epoch_stream_starts_while_the_epoch_evaluates(prefetch):
 
 def test_smoke_two_workers_checkpoints_and_exported_model_reproduces_val(ray_cluster, digits_shards, bucket):
     cfg = _smoke(digits_shards, f"{bucket}/runs")
-    summary = pretrain.run(cfg)
+    summary = trainer.run(cfg)
     files = [f.path for f in storage.list_files(f"{bucket}/runs/smoke")]
     assert any("/checkpoint_" in p and p.endswith("optimizer.safetensors") for p in files)
     assert any(p.endswith("/model/model.safetensors") for p in files)
@@ -128,19 +184,23 @@ def test_smoke_two_workers_checkpoints_and_exported_model_reproduces_val(ray_clu
     assert [m["step"] for m in metrics if "loss" in m][:2] == [2, 3]
     reported = summary["val_top1"]
     # the exported model, loaded with vit_model alone, on the val images in a plain loop
-    from pipeline.transforms import ImageTransform
     import tarfile
-    model, meta = vit_model.model_from_bytes(storage.read_bytes(f"{bucket}/runs/smoke/model/model.safetensors"),
-                                              storage.read_bytes(f"{bucket}/runs/smoke/model/config.json"))
+
+    from pipeline.data.transforms import ImageTransform
+
+    model, meta = vit_model.model_from_bytes(
+        storage.read_bytes(f"{bucket}/runs/smoke/model/model.safetensors"),
+        storage.read_bytes(f"{bucket}/runs/smoke/model/config.json"),
+    )
     assert meta["class_names"] == [str(i) for i in range(10)]
     t = ImageTransform(32, 4, train=False, crop_fraction=model.cfg.crop_pct, interpolation=model.cfg.interpolation)
     correct = n = 0
-    for uri in shard_uris(load_manifest(digits_shards), "val"):
+    for uri in load_manifest(digits_shards).shard_uris("val"):
         with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(uri))) as tar:
             members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
         for name, data in members.items():
             if name.endswith(".image"):
-                label = int(members[name[:-len(".image")] + ".cls"])
+                label = int(members[name[: -len(".image")] + ".cls"])
                 with torch.no_grad():
                     pred = model(torch.from_numpy(t(data, None))[None]).argmax().item()
                 correct += pred == label
@@ -151,9 +211,9 @@ def test_smoke_two_workers_checkpoints_and_exported_model_reproduces_val(ray_clu
 def test_resume_continues_from_the_checkpoint_step(ray_cluster, digits_shards, bucket):
     # one worker holding 2 CPU slots: it computes with 2 threads (Ray would set OMP_NUM_THREADS=1)
     one = dict(num_workers=1, cpus_per_worker=2, checkpoint_every_steps=None)
-    first = pretrain.run(_smoke(digits_shards, f"{bucket}/runs", max_steps=3, **one))
+    first = trainer.run(_smoke(digits_shards, f"{bucket}/runs", max_steps=3, **one))
     assert first["step"] == 3
-    second = pretrain.run(_smoke(digits_shards, f"{bucket}/runs", max_steps=6, **one))
+    second = trainer.run(_smoke(digits_shards, f"{bucket}/runs", max_steps=6, **one))
     assert second["step"] == 6
     metrics = [json.loads(l) for l in storage.read_bytes(f"{bucket}/runs/smoke/metrics.jsonl").decode().splitlines()]
     steps = [m["step"] for m in metrics if "loss" in m]
@@ -169,21 +229,33 @@ def test_demo_config_reaches_90_percent(trained_digits):
 def test_bad_inputs_fail_before_training(ray_cluster, digits_shards, bucket, tmp_path):
     # a manifest with 0 training samples
     m = load_manifest(digits_shards)
-    m["splits"]["train"] = {"count": 0, "per_class": {}, "shards": []}
-    m.pop("_base")
-    storage.write_bytes(f"{bucket}/empty/manifest.json", json.dumps(m).encode())
-    with pytest.raises(pretrain.JobError, match="0 samples in split 'train'"):
-        pretrain.run(_smoke(f"{bucket}/empty/manifest.json", f"{bucket}/runs"))
+    empty = dataclasses.replace(m, splits={**m.splits, "train": Split(0, {}, [])})
+    storage.write_bytes(f"{bucket}/empty/manifest.json", empty.to_json())
+    with pytest.raises(trainer.JobError, match="0 samples in split 'train'"):
+        trainer.run(_smoke(f"{bucket}/empty/manifest.json", f"{bucket}/runs"))
     # --init-from of another architecture
     other = vit_model.create_model("vit_mini_patch4_32")
     vit_model.save_pretrained(other, tmp_path / "other")
-    with pytest.raises(pretrain.JobError, match="init-from.*another architecture|does not match"):
-        pretrain.run(_smoke(digits_shards, f"{bucket}/runs", init_from=str(tmp_path / "other")))
+    with pytest.raises(trainer.JobError, match="init-from.*another architecture|does not match"):
+        trainer.run(_smoke(digits_shards, f"{bucket}/runs", init_from=str(tmp_path / "other")))
     assert not [f for f in storage.list_files(f"{bucket}/runs") if "checkpoint_" in f.path]
     # a batch size not divisible by the workers: refused by the CLI parser
-    r = subprocess.run([sys.executable, str(ROOT / "jobs/pretrain.py"), "--config", str(ROOT / "configs/smoke.yaml"),
-                        "--data", digits_shards, "--output", f"{bucket}/runs", "--batch-size", "33"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs/pretrain.py"),
+            "--config",
+            str(ROOT / "configs/smoke.yaml"),
+            "--data",
+            digits_shards,
+            "--output",
+            f"{bucket}/runs",
+            "--batch-size",
+            "33",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "not divisible by num_workers 2" in r.stderr
 
 
@@ -192,7 +264,7 @@ def test_init_from_timm_format_safetensors_finetunes_with_new_head(tmp_path):
 
     src = vit_model.create_model("vit_micro_patch4_32", num_classes=100)
     save_file(vit_model.to_timm_state_dict(src), str(tmp_path / "w.safetensors"))
-    from pipeline.exported import load_init_weights
+    from pipeline.core.exported import load_init_weights
 
     dst = vit_model.create_model("vit_micro_patch4_32", num_classes=10)
     load_init_weights(dst, str(tmp_path / "w.safetensors"))

@@ -13,9 +13,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import publish, storage
-from pipeline.predictor import output_schema
-from pipeline.lease import Lease, LeaseHeld, LeaseLost
+from pipeline.core import storage
+from pipeline.inference import publish
+from pipeline.inference.lease import Lease, LeaseHeld, LeaseLost
+from pipeline.inference.predictor import output_schema
 
 SHA = "ab" * 32
 
@@ -79,10 +80,24 @@ def _stage(layout, run_id, uris, parts=2, error_every=0):
     staged = []
     for p in range(parts):
         chunk = uris[p::parts]
-        rows = [{"image_uri": u, "label_id": i % 3, "label": None, "pred_id": None if error_every and i % error_every == 0 else i % 3,
-                 "pred": None, "score": 0.5, "topk_ids": [i % 3, 0], "topk_scores": [0.5, 0.1],
-                 "error": "does not decode" if error_every and i % error_every == 0 else None, "model_uri": "m",
-                 "model_sha256": SHA, "run_id": run_id, "inferred_at": now} for i, u in enumerate(chunk)]
+        rows = [
+            {
+                "image_uri": u,
+                "label_id": i % 3,
+                "label": None,
+                "pred_id": None if error_every and i % error_every == 0 else i % 3,
+                "pred": None,
+                "score": 0.5,
+                "topk_ids": [i % 3, 0],
+                "topk_scores": [0.5, 0.1],
+                "error": "does not decode" if error_every and i % error_every == 0 else None,
+                "model_uri": "m",
+                "model_sha256": SHA,
+                "run_id": run_id,
+                "inferred_at": now,
+            }
+            for i, u in enumerate(chunk)
+        ]
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
         uri = layout.staging(run_id).join(f"part-{p:06d}-x-0{publish.STAGED_SUFFIX}").uri
@@ -98,8 +113,18 @@ def _run_once(layout, run_id, uris, lease):
     if not todo:
         return None
     staged = _stage(layout, run_id, todo)
-    intent = publish.plan_commit(layout, run_id, "2026-11-28", staged, accuracy_report={"top1": 0.5}, ledger=True,
-                                 rows=len(todo), inputs=len(todo), errors=0, model_sha256=SHA)
+    intent = publish.plan_commit(
+        layout,
+        run_id,
+        "2026-11-28",
+        staged,
+        accuracy_report={"top1": 0.5},
+        ledger=True,
+        rows=len(todo),
+        inputs=len(todo),
+        errors=0,
+        model_sha256=SHA,
+    )
     publish.commit(layout, intent, lease)
     return intent
 
@@ -133,8 +158,15 @@ def _duckdb(sql_path: str, query: str):
         con.execute(f"SET extension_directory='{ext}/extensions'")
         con.execute("LOAD httpfs")
         endpoint = storage.endpoint_url().split("://", 1)[1]
-        con.execute("CREATE SECRET (TYPE s3, KEY_ID ?, SECRET ?, ENDPOINT ?, URL_STYLE 'path', USE_SSL false, REGION 'us-east-1')",
-                    [__import__("os").environ["AWS_ACCESS_KEY_ID"], __import__("os").environ["AWS_SECRET_ACCESS_KEY"], endpoint])
+        con.execute(
+            "CREATE SECRET (TYPE s3, KEY_ID ?, SECRET ?, ENDPOINT ?, URL_STYLE 'path', USE_SSL false, REGION "
+            "'us-east-1')",
+            [
+                __import__("os").environ["AWS_ACCESS_KEY_ID"],
+                __import__("os").environ["AWS_SECRET_ACCESS_KEY"],
+                endpoint,
+            ],
+        )
     return con.sql(query.replace("OUT", sql_path)).fetchall()
 
 
@@ -148,11 +180,16 @@ def _readers_see(base) -> dict:
     ds = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
     seen["pyarrow"] = ds.to_table().num_rows
     if any(f.path.endswith(".parquet") for f in storage.list_files(base)):
-        seen["duckdb"] = _duckdb(base, "SELECT count(*) FROM read_parquet('OUT/**/*.parquet', hive_partitioning = true)")[0][0]
+        seen["duckdb"] = _duckdb(
+            base, "SELECT count(*) FROM read_parquet('OUT/**/*.parquet', hive_partitioning = true)"
+        )[0][0]
     if publish.committed_runs(base):  # duckdb refuses a glob that matches nothing
-        seen["duckdb_committed"] = _duckdb(base, """
+        seen["duckdb_committed"] = _duckdb(
+            base,
+            """
             SELECT count(*) FROM read_parquet('OUT/*/*/*.parquet', hive_partitioning = true)
-            WHERE run_id IN (SELECT run_id FROM read_json('OUT/*/*/_SUCCESS', columns = {run_id: 'VARCHAR'}))""")[0][0]
+            WHERE run_id IN (SELECT run_id FROM read_json('OUT/*/*/_SUCCESS', columns = {run_id: 'VARCHAR'}))""",
+        )[0][0]
     return seen
 
 
@@ -164,7 +201,7 @@ def test_a_clean_commit_is_what_every_reader_sees(base):
     assert _readers_see(base) == {"pandas": 10, "pyarrow": 10, "duckdb": 10, "duckdb_committed": 10}
     assert [r["run_id"] for r in publish.committed_runs(base)] == ["r1"]
     assert sorted(publish.read_published(base).column("image_uri").to_pylist()) == uris
-    names = {f.path.rsplit("/", 1)[1] for f in storage.list_files(intent["run_dir"])}
+    names = {f.path.rsplit("/", 1)[1] for f in storage.list_files(intent.run_dir)}
     assert names == {"part-00000.parquet", "part-00001.parquet", "_accuracy.json", "_SUCCESS"}
     assert not [f for f in storage.list_files(base) if "/_staging/" in f.path or "/_commits/" in f.path]
 
@@ -173,7 +210,7 @@ def test_a_crash_after_any_step_of_a_commit_leaves_readable_output_and_exactly_o
     uris = [f"s3://in/img{i:02d}.jpg" for i in range(10)]
     probe = f"{base}/probe"
     with Lease(probe, "count") as lease:
-        count = _crash_after(monkeypatch, 10 ** 6)
+        count = _crash_after(monkeypatch, 10**6)
         _run_once(publish.Layout.of(probe), "count", uris, lease)
         writes = count["n"]
     monkeypatch.undo()
@@ -206,8 +243,18 @@ def test_ledger_retries_errors_and_its_read_does_not_grow_with_runs(base):
         for r in range(3):
             uris = [f"s3://in/r{r}-{i}.jpg" for i in range(6)]
             staged = _stage(layout, f"r{r}", uris, error_every=3)
-            intent = publish.plan_commit(layout, f"r{r}", "2026-11-28", staged, accuracy_report=None, ledger=True,
-                                         rows=6, inputs=6, errors=2, model_sha256=SHA)
+            intent = publish.plan_commit(
+                layout,
+                f"r{r}",
+                "2026-11-28",
+                staged,
+                accuracy_report=None,
+                ledger=True,
+                rows=6,
+                inputs=6,
+                errors=2,
+                model_sha256=SHA,
+            )
             publish.commit(layout, intent, lease)
     failed = {r["image_uri"] for r in publish.read_published(base).to_pylist() if r["error"]}
     done = publish.done_inputs(layout, SHA)

@@ -4,7 +4,6 @@ train or are listed as skipped, a re-run writes a new version beside the old, a 
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import pretrain, shards, storage
-from pipeline.data import StreamConfig, read_encoded, split_stream
-from pipeline.pretrain_config import PretrainConfig
+from pipeline.core import storage
+from pipeline.data import manifest, shard_reader, shard_writer
+from pipeline.data.streams import StreamConfig, read_encoded, split_stream
+from pipeline.data.transforms import ImageTransform
+from pipeline.training import trainer
+from pipeline.training.train_config import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,20 +76,22 @@ def awkward_tree(tmp_path):
 
 def test_awkward_inputs_train_or_are_listed_skipped_and_nothing_counted_is_dropped(ray_cluster, awkward_tree, bucket):
     root, expect = awkward_tree
-    m = shards.make_shards(str(root), f"{bucket}/awk", val_fraction=0.0, shard_size=3, progress=False)  # the Ray Data job
+    m = shard_writer.make_shards(
+        str(root), f"{bucket}/awk", val_fraction=0.0, shard_size=3, progress=False
+    ).manifest  # the Ray Data job
     assert Image.open(root / "a/photo.mpo").format == "MPO"
-    skipped = {s["path"]: s["reason"] for s in m["skipped"]}
+    skipped = {s["path"]: s["reason"] for s in m.skipped}
     for path, want in expect.items():
         if want == "train":
             assert path not in skipped, (path, skipped.get(path))
         else:
             assert want in skipped.get(path, ""), (path, skipped.get(path))
-    counted = m["splits"]["train"]["count"]
-    assert counted == sum(w == "train" for w in expect.values()) == 8 and m["classes"] == ["a", "b"]
-    ds, _ = split_stream(f"{bucket}/awk", "train", StreamConfig(32, 4, train=True), shuffle_seed=0)
+    counted = m.splits["train"].count
+    assert counted == sum(w == "train" for w in expect.values()) == 8 and m.classes == ["a", "b"]
+    ds, _ = split_stream(f"{bucket}/awk", "train", StreamConfig(ImageTransform(32, 4, train=True)), shuffle_seed=0)
     rows = ds.take_all()
     assert len(rows) == counted and all(r["valid"] for r in rows)  # every counted sample arrives decodable
-    formats = sorted(r["format"] for r in read_encoded(shards.load_manifest(f"{bucket}/awk"), "train").take_all())
+    formats = sorted(r["format"] for r in read_encoded(manifest.load_manifest(f"{bucket}/awk"), "train").take_all())
     assert formats == sorted(["mpo", "tga", "ico", "png", "jpeg", "jpeg", "png", "gif"])
 
 
@@ -97,11 +101,15 @@ def test_a_rerun_leaves_the_version_a_job_holds_byte_for_byte(ray_cluster, tmp_p
         (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         (root / f"c{i % 2}" / f"{i}.png").write_bytes(_encode(_photo(40, 40, i), "PNG"))
     out = f"{bucket}/set"
-    v1 = shards.make_shards(str(root), out, val_fraction=0.0, shard_size=2, progress=False, executor="local")
-    held = shards.load_manifest(out)  # what a starting training job holds
+    v1 = shard_writer.make_shards(
+        str(root), out, val_fraction=0.0, shard_size=2, progress=False, executor="local"
+    ).manifest
+    held = manifest.load_manifest(out)  # what a starting training job holds
     expected = {}
-    for entry in held["splits"]["train"]["shards"]:
-        rows = shards.unpack_shards({"bytes": [storage.read_bytes(f"{out}/{entry['name']}")], "path": ["x"]}, {}, "webdataset")
+    for entry in held.splits["train"].shards:
+        rows = shard_reader.unpack_shards(
+            {"bytes": [storage.read_bytes(f"{out}/{entry.name}")], "path": ["x"]}, {}, "webdataset"
+        )
         expected.update({k: (bytes(img), int(lab)) for k, img, lab in zip(rows["key"], rows["image"], rows["label"])})
     stream = read_encoded(held, "train", shuffle_seed=0)  # built now, executed after the re-run
     # the data changes: every image re-encoded, a third class; the same seed and shard names
@@ -109,30 +117,37 @@ def test_a_rerun_leaves_the_version_a_job_holds_byte_for_byte(ray_cluster, tmp_p
         (root / f"c{i % 2}" / f"{i}.png").write_bytes(_encode(_photo(40, 40, 100 + i), "PNG"))
     (root / "c2").mkdir()
     (root / "c2" / "new.png").write_bytes(_encode(_photo(40, 40, 99), "PNG"))
-    v2 = shards.make_shards(str(root), out, val_fraction=0.0, shard_size=2, progress=False, executor="local",
-                            keep_versions=2)
-    assert v2["version"] != v1["version"] and v2["classes"] == ["c0", "c1", "c2"]
+    v2 = shard_writer.make_shards(
+        str(root), out, val_fraction=0.0, shard_size=2, progress=False, executor="local", keep_versions=2
+    ).manifest
+    assert v2.version != v1.version and v2.classes == ["c0", "c1", "c2"]
     got = {r["key"]: (bytes(r["image"]), int(r["label"])) for r in stream.take_all()}
     assert got == expected  # the old job read the old version, sha256-checked, byte for byte
-    assert shards.load_manifest(out)["version"] == v2["version"]
+    assert manifest.load_manifest(out).version == v2.version
     # a resumed training run reads the version it started on
-    cfg = PretrainConfig.model_validate({"data": {"manifest": f"{out}/manifest.json", "val_split": None},
-                                         "train": {"output": f"{bucket}/runs", "batch_size": 4}})
-    pretrain.pin_data(cfg, held)
-    assert pretrain.preflight(cfg)["manifest"]["version"] == v1["version"]
+    cfg = PretrainConfig.model_validate(
+        {
+            "data": {"manifest": f"{out}/manifest.json", "val_split": None},
+            "train": {"output": f"{bucket}/runs", "batch_size": 4},
+        }
+    )
+    trainer.pin_data(cfg, held)
+    assert trainer.preflight(cfg).manifest.version == v1.version
     # pruning keeps the newest N complete versions and never the current one
-    v3 = shards.make_shards(str(root), out, val_fraction=0.0, shard_size=2, progress=False, executor="local", keep_versions=2)
-    assert "pruned 1 old version" in v3["_summary"]
-    assert not storage.list_files(f"{out}/versions/{v1['version']}")
-    assert storage.list_files(f"{out}/versions/{v2['version']}")
-    with pytest.raises(pretrain.JobError, match="which is gone"):
-        pretrain.preflight(cfg)
+    written = shard_writer.make_shards(
+        str(root), out, val_fraction=0.0, shard_size=2, progress=False, executor="local", keep_versions=2
+    )
+    assert "pruned 1 old version" in written.summary and written.manifest.version > v2.version
+    assert not storage.list_files(f"{out}/versions/{v1.version}")
+    assert storage.list_files(f"{out}/versions/{v2.version}")
+    with pytest.raises(trainer.JobError, match="which is gone"):
+        trainer.preflight(cfg)
 
 
 def test_version_ids_sort_in_creation_order():
     """Pruning keeps the newest versions by name: ids made within one second must still sort by time
     (they did not when they had whole seconds and a random suffix)."""
-    ids = [shards.new_version() for _ in range(200)]
+    ids = [shard_writer.new_version() for _ in range(200)]
     assert ids == sorted(ids) and len(set(ids)) == 200
 
 
@@ -141,12 +156,14 @@ def test_a_flipped_byte_is_an_error_naming_the_shard(ray_cluster, tmp_path, buck
     for i in range(6):
         (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         (root / f"c{i % 2}" / f"{i}.png").write_bytes(_encode(_photo(40, 40, i), "PNG"))
-    m = shards.make_shards(str(root), f"{bucket}/s", val_fraction=0.0, shard_size=3, progress=False, executor="local")
-    name = m["splits"]["train"]["shards"][1]["name"]
+    m = shard_writer.make_shards(
+        str(root), f"{bucket}/s", val_fraction=0.0, shard_size=3, progress=False, executor="local"
+    ).manifest
+    name = m.splits["train"].shards[1].name
     data = bytearray(storage.read_bytes(f"{bucket}/s/{name}"))
     data[len(data) // 3] ^= 0x01
     storage.write_bytes(f"{bucket}/s/{name}", bytes(data))
-    ds, _ = split_stream(f"{bucket}/s", "train", StreamConfig(32, 4, train=False))
+    ds, _ = split_stream(f"{bucket}/s", "train", StreamConfig(ImageTransform(32, 4, train=False)))
     with pytest.raises(Exception, match=r"shard .*" + name.split("/")[-1] + r" does not match its manifest"):
         ds.take_all()
 
@@ -158,19 +175,51 @@ def test_flat_prefix_with_a_labels_file_on_s3(stack, bucket):
         rows.append(f"img {i}.png,{'cat' if i % 2 else 'dog'}")
     storage.write_bytes(f"{bucket}/raw/extra.png", _encode(_photo(40, 40, 9), "PNG"))
     storage.write_bytes(f"{bucket}/labels.csv", ("path,label\n" + "\n".join(rows) + "\nmissing.png,cat\n").encode())
-    m = shards.make_shards(f"{bucket}/raw", f"{bucket}/out", labels=f"{bucket}/labels.csv", val_fraction=0.0,
-                           progress=False, executor="local")
-    assert m["classes"] == ["cat", "dog"] and m["splits"]["train"]["per_class"] == {"cat": 3, "dog": 3}
-    reasons = {s["path"].rsplit("/", 1)[1]: s["reason"] for s in m["skipped"]}
+    m = shard_writer.make_shards(
+        f"{bucket}/raw",
+        f"{bucket}/out",
+        labels=f"{bucket}/labels.csv",
+        val_fraction=0.0,
+        progress=False,
+        executor="local",
+    ).manifest
+    assert m.classes == ["cat", "dog"] and m.splits["train"].per_class == {"cat": 3, "dog": 3}
+    reasons = {s["path"].rsplit("/", 1)[1]: s["reason"] for s in m.skipped}
     assert "not in the labels file" in reasons["extra.png"] and "not under --source" in reasons["missing.png"]
 
 
 def test_make_shards_job_exit_codes_and_progress(stack, bucket, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "jobs/make_shards.py"), "--source", str(tmp_path / "nope"),
-                        "--output", f"{bucket}/x", "--local"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs/make_shards.py"),
+            "--source",
+            str(tmp_path / "nope"),
+            "--output",
+            f"{bucket}/x",
+            "--local",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "is not a folder" in r.stderr
-    r = subprocess.run([sys.executable, str(ROOT / "jobs/make_shards.py"), "--source", "digits", "--output",
-                        f"{bucket}/d", "--local", "--min-size", "0"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs/make_shards.py"),
+            "--source",
+            "digits",
+            "--output",
+            f"{bucket}/d",
+            "--local",
+            "--min-size",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "--min-size must be at least 1" in r.stderr
 
 
@@ -180,12 +229,20 @@ def test_the_tar_reader_reads_what_tarfile_reads(fmt, monkeypatch):
     give every regular file's name and bytes, and a truncated archive is an error, not fewer samples."""
     import tarfile
 
-    names = ["k0.image", "k0.cls", "sub/k1.json", "d/" * 60 + "long.image"]  # the last needs a ustar prefix or an extension
+    names = [
+        "k0.image",
+        "k0.cls",
+        "sub/k1.json",
+        "d/" * 60 + "long.image",
+    ]  # the last needs a ustar prefix or an extension
     if fmt != "ustar":
         names.append("x" * 150 + ".image")  # no slash to split at: a GNU or pax long name
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format={"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT,
-                                                      "pax": tarfile.PAX_FORMAT}[fmt]) as tar:
+    with tarfile.open(
+        fileobj=buf,
+        mode="w",
+        format={"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}[fmt],
+    ) as tar:
         for i, name in enumerate(names):
             info = tarfile.TarInfo(name)
             data = os.urandom(100 * i + 1)
@@ -199,8 +256,45 @@ def test_the_tar_reader_reads_what_tarfile_reads(fmt, monkeypatch):
         want = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
     opened = []
     real_open = tarfile.open
-    monkeypatch.setattr(shards.tarfile, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
-    assert shards._tar_files(data) == want and [n for n, _ in want] == names
+    monkeypatch.setattr(shard_reader.tarfile, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    assert shard_reader._tar_files(data) == want and [n for n, _ in want] == names
     assert bool(opened) == (fmt != "ustar")  # the plain archive never reaches tarfile
     with pytest.raises(tarfile.ReadError):
-        shards._tar_files(data[: 3 * 512 + 50])  # the second member cut short
+        shard_reader._tar_files(data[: 3 * 512 + 50])  # the second member cut short
+
+
+def test_the_manifest_record_round_trips_and_reads_older_and_foreign_manifests(tmp_path):
+    """One reader and writer for manifest.json: what it writes it reads back equal; a version's own copy
+    resolves shard names against the set's root; a layout-1 set (no versions) and a manifest written by
+    another tool (no counts or digests) still read."""
+    m = manifest.Manifest(
+        format="webdataset",
+        version="20261203T000000.000001Z-abcdef",
+        classes=["a", "b"],
+        splits={
+            "train": manifest.Split(3, {"a": 2, "b": 1}, [manifest.ShardEntry("versions/v/train/s0.tar", 3, 10, "f0")]),
+            "val": manifest.Split(0, {"a": 0, "b": 0}, []),
+        },
+        skipped=[{"path": "x.jpg", "reason": "does not decode"}],
+        seed=0,
+    )
+    manifest.write_manifest(str(tmp_path), m)
+    by_prefix = manifest.load_manifest(str(tmp_path))
+    own_copy = manifest.load_manifest(f"{tmp_path}/versions/{m.version}/manifest.json")
+    assert by_prefix == own_copy == m and by_prefix.base == own_copy.base == str(tmp_path)
+    assert by_prefix.uri == f"{tmp_path}/versions/{m.version}/manifest.json"
+    assert by_prefix.shard_uris("train") == [f"{tmp_path}/versions/v/train/s0.tar"]
+    assert by_prefix.digests("train") == {f"{tmp_path}/versions/v/train/s0.tar": "f0"}
+    assert "3 images (3 train, 0 val), 2 classes, 1 shards, 1 skipped" in by_prefix.summary()
+    with pytest.raises(ValueError, match="no 'test' split"):
+        by_prefix.shard_uris("test")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "manifest.json").write_text(
+        json.dumps(
+            {"format": "webdataset", "classes": ["x"], "splits": {"train": {"count": 1, "shards": [{"name": "s.tar"}]}}}
+        )
+    )
+    old = manifest.load_manifest(str(legacy))
+    assert old.layout == 1 and old.version is None and old.uri == f"{legacy}/manifest.json"
+    assert old.digests("train") == {f"{legacy}/s.tar": ""} and old.count("val") == 0

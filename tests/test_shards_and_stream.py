@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import shards, storage
-from pipeline.data import StreamConfig, patch_stream, read_class_tree, split_stream
-from pipeline.transforms import unpatchify
+from pipeline.core import storage
+from pipeline.data import manifest, shard_writer
+from pipeline.data.streams import StreamConfig, patch_stream, read_class_tree, split_stream
+from pipeline.data.transforms import ImageTransform, unpatchify
 
 
 def _save(path, img, fmt, **kw):
@@ -55,21 +56,27 @@ def _read_tar(data):
 def test_make_shards_manifest_skips_labels_and_rerun(planted_tree, bucket):
     root, good = planted_tree
     out = f"{bucket}/ds"
-    m = shards.make_shards(str(root), out, val_fraction=0.3, seed=1, shard_size=4, progress=False, executor="local")
-    assert m["classes"] == ["ants", "bees"]
-    assert m["splits"]["train"]["count"] + m["splits"]["val"]["count"] == len(good) == 14
-    assert m["splits"]["val"]["per_class"] == {"ants": 2, "bees": 2}
-    reasons = {s["path"].rsplit("/", 1)[1]: s["reason"] for s in m["skipped"]}
+    m = shard_writer.make_shards(
+        str(root), out, val_fraction=0.3, seed=1, shard_size=4, progress=False, executor="local"
+    ).manifest
+    assert m.classes == ["ants", "bees"]
+    assert m.splits["train"].count + m.splits["val"].count == len(good) == 14
+    assert m.splits["val"].per_class == {"ants": 2, "bees": 2}
+    reasons = {s["path"].rsplit("/", 1)[1]: s["reason"] for s in m.skipped}
     assert set(reasons) == {"zero.jpg", "text.jpg", "truncated.jpg"}
-    assert "empty" in reasons["zero.jpg"] and "not an image" in reasons["text.jpg"] and "does not decode" in reasons["truncated.jpg"]
-    stored = shards.load_manifest(out)  # by prefix; manifest.json is what a reader opens
-    assert stored["version"] == m["version"]
+    assert (
+        "empty" in reasons["zero.jpg"]
+        and "not an image" in reasons["text.jpg"]
+        and "does not decode" in reasons["truncated.jpg"]
+    )
+    stored = manifest.load_manifest(out)  # by prefix; manifest.json is what a reader opens
+    assert stored.version == m.version
     seen = {}
     for split in ("train", "val"):
-        for entry in stored["splits"][split]["shards"]:
-            assert entry["name"].startswith(f"versions/{m['version']}/{split}/")
-            data = storage.read_bytes(f"{out}/{entry['name']}")
-            assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"]
+        for entry in stored.splits[split].shards:
+            assert entry.name.startswith(f"versions/{m.version}/{split}/")
+            data = storage.read_bytes(f"{out}/{entry.name}")
+            assert hashlib.sha256(data).hexdigest() == entry.sha256 and len(data) == entry.bytes
             members = _read_tar(data)
             for name, value in members.items():
                 key, ext = name.rsplit(".", 1)
@@ -82,26 +89,34 @@ def test_make_shards_manifest_skips_labels_and_rerun(planted_tree, bucket):
                     assert meta["format"] == {"jpg": "jpeg", "png": "png", "gif": "gif"}[rel.rsplit(".", 1)[1]]
     assert set(seen) == set(good)
     assert all(int(seen[rel]) == ("bees" in rel) for rel in seen)  # ants=0, bees=1
-    again = shards.make_shards(str(root), out, val_fraction=0.3, seed=1, shard_size=4, progress=False, executor="local")
-    assert again["version"] != m["version"]  # a new version folder; the old one is untouched
-    assert [s["sha256"] for s in again["splits"]["train"]["shards"]] == [s["sha256"] for s in m["splits"]["train"]["shards"]]
-    assert storage.exists(f"{out}/{m['splits']['train']['shards'][0]['name']}")
-    assert shards.load_manifest(out)["version"] == again["version"]
-    assert shards.load_manifest(f"{out}/versions/{m['version']}/manifest.json")["_base"] == out  # pinned readers
+    again = shard_writer.make_shards(
+        str(root), out, val_fraction=0.3, seed=1, shard_size=4, progress=False, executor="local"
+    ).manifest
+    assert again.version != m.version  # a new version folder; the old one is untouched
+    assert [s.sha256 for s in again.splits["train"].shards] == [s.sha256 for s in m.splits["train"].shards]
+    assert storage.exists(f"{out}/{m.splits['train'].shards[0].name}")
+    assert manifest.load_manifest(out).version == again.version
+    assert manifest.load_manifest(f"{out}/versions/{m.version}/manifest.json").base == out  # pinned readers
 
 
 def test_parquet_shards(planted_tree, bucket):
     root, good = planted_tree
-    m = shards.make_shards(str(root), f"{bucket}/pq", fmt="parquet", shard_size=5, progress=False, executor="local")
-    table = pq.read_table(io.BytesIO(storage.read_bytes(f"{bucket}/pq/{m['splits']['train']['shards'][0]['name']}")))
+    m = shard_writer.make_shards(
+        str(root), f"{bucket}/pq", fmt="parquet", shard_size=5, progress=False, executor="local"
+    ).manifest
+    table = pq.read_table(io.BytesIO(storage.read_bytes(f"{bucket}/pq/{m.splits['train'].shards[0].name}")))
     assert set(table.column_names) >= {"image", "label", "key", "format"}
-    assert sum(s["count"] for s in m["splits"]["train"]["shards"]) == m["splits"]["train"]["count"]
+    assert sum(s.count for s in m.splits["train"].shards) == m.splits["train"].count
 
 
 def test_stream_every_sample_once_per_epoch_across_readers(ray_cluster, planted_tree, bucket):
     root, good = planted_tree
-    shards.make_shards(str(root), f"{bucket}/ds", val_fraction=0.0, shard_size=3, progress=False, executor="local")
-    ds, manifest = split_stream(f"{bucket}/ds/manifest.json", "train", StreamConfig(32, 4, train=True), shuffle_seed=3)
+    shard_writer.make_shards(
+        str(root), f"{bucket}/ds", val_fraction=0.0, shard_size=3, progress=False, executor="local"
+    )
+    ds, manifest = split_stream(
+        f"{bucket}/ds/manifest.json", "train", StreamConfig(ImageTransform(32, 4, train=True)), shuffle_seed=3
+    )
     readers = ds.streaming_split(2, equal=False)
     for _epoch in range(2):
         keys = []
@@ -127,14 +142,21 @@ def test_stream_reads_and_decodes_each_shard_in_one_task(ray_cluster, planted_tr
     # store (bench/data.py: 1.3-1.5x the stream rate); a read split into more blocks than shards,
     # a batch size on the decode step or unequal CPU requests would each silently undo it.
     root, good = planted_tree
-    shards.make_shards(str(root), f"{bucket}/{fmt}", val_fraction=0.0, shard_size=4, fmt=fmt, progress=False, executor="local")
-    ds, manifest = split_stream(f"{bucket}/{fmt}", "train", StreamConfig(32, 4, train=True, num_cpus=0.5), shuffle_seed=0)
+    shard_writer.make_shards(
+        str(root), f"{bucket}/{fmt}", val_fraction=0.0, shard_size=4, fmt=fmt, progress=False, executor="local"
+    )
+    ds, manifest = split_stream(
+        f"{bucket}/{fmt}", "train", StreamConfig(ImageTransform(32, 4, train=True), num_cpus=0.5), shuffle_seed=0
+    )
     rows = ds.take_all()
     assert sorted(r["key"] for r in rows) == sorted(
-        k for s in manifest["splits"]["train"]["shards"] for k in _shard_keys(f"{bucket}/{fmt}/{s['name']}", fmt))
+        k for s in manifest.splits["train"].shards for k in _shard_keys(f"{bucket}/{fmt}/{s.name}", fmt)
+    )
     assert len(rows) == len(good) and all(r["valid"] for r in rows)
-    assert {manifest["classes"][r["label"]] for r in rows} == {"ants", "bees"}
-    assert re.search(r"Read\w+->MapBatches\(unpack_shards\)->MapBatches\(decode_patchify\)", ds.stats()), ds.stats()[:2000]
+    assert {manifest.classes[r["label"]] for r in rows} == {"ants", "bees"}
+    assert re.search(r"Read\w+->MapBatches\(unpack_shards\)->MapBatches\(decode_patchify\)", ds.stats()), ds.stats()[
+        :2000
+    ]
 
 
 def _shard_keys(uri, fmt):
@@ -148,9 +170,13 @@ def test_class_tree_stream_labels_from_folder_names(ray_cluster, tmp_path):
     rng = np.random.default_rng(1)
     for cls, n in (("cats", 3), ("dogs", 2)):
         for i in range(n):
-            _save(tmp_path / "tree" / cls / f"{i}.png", Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)), "PNG")
+            _save(
+                tmp_path / "tree" / cls / f"{i}.png",
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)),
+                "PNG",
+            )
     ds, classes = read_class_tree(str(tmp_path / "tree"))
-    rows = patch_stream(ds, StreamConfig(32, 4, train=False)).take_all()
+    rows = patch_stream(ds, StreamConfig(ImageTransform(32, 4, train=False))).take_all()
     assert classes == ["cats", "dogs"]
     got = sorted((r["key"].rsplit("/", 2)[1], classes[r["label"]]) for r in rows)
     assert got == [("cats", "cats")] * 3 + [("dogs", "dogs")] * 2
@@ -165,8 +191,8 @@ def test_eval_stream_unpatchifies_to_original_pixels(ray_cluster, tmp_path, buck
         arr = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
         _save(root / f"c{i % 2}" / f"{i}.png", Image.fromarray(arr), "PNG")
         originals[i] = arr
-    shards.make_shards(str(root), f"{bucket}/px", val_fraction=0.0, progress=False, executor="local")
-    ds, _ = split_stream(f"{bucket}/px", "train", StreamConfig(32, 4, train=False, crop_fraction=1.0))
+    shard_writer.make_shards(str(root), f"{bucket}/px", val_fraction=0.0, progress=False, executor="local")
+    ds, _ = split_stream(f"{bucket}/px", "train", StreamConfig(ImageTransform(32, 4, train=False, crop_fraction=1.0)))
     rows = ds.take_all()
     assert len(rows) == 4
     got = {tuple(unpatchify(r["patches"], 4).ravel()[:64]) for r in rows}
@@ -183,9 +209,13 @@ def test_stream_marks_undecodable_samples_instead_of_failing(ray_cluster, bucket
                 info.size = len(value)
                 tar.addfile(info, io.BytesIO(value))
     storage.write_bytes(f"{bucket}/ext/train/s.tar", buf.getvalue())
-    manifest = {"format": "webdataset", "classes": ["x"], "splits": {"train": {"count": 2, "shards": [{"name": "train/s.tar"}]}}}
+    manifest = {
+        "format": "webdataset",
+        "classes": ["x"],
+        "splits": {"train": {"count": 2, "shards": [{"name": "train/s.tar"}]}},
+    }
     storage.write_bytes(f"{bucket}/ext/manifest.json", json.dumps(manifest).encode())
-    ds, _ = split_stream(f"{bucket}/ext", "train", StreamConfig(32, 4, train=True))
+    ds, _ = split_stream(f"{bucket}/ext", "train", StreamConfig(ImageTransform(32, 4, train=True)))
     rows = {r["key"]: r for r in ds.take_all()}
     assert rows["good"]["valid"] and not rows["bad"]["valid"]
 
@@ -198,17 +228,17 @@ def _png_bytes():
 
 def test_clear_errors_for_missing_manifest_bucket_and_patch_size(stack, bucket):
     with pytest.raises(storage.StorageError, match="no manifest at .*make shards first"):
-        shards.load_manifest(f"{bucket}/nothing-here")
+        manifest.load_manifest(f"{bucket}/nothing-here")
     with pytest.raises(storage.StorageError, match="bucket does not exist"):
-        shards.load_manifest("s3://vitray-missing-bucket/x/manifest.json")
+        manifest.load_manifest("s3://vitray-missing-bucket/x/manifest.json")
     with pytest.raises(ValueError, match="not divisible by patch_size 16"):
-        split_stream(f"{bucket}/nothing", "train", StreamConfig(100, 16, train=True))
+        split_stream(f"{bucket}/nothing", "train", StreamConfig(ImageTransform(100, 16, train=True)))
 
 
 def test_the_shuffle_buffer_starts_early_and_loses_nothing():
     """A worker's shuffle buffer: the first batch leaves after `initial` rows (not a full buffer), every row
     comes out exactly once, the order depends on the seed only, and the buffer does grow to its size."""
-    from pipeline.data import shuffled_batches
+    from pipeline.data.streams import shuffled_batches
 
     consumed = []
 
@@ -216,8 +246,11 @@ def test_the_shuffle_buffer_starts_early_and_loses_nothing():
         for i in range(0, total, rows):
             consumed.append(i)
             ids = np.arange(i, min(i + rows, total))
-            yield {"label": ids, "patches": np.repeat(ids[:, None, None], 3, axis=2).astype(np.int64),
-                   "key": np.asarray([f"k{j}" for j in ids], dtype=object)}
+            yield {
+                "label": ids,
+                "patches": np.repeat(ids[:, None, None], 3, axis=2).astype(np.int64),
+                "key": np.asarray([f"k{j}" for j in ids], dtype=object),
+            }
 
     out = list(shuffled_batches(source(), 16, size=400, initial=48, rng=np.random.default_rng(0), drop_last=False))
     ids = np.concatenate([b["label"] for b in out])

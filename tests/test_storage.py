@@ -5,7 +5,7 @@ import os
 import pyarrow.fs as pafs
 import pytest
 
-from pipeline import storage
+from pipeline.core import storage
 
 
 def _roundtrip(base: str, tmp_path):
@@ -63,8 +63,11 @@ def test_wrong_credentials_are_explained_without_the_secret(stack, bucket, monke
     wrong_secret = "WRONG-secret-value-that-must-not-leak"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrongkeyid")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong_secret)
-    for call in (lambda: storage.check_bucket(bucket), lambda: storage.read_bytes(f"{bucket}/x"),
-                 lambda: storage.write_bytes(f"{bucket}/x", b"1")):
+    for call in (
+        lambda: storage.check_bucket(bucket),
+        lambda: storage.read_bytes(f"{bucket}/x"),
+        lambda: storage.write_bytes(f"{bucket}/x", b"1"),
+    ):
         with pytest.raises(storage.StorageError) as e:
             call()
         msg = str(e.value)

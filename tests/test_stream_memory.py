@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline import shards
+from pipeline.data import shard_writer
 
 HERE = Path(__file__).resolve().parent
 
@@ -21,10 +21,16 @@ def test_stream_larger_than_the_object_store(stack, bucket, tmp_path):
         path = tmp_path / "tree" / f"c{i % 2}" / f"{i}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.kron(np.roll(blocks, i, axis=0), np.ones((16, 16, 1), np.uint8))).save(path, quality=80)
-    shards.make_shards(str(tmp_path / "tree"), f"{bucket}/big", val_fraction=0.0, shard_size=50, progress=False, executor="local")
+    shard_writer.make_shards(
+        str(tmp_path / "tree"), f"{bucket}/big", val_fraction=0.0, shard_size=50, progress=False, executor="local"
+    )
     store = 80 * 2**20  # Ray's minimum is 75 MiB
-    proc = subprocess.run([sys.executable, str(HERE / "small_store_stream.py"), f"{bucket}/big", str(store)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "small_store_stream.py"), f"{bucket}/big", str(store)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["epochs"] == [{"rows": n, "unique": n}] * 2

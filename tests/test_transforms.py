@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import vit_model
-from pipeline import transforms as T
+from pipeline.data import transforms as T
 
 
 def _jpeg(w, h, seed=0, quality=90):
@@ -101,11 +101,14 @@ def test_resize_pixels_do_not_depend_on_the_callers_thread_count():
     assert np.array_equal(out[1], out[2])
 
 
-@pytest.mark.parametrize("data,reason", [
-    (b"", "empty file"),
-    (b"this is text, not a jpeg", "not an image"),
-    (_jpeg(64, 64)[:1500], "does not decode"),
-])
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "empty file"),
+        (b"this is text, not a jpeg", "not an image"),
+        (_jpeg(64, 64)[:1500], "does not decode"),
+    ],
+)
 def test_bad_inputs_raise_image_decode_error(data, reason):
     t = T.ImageTransform(32, 4, train=True)
     with pytest.raises(T.ImageDecodeError, match=reason):
@@ -133,12 +136,52 @@ def test_rand_augment_changes_pixels_keeps_shape_and_every_op_runs():
     for name, op in T.RAND_AUGMENT_OPS.items():
         out = np.asarray(op(Image.fromarray(img), 9, rng, True, Image.BICUBIC, (124, 116, 104)))
         assert out.shape == (32, 32, 3) and out.dtype == np.uint8, name
-    changed = [not np.array_equal(T.rand_augment(img, 2, 9, rng), img) for _ in range(20)]
-    assert any(changed)
+    # two ops, each applied with p=0.5: over 200 draws about a quarter leave the image as it was
+    unchanged = sum(np.array_equal(T.rand_augment(img, 2, 9, rng), img) for _ in range(200))
+    assert 25 < unchanged < 80
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, "PNG")
-    t = T.ImageTransform(32, 4, train=True, randaug_n=2, randaug_m=9)
+    t = T.ImageTransform(32, 4, train=True, augment=T.Augment(randaug_n=2, randaug_m=9))
     assert t(buf.getvalue(), rng).shape == (64, 48)
+
+
+class _Sign:
+    """An rng whose draws are fixed: `_signed` keeps the sign for 0.9 and flips it for 0.1."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+def test_rand_augment_ops_give_fixed_expected_pixels():
+    """Each op on a known image against pixels written from the op's definition (not from PIL)."""
+    values = np.array([0, 50, 100, 150, 200, 250], dtype=np.uint8)
+    img = np.stack([values, values[::-1], np.full(6, 100, np.uint8)], axis=-1)[None]  # (1, 6, 3)
+
+    def op(name, m, sign=0.9, source=img):
+        out = T.RAND_AUGMENT_OPS[name](Image.fromarray(source), m, _Sign(sign), True, Image.NEAREST, (7, 8, 9))
+        return np.asarray(out)
+
+    assert np.array_equal(op("Invert", 5), 255 - img)
+    assert np.array_equal(op("Posterize", 9), img & 0b10000000)  # inc1 at m9 keeps one bit
+    assert np.array_equal(op("Solarize", 5), np.where(img >= 128, 255 - img, img))  # threshold 128
+    assert np.array_equal(op("SolarizeAdd", 10), np.where(img < 128, np.minimum(img.astype(int) + 110, 255), img))
+    assert np.array_equal(op("Brightness", 10, sign=0.1), img // 10)  # factor 1 - 0.9 = 0.1
+    # per channel (x - lo) * 255 / (hi - lo), truncated; the constant channel is left as it is
+    auto = img.astype(float)
+    for c in (0, 1):
+        auto[..., c] = np.floor(auto[..., c] * 255 / 250)
+    assert np.array_equal(op("AutoContrast", 5), auto.astype(np.uint8))
+    # translate by 0.45 of the width at m10: 9 of 20 columns, the rest filled with the fill colour
+    wide = np.random.default_rng(0).integers(0, 255, (3, 20, 3), dtype=np.uint8)
+    right = op("TranslateXRel", 10, source=wide)
+    assert np.array_equal(right[:, :11], wide[:, 9:]) and (right[:, 11:] == (7, 8, 9)).all()
+    left = op("TranslateXRel", 10, sign=0.1, source=wide)
+    assert np.array_equal(left[:, 9:], wide[:, :11]) and (left[:, :9] == (7, 8, 9)).all()
+    down = op("TranslateYRel", 10, source=wide.transpose(1, 0, 2).copy())
+    assert np.array_equal(down[:11], wide.transpose(1, 0, 2)[9:])
 
 
 def test_rand_augment_follows_timm_rand_m9_mstd05_inc1(monkeypatch):
@@ -167,8 +210,11 @@ def test_rand_augment_follows_timm_rand_m9_mstd05_inc1(monkeypatch):
     monkeypatch.undo()
     ramp_img = np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (64, 1, 3))
     # geometric ops fill with the given colour and resample with the given filter
-    rot = np.asarray(T.RAND_AUGMENT_OPS["Rotate"](Image.fromarray(ramp_img), 10, np.random.default_rng(0), True,
-                                                  Image.BICUBIC, (1, 2, 3)))
+    rot = np.asarray(
+        T.RAND_AUGMENT_OPS["Rotate"](
+            Image.fromarray(ramp_img), 10, np.random.default_rng(0), True, Image.BICUBIC, (1, 2, 3)
+        )
+    )
     assert tuple(rot[0, 0]) == (1, 2, 3)
 
 

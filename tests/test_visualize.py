@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 import vit_model
-from pipeline import figures, storage
+from pipeline.core import storage
+from pipeline.inference import figures
 from vit_model import analysis
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -59,10 +60,27 @@ def test_figures_for_a_model_in_s3_and_bad_inputs(stack, bucket, tmp_path):
     storage.write_bytes(f"{bucket}/m/config.json", c)
     for i in range(3):
         storage.write_bytes(f"{bucket}/img/{i}.png", _png((40 + i, 36), (50 * i, 90, 20)))
-    storage.write_bytes(f"{bucket}/run/metrics.jsonl", b'{"step": 1, "loss": 2.3, "lr": 0.001, "images_per_s": 10}\n'
-                                                      b'{"step": 2, "loss": 2.1, "lr": 0.001, "val_top1": 0.3}\n')
-    r = subprocess.run([sys.executable, str(ROOT / "jobs/visualize.py"), "--model", f"{bucket}/m", "--images", f"{bucket}/img",
-                        "--output", f"{bucket}/figs", "--run", f"{bucket}/run"], capture_output=True, text=True)
+    storage.write_bytes(
+        f"{bucket}/run/metrics.jsonl",
+        b'{"step": 1, "loss": 2.3, "lr": 0.001, "images_per_s": 10}\n'
+        b'{"step": 2, "loss": 2.1, "lr": 0.001, "val_top1": 0.3}\n',
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs/visualize.py"),
+            "--model",
+            f"{bucket}/m",
+            "--images",
+            f"{bucket}/img",
+            "--output",
+            f"{bucket}/figs",
+            "--run",
+            f"{bucket}/run",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     for name in figures.FIGURES:
         data = storage.read_bytes(f"{bucket}/figs/{name}.png")
@@ -70,10 +88,34 @@ def test_figures_for_a_model_in_s3_and_bad_inputs(stack, bucket, tmp_path):
         assert img.format == "PNG" and img.width > 200 and img.height > 150, name
         assert np.asarray(img.convert("L")).std() > 1  # not blank
     storage.write_bytes(f"{bucket}/bad/notes.txt", b"hello")
-    r = subprocess.run([sys.executable, str(ROOT / "jobs/visualize.py"), "--model", f"{bucket}/m", "--images", f"{bucket}/bad",
-                        "--output", f"{bucket}/figs2"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs/visualize.py"),
+            "--model",
+            f"{bucket}/m",
+            "--images",
+            f"{bucket}/bad",
+            "--output",
+            f"{bucket}/figs2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "notes.txt" in r.stderr and "not an image" in r.stderr
     storage.write_bytes(f"{bucket}/tiny/t.png", _png((2, 2)))
-    r = subprocess.run([sys.executable, str(ROOT / "jobs/visualize.py"), "--model", f"{bucket}/m", "--images", f"{bucket}/tiny",
-                        "--output", f"{bucket}/figs3"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs/visualize.py"),
+            "--model",
+            f"{bucket}/m",
+            "--images",
+            f"{bucket}/tiny",
+            "--output",
+            f"{bucket}/figs3",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "smaller than one 4x4 patch" in r.stderr

@@ -1,9 +1,9 @@
 """What a trained ViT learned, as arrays (the paper's Figure 7 and attention maps). Pure torch/numpy.
 
-  embedding_filters       principal components of the patch-embedding weights   (Fig. 7 left)
-  pos_embed_similarity    cosine similarity between position embeddings          (Fig. 7 centre)
-  mean_attention_distance attention-weighted query-key distance per layer/head  (Fig. 7 right)
-  attention_rollout       attention flow from the class token to the patches (Abnar & Zuidema 2020)
+embedding_filters       principal components of the patch-embedding weights   (Fig. 7 left)
+pos_embed_similarity    cosine similarity between position embeddings          (Fig. 7 centre)
+mean_attention_distance attention-weighted query-key distance per layer/head  (Fig. 7 right)
+attention_rollout       attention flow from the class token to the patches (Abnar & Zuidema 2020)
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def mean_attention_distance(attn: np.ndarray | torch.Tensor, patch_size: int) ->
     a = a[..., 1:, 1:]
     a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
     n = a.shape[-1]
-    d = torch.from_numpy(patch_distances(int(round(n ** 0.5)), patch_size))
+    d = torch.from_numpy(patch_distances(int(round(n**0.5)), patch_size))
     return (a * d).sum(-1).mean(-1).numpy()
 
 

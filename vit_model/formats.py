@@ -24,31 +24,73 @@ import torch
 from .vit import ViTConfig
 
 # (width, depth, heads) -> timm's size word; the rest of a name is patch and image size.
-_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base", (1024, 24, 16): "large",
-          (1280, 32, 16): "huge"}
+_SIZES = {
+    (192, 12, 3): "tiny",
+    (384, 12, 6): "small",
+    (768, 12, 12): "base",
+    (1024, 24, 16): "large",
+    (1280, 32, 16): "huge",
+}
 _SIZE_FIELDS = {v: dict(embed_dim=k[0], depth=k[1], num_heads=k[2]) for k, v in _SIZES.items()}
 # Names timm 1.0 registers (a name must exist there; model_args carry every field anyway).
 _TIMM_NAMES = {
-    "vit_tiny_patch16_224", "vit_tiny_patch16_384", "vit_small_patch16_224", "vit_small_patch16_384",
-    "vit_small_patch32_224", "vit_small_patch32_384", "vit_base_patch16_224", "vit_base_patch16_384",
-    "vit_base_patch32_224", "vit_base_patch32_384", "vit_large_patch16_224", "vit_large_patch16_384",
-    "vit_large_patch32_384", "vit_huge_patch14_224",
+    "vit_tiny_patch16_224",
+    "vit_tiny_patch16_384",
+    "vit_small_patch16_224",
+    "vit_small_patch16_384",
+    "vit_small_patch32_224",
+    "vit_small_patch32_384",
+    "vit_base_patch16_224",
+    "vit_base_patch16_384",
+    "vit_base_patch32_224",
+    "vit_base_patch32_384",
+    "vit_large_patch16_224",
+    "vit_large_patch16_384",
+    "vit_large_patch32_384",
+    "vit_huge_patch14_224",
 }
 # timm VisionTransformer arguments this model has a slot for; any other one (LayerScale, register
 # tokens, no class token, map pooling, ...) changes the tensors and is refused by name.
-_TIMM_ARGS = {"img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-              "global_pool", "class_token", "fc_norm", "num_classes", "drop_rate", "pos_drop_rate", "proj_drop_rate",
-              "attn_drop_rate", "drop_path_rate", "dynamic_img_size", "dynamic_img_pad"}
-_TIMM_DEFAULTS_OFF = {"class_token": True, "no_embed_class": False, "reg_tokens": 0, "pre_norm": False,
-                      "init_values": None, "qk_norm": False, "final_norm": True}
+_TIMM_ARGS = {
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "qkv_bias",
+    "global_pool",
+    "class_token",
+    "fc_norm",
+    "num_classes",
+    "drop_rate",
+    "pos_drop_rate",
+    "proj_drop_rate",
+    "attn_drop_rate",
+    "drop_path_rate",
+    "dynamic_img_size",
+    "dynamic_img_pad",
+}
+_TIMM_DEFAULTS_OFF = {
+    "class_token": True,
+    "no_embed_class": False,
+    "reg_tokens": 0,
+    "pre_norm": False,
+    "init_values": None,
+    "qk_norm": False,
+    "final_norm": True,
+}
 
 
 def timm_incompatibilities(cfg: ViTConfig) -> list[str]:
     """Options of `cfg` that timm's VisionTransformer has no slot for (an export then loads here only)."""
     out = []
     if cfg.pre_logits:
-        out.append("pre_logits: timm's VisionTransformer has no Linear+tanh layer before the head "
-                   "(train with model.pre_logits: false, or fine-tune without it, as the paper does)")
+        out.append(
+            "pre_logits: timm's VisionTransformer has no Linear+tanh layer before the head "
+            "(train with model.pre_logits: false, or fine-tune without it, as the paper does)"
+        )
     return out
 
 
@@ -70,15 +112,42 @@ def timm_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:
     """timm's config.json fields for weights of `cfg` ({} when timm cannot hold them)."""
     if timm_incompatibilities(cfg):
         return {}
-    model_args = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
-                      depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-                      class_token=True, global_pool=cfg.global_pool, fc_norm=cfg.use_fc_norm, num_classes=cfg.num_classes)
+    model_args = dict(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=cfg.qkv_bias,
+        class_token=True,
+        global_pool=cfg.global_pool,
+        fc_norm=cfg.use_fc_norm,
+        num_classes=cfg.num_classes,
+    )
     pretrained_cfg = dict(
-        input_size=[cfg.in_chans, cfg.img_size, cfg.img_size], fixed_input_size=True, interpolation=cfg.interpolation,
-        crop_pct=cfg.crop_pct, crop_mode="center", mean=list(cfg.mean), std=list(cfg.std), num_classes=cfg.num_classes,
-        pool_size=None, first_conv="patch_embed.proj", classifier="head", custom_load=False)
-    out = dict(architecture=timm_architecture(cfg), num_classes=cfg.num_classes, num_features=cfg.embed_dim,
-               global_pool=cfg.global_pool, model_args=model_args, pretrained_cfg=pretrained_cfg)
+        input_size=[cfg.in_chans, cfg.img_size, cfg.img_size],
+        fixed_input_size=True,
+        interpolation=cfg.interpolation,
+        crop_pct=cfg.crop_pct,
+        crop_mode="center",
+        mean=list(cfg.mean),
+        std=list(cfg.std),
+        num_classes=cfg.num_classes,
+        pool_size=None,
+        first_conv="patch_embed.proj",
+        classifier="head",
+        custom_load=False,
+    )
+    out = dict(
+        architecture=timm_architecture(cfg),
+        num_classes=cfg.num_classes,
+        num_features=cfg.embed_dim,
+        global_pool=cfg.global_pool,
+        model_args=model_args,
+        pretrained_cfg=pretrained_cfg,
+    )
     if class_names:
         out["label_names"] = list(class_names)
     return out
@@ -98,8 +167,10 @@ def config_from_json(meta: dict) -> ViTConfig:
         return ViTConfig(**{k: v for k, v in m.items() if k in known})
     if "architecture" in meta:
         return _config_from_timm(meta)
-    raise ValueError("config.json has neither a 'model' section (this project's export) nor an 'architecture' "
-                     "(a timm / Hugging Face export): not a model folder this project can load")
+    raise ValueError(
+        "config.json has neither a 'model' section (this project's export) nor an 'architecture' "
+        "(a timm / Hugging Face export): not a model folder this project can load"
+    )
 
 
 def _config_from_timm(meta: dict) -> ViTConfig:
@@ -107,12 +178,16 @@ def _config_from_timm(meta: dict) -> ViTConfig:
     m = re.fullmatch(r"(?:vit|deit)_(tiny|small|base|large|huge)_patch(\d+)_(\d+)(?:\.\w+)?", arch)
     args = dict(meta.get("model_args") or {})
     if not m and not {"embed_dim", "depth", "num_heads", "patch_size"} <= set(args):
-        raise ValueError(f"timm architecture {arch!r} is not a plain ViT this project builds (vit_/deit_ + size + "
-                         "patch + image size), and its model_args do not give embed_dim, depth, num_heads, patch_size")
+        raise ValueError(
+            f"timm architecture {arch!r} is not a plain ViT this project builds (vit_/deit_ + size + "
+            "patch + image size), and its model_args do not give embed_dim, depth, num_heads, patch_size"
+        )
     for k, default in _TIMM_DEFAULTS_OFF.items():
         if k in args and args[k] != default:
-            raise ValueError(f"timm model_args {k}={args[k]!r} has no equivalent here (only {k}={default!r}): "
-                             "this export is another ViT family than the paper's")
+            raise ValueError(
+                f"timm model_args {k}={args[k]!r} has no equivalent here (only {k}={default!r}): "
+                "this export is another ViT family than the paper's"
+            )
     unknown = sorted(set(args) - _TIMM_ARGS - set(_TIMM_DEFAULTS_OFF))
     if unknown:
         raise ValueError(f"timm model_args {unknown} are not options of this project's ViT")
@@ -163,7 +238,7 @@ def _unscan(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {}
     for k, v in arrays.items():
         if k.startswith("Transformer/encoderblock/"):
-            rest = k[len("Transformer/encoderblock/"):]
+            rest = k[len("Transformer/encoderblock/") :]
             for i in range(v.shape[0]):
                 out[f"Transformer/encoderblock_{i}/{rest}"] = v[i]
         else:
@@ -179,26 +254,33 @@ def from_jax_npz(arrays) -> tuple[dict[str, torch.Tensor], dict]:
     if "embedding/kernel" not in a:
         raise ValueError("not a ViT .npz: no 'embedding/kernel' (the patch embedding) among its keys")
     if "cls" not in a:
-        raise ValueError("this .npz has no class token ('cls'): big_vision models pooled by gap/map without one "
-                         "are not supported (the paper's checkpoints all have it)")
+        raise ValueError(
+            "this .npz has no class token ('cls'): big_vision models pooled by gap/map without one "
+            "are not supported (the paper's checkpoints all have it)"
+        )
     blocks = sorted({int(m.group(1)) for k in a if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))})
     if blocks != list(range(len(blocks))) or not blocks:
         raise ValueError(f"encoder blocks of the .npz are not numbered 0..L-1: {blocks[:5]}...")
     kernel = a["embedding/kernel"]  # (P, P, C, D)
     p, _, c, d = kernel.shape
-    sd = {"patch_embed.proj.weight": _t(kernel.transpose(3, 2, 0, 1)), "patch_embed.proj.bias": _t(a["embedding/bias"]),
-          "cls_token": _t(a["cls"]).reshape(1, 1, d)}
+    sd = {
+        "patch_embed.proj.weight": _t(kernel.transpose(3, 2, 0, 1)),
+        "patch_embed.proj.bias": _t(a["embedding/bias"]),
+        "cls_token": _t(a["cls"]).reshape(1, 1, d),
+    }
     if "Transformer/posembed_input/pos_embedding" in a:  # the paper's layout: the class slot included
         sd["pos_embed"] = _t(a["Transformer/posembed_input/pos_embedding"])
     elif "pos_embedding" in a:  # big_vision: grid only, the class token gets no position embedding
         grid = _t(a["pos_embedding"]).reshape(1, -1, d)
         sd["pos_embed"] = torch.cat([torch.zeros(1, 1, d), grid], dim=1)
     else:
-        raise ValueError("no position embedding in the .npz ('Transformer/posembed_input/pos_embedding' or 'pos_embedding')")
+        raise ValueError(
+            "no position embedding in the .npz ('Transformer/posembed_input/pos_embedding' or 'pos_embedding')"
+        )
     heads = None
     for i in blocks:
         pre = f"Transformer/encoderblock_{i}/"
-        names = {k[len(pre):] for k in a if k.startswith(pre)}
+        names = {k[len(pre) :] for k in a if k.startswith(pre)}
         ln = sorted({n.split("/")[0] for n in names if n.startswith("LayerNorm_")}, key=lambda s: int(s.split("_")[1]))
         mha = next(n.split("/")[0] for n in names if n.startswith("MultiHeadDotProductAttention_"))
         mlp = next(n.split("/")[0] for n in names if n.startswith("MlpBlock_"))
@@ -209,29 +291,48 @@ def from_jax_npz(arrays) -> tuple[dict[str, torch.Tensor], dict]:
         qkv_w = [a[f"{pre}{mha}/{n}/kernel"].reshape(d, d).T for n in ("query", "key", "value")]
         qkv_b = [a[f"{pre}{mha}/{n}/bias"].reshape(d) for n in ("query", "key", "value")]
         b = f"blocks.{i}."
-        sd.update({
-            b + "norm1.weight": _t(a[f"{pre}{ln[0]}/scale"]), b + "norm1.bias": _t(a[f"{pre}{ln[0]}/bias"]),
-            b + "attn.qkv.weight": _t(np.concatenate(qkv_w, 0)), b + "attn.qkv.bias": _t(np.concatenate(qkv_b)),
-            b + "attn.proj.weight": _t(a[f"{pre}{mha}/out/kernel"].reshape(d, d).T),
-            b + "attn.proj.bias": _t(a[f"{pre}{mha}/out/bias"]),
-            b + "norm2.weight": _t(a[f"{pre}{ln[1]}/scale"]), b + "norm2.bias": _t(a[f"{pre}{ln[1]}/bias"]),
-            b + "mlp.fc1.weight": _t(a[f"{pre}{mlp}/Dense_0/kernel"].T), b + "mlp.fc1.bias": _t(a[f"{pre}{mlp}/Dense_0/bias"]),
-            b + "mlp.fc2.weight": _t(a[f"{pre}{mlp}/Dense_1/kernel"].T), b + "mlp.fc2.bias": _t(a[f"{pre}{mlp}/Dense_1/bias"]),
-        })
+        sd.update(
+            {
+                b + "norm1.weight": _t(a[f"{pre}{ln[0]}/scale"]),
+                b + "norm1.bias": _t(a[f"{pre}{ln[0]}/bias"]),
+                b + "attn.qkv.weight": _t(np.concatenate(qkv_w, 0)),
+                b + "attn.qkv.bias": _t(np.concatenate(qkv_b)),
+                b + "attn.proj.weight": _t(a[f"{pre}{mha}/out/kernel"].reshape(d, d).T),
+                b + "attn.proj.bias": _t(a[f"{pre}{mha}/out/bias"]),
+                b + "norm2.weight": _t(a[f"{pre}{ln[1]}/scale"]),
+                b + "norm2.bias": _t(a[f"{pre}{ln[1]}/bias"]),
+                b + "mlp.fc1.weight": _t(a[f"{pre}{mlp}/Dense_0/kernel"].T),
+                b + "mlp.fc1.bias": _t(a[f"{pre}{mlp}/Dense_0/bias"]),
+                b + "mlp.fc2.weight": _t(a[f"{pre}{mlp}/Dense_1/kernel"].T),
+                b + "mlp.fc2.bias": _t(a[f"{pre}{mlp}/Dense_1/bias"]),
+            }
+        )
     sd["norm.weight"], sd["norm.bias"] = _t(a["Transformer/encoder_norm/scale"]), _t(a["Transformer/encoder_norm/bias"])
     pre_logits = "pre_logits/kernel" in a
     if pre_logits:
         if a["pre_logits/kernel"].shape != (d, d):
-            raise ValueError(f"pre_logits of shape {a['pre_logits/kernel'].shape} (representation size != width) "
-                             "is not supported: fine-tune without it")
+            raise ValueError(
+                f"pre_logits of shape {a['pre_logits/kernel'].shape} (representation size != width) "
+                "is not supported: fine-tune without it"
+            )
         sd["pre_logits.fc.weight"], sd["pre_logits.fc.bias"] = _t(a["pre_logits/kernel"].T), _t(a["pre_logits/bias"])
     num_classes = 0
     if "head/kernel" in a:
         sd["head.weight"], sd["head.bias"] = _t(a["head/kernel"].T), _t(a["head/bias"])
         num_classes = a["head/kernel"].shape[1]
     grid = sd["pos_embed"].shape[1] - 1
-    cfg = dict(patch_size=p, in_chans=c, embed_dim=d, depth=len(blocks), num_heads=heads,
-               mlp_ratio=a["Transformer/encoderblock_0/" + mlp + "/Dense_0/kernel"].shape[1] / d,
-               img_size=int(round(grid ** 0.5)) * p, num_classes=num_classes, pre_logits=pre_logits,
-               global_pool="token", fc_norm=False, qkv_bias=True)
+    cfg = dict(
+        patch_size=p,
+        in_chans=c,
+        embed_dim=d,
+        depth=len(blocks),
+        num_heads=heads,
+        mlp_ratio=a["Transformer/encoderblock_0/" + mlp + "/Dense_0/kernel"].shape[1] / d,
+        img_size=int(round(grid**0.5)) * p,
+        num_classes=num_classes,
+        pre_logits=pre_logits,
+        global_pool="token",
+        fc_norm=False,
+        qkv_bias=True,
+    )
     return sd, cfg

@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from .vit import ViTConfig, VisionTransformer
+from .vit import VisionTransformer, ViTConfig
 
 # name -> ViTConfig fields (img_size 224 unless given); Ti and S are DeiT's, B/L/H the paper's Table 1.
 _VARIANTS: dict[str, dict] = {
@@ -83,6 +83,18 @@ def flops_per_image(cfg: ViTConfig, img_size: int | None = None, training: bool 
     return 3.0 * fwd if training else float(fwd)
 
 
-def mfu(images_per_s: float, cfg: ViTConfig, peak_flops: float, training: bool = True, img_size: int | None = None) -> float:
+def mfu(
+    images_per_s: float, cfg: ViTConfig, peak_flops: float, training: bool = True, img_size: int | None = None
+) -> float:
     """Model FLOPs utilisation: achieved matmul FLOP/s over the hardware peak (both in FLOP/s)."""
     return images_per_s * flops_per_image(cfg, img_size, training) / peak_flops
+
+
+# Dense bf16 tensor-core peaks (FLOP/s, without sparsity) from the vendors' data sheets: the one table the
+# training loop's MFU and the benchmarks use when no peak is given.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """The bf16 peak of a GPU by its name (`torch.cuda.get_device_name()`), or None when unknown."""
+    return next((v for k, v in GPU_PEAK_FLOPS.items() if k in device_name), None)

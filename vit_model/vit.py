@@ -28,6 +28,17 @@ INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
 
+def check_patch_grid(img_size: int, patch_size: int) -> None:
+    """The one size rule: an img_size x img_size image is cut into whole P x P patches (N = (H/P)^2)."""
+    if img_size <= 0 or patch_size <= 0:
+        raise ValueError(f"img_size and patch_size must be positive, got {img_size}, {patch_size}")
+    if img_size % patch_size:
+        raise ValueError(
+            f"img_size {img_size} is not divisible by patch_size {patch_size}: "
+            f"choose an img_size that is a multiple of {patch_size}"
+        )
+
+
 @dataclass
 class ViTConfig:
     """Everything that defines the network; saved as JSON next to the weights."""
@@ -51,18 +62,14 @@ class ViTConfig:
     # Preprocessing the weights expect; travels with them (config.json, timm's pretrained_cfg).
     mean: tuple[float, float, float] | tuple[float, ...] = field(default=INCEPTION_MEAN)
     std: tuple[float, float, float] | tuple[float, ...] = field(default=INCEPTION_STD)
-    crop_pct: float = 0.9  # eval: resize the shorter side to img_size / crop_pct, center-crop img_size (timm's ViT default)
+    crop_pct: float = (
+        0.9  # eval: resize the shorter side to img_size / crop_pct, center-crop img_size (timm's ViT default)
+    )
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
 
     def __post_init__(self) -> None:
         self.mean, self.std = tuple(self.mean), tuple(self.std)
-        if self.img_size <= 0 or self.patch_size <= 0:
-            raise ValueError(f"img_size and patch_size must be positive, got {self.img_size}, {self.patch_size}")
-        if self.img_size % self.patch_size:
-            raise ValueError(
-                f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: "
-                f"choose an img_size that is a multiple of {self.patch_size}"
-            )
+        check_patch_grid(self.img_size, self.patch_size)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.global_pool not in ("token", "avg"):

@@ -1,11 +1,11 @@
 """The quickstart: the whole system on this machine, end to end (`make demo`).
 
-  local stack up (SeaweedFS S3 + Ray head)
-  -> shards of scikit-learn's digits into s3://vitray/digits
-  -> `ray job submit` jobs/pretrain.py with configs/digits_demo.yaml
-  -> jobs/batch_infer.py on the held-out images -> Parquet, read back with pyarrow
-  -> jobs/visualize.py figures
-  -> a summary. Safe to re-run: the same run name resumes (a finished run only re-exports).
+local stack up (SeaweedFS S3 + Ray head)
+-> shards of scikit-learn's digits into s3://vitray/digits
+-> `ray job submit` jobs/pretrain.py with configs/digits_demo.yaml
+-> jobs/batch_infer.py on the held-out images -> Parquet, read back with pyarrow
+-> jobs/visualize.py figures
+-> a summary. Safe to re-run: the same run name resumes (a finished run only re-exports).
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     spec.loader.exec_module(stack)
     env = {**os.environ, **stack.env_vars(), "PYTHONUNBUFFERED": "1"}
     os.environ.update(stack.env_vars())
-    from pipeline import publish, storage
+    from pipeline.core import storage
+    from pipeline.inference import publish
 
     client = storage.s3_client()
     if args.bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
@@ -65,26 +66,67 @@ def main(argv=None) -> int:
     sh([PY, "jobs/make_shards.py", "--source", "digits", "--output", f"{base}/digits", "--shard-size", "256"], env)
 
     step("pretraining, submitted with `ray job submit`")
-    entry = ["python", "jobs/pretrain.py", "--config", args.config,
-             "--data", f"{base}/digits/manifest.json", "--output", f"{base}/runs", "--name", args.name]
+    entry = [
+        "python",
+        "jobs/pretrain.py",
+        "--config",
+        args.config,
+        "--data",
+        f"{base}/digits/manifest.json",
+        "--output",
+        f"{base}/runs",
+        "--name",
+        args.name,
+    ]
     if args.epochs:
         entry += ["--epochs", str(args.epochs)]
     runtime_env = {"excludes": [".venv", ".state", ".git", "out", "*.egg-info", "__pycache__"]}
     t_train = time.time()
-    sh([RAY, "job", "submit", "--address", env["VITRAY_DASHBOARD"], "--working-dir", ".",
-        "--runtime-env-json", json.dumps(runtime_env), "--", *entry], env)
+    sh(
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            env["VITRAY_DASHBOARD"],
+            "--working-dir",
+            ".",
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            *entry,
+        ],
+        env,
+    )
     train_s = time.time() - t_train
     run = f"{base}/runs/{args.name}"
-    metrics = [json.loads(line) for line in storage.read_bytes(f"{run}/metrics.jsonl").decode().splitlines() if line.strip()]
+    metrics = [
+        json.loads(line) for line in storage.read_bytes(f"{run}/metrics.jsonl").decode().splitlines() if line.strip()
+    ]
     val = [m["val_top1"] for m in metrics if "val_top1" in m]
     ips = [m["images_per_s"] for m in metrics if "images_per_s" in m]
 
     step("batch inference on the held-out images -> Parquet")
     preds = f"{base}/predictions/{args.name}"
-    sh([PY, "jobs/batch_infer.py", "--model", f"{run}/model", "--input", f"{base}/digits/manifest.json",
-        "--split", "val", "--output", preds], env)
+    sh(
+        [
+            PY,
+            "jobs/batch_infer.py",
+            "--model",
+            f"{run}/model",
+            "--input",
+            f"{base}/digits/manifest.json",
+            "--split",
+            "val",
+            "--output",
+            preds,
+        ],
+        env,
+    )
     table = publish.read_published(preds)
-    latest = table.filter(__import__("pyarrow.compute", fromlist=["x"]).equal(table["run_id"], max(table["run_id"].to_pylist())))
+    latest = table.filter(
+        __import__("pyarrow.compute", fromlist=["x"]).equal(table["run_id"], max(table["run_id"].to_pylist()))
+    )
     rows = latest.to_pylist()
     parquet_top1 = sum(r["label_id"] == r["pred_id"] for r in rows) / max(len(rows), 1)
 
@@ -92,8 +134,21 @@ def main(argv=None) -> int:
     if not args.no_figures and (ROOT / "jobs/visualize.py").exists():
         step("figures of what the model learned")
         figures = f"{run}/figures"
-        sh([PY, "jobs/visualize.py", "--model", f"{run}/model", "--images", f"{base}/digits/manifest.json",
-            "--output", figures, "--run", run], env)
+        sh(
+            [
+                PY,
+                "jobs/visualize.py",
+                "--model",
+                f"{run}/model",
+                "--images",
+                f"{base}/digits/manifest.json",
+                "--output",
+                figures,
+                "--run",
+                run,
+            ],
+            env,
+        )
 
     print("\n" + "=" * 72)
     print(f"val top-1 (training)     {val[-1] * 100:.2f}% after {len(val)} epochs" if val else "val top-1: n/a")
@@ -108,7 +163,13 @@ def main(argv=None) -> int:
     print("stop the stack           make down")
     print(f"total                    {time.time() - t0:.0f} s")
     print("=" * 72)
-    summary = {"val_top1": val[-1] if val else None, "parquet_top1": parquet_top1, "rows": len(rows), "run": run, "predictions": preds}
+    summary = {
+        "val_top1": val[-1] if val else None,
+        "parquet_top1": parquet_top1,
+        "rows": len(rows),
+        "run": run,
+        "predictions": preds,
+    }
     (ROOT / ".state" / "quickstart.json").write_text(json.dumps(summary))
     return 0
 

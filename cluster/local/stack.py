@@ -81,8 +81,11 @@ def _credentials() -> tuple[str, str]:
     cfg = STATE / "s3.json"
     if not cfg.exists():
         key, secret = "vitray" + secrets.token_hex(6), secrets.token_urlsafe(30)
-        ident = {"name": "admin", "credentials": [{"accessKey": key, "secretKey": secret}],
-                 "actions": ["Admin", "Read", "List", "Tagging", "Write"]}
+        ident = {
+            "name": "admin",
+            "credentials": [{"accessKey": key, "secretKey": secret}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }
         cfg.write_text(json.dumps({"identities": [ident]}, indent=2))
         cfg.chmod(0o600)
     cred = json.loads(cfg.read_text())["identities"][0]["credentials"][0]
@@ -114,7 +117,9 @@ def env_vars() -> dict[str, str]:
 def _write_env() -> Path:
     path = STATE / "env"
     lines = [f"export {k}={v}" for k, v in env_vars().items()]
-    path.write_text("# written by cluster/local/stack.py; `source` it. Holds local-only credentials.\n" + "\n".join(lines) + "\n")
+    path.write_text(
+        "# written by cluster/local/stack.py; `source` it. Holds local-only credentials.\n" + "\n".join(lines) + "\n"
+    )
     path.chmod(0o600)
     return path
 
@@ -145,18 +150,32 @@ def _weed_up() -> None:
     _credentials()
     p = S3_PORT
     args = [
-        _tool("weed"), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-s3.port={p}", f"-s3.port.grpc={p + 20000}", f"-s3.config={STATE / 's3.json'}",
-        f"-master.port={p + 1}", f"-master.port.grpc={p + 20001}",
-        f"-volume.port={p + 2}", f"-volume.port.grpc={p + 20002}",
-        f"-filer.port={p + 3}", f"-filer.port.grpc={p + 20003}",
-        f"-admin.port={p + 4}", f"-admin.port.grpc={p + 20004}",
-        "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
+        _tool("weed"),
+        "mini",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-s3.port={p}",
+        f"-s3.port.grpc={p + 20000}",
+        f"-s3.config={STATE / 's3.json'}",
+        f"-master.port={p + 1}",
+        f"-master.port.grpc={p + 20001}",
+        f"-volume.port={p + 2}",
+        f"-volume.port.grpc={p + 20002}",
+        f"-filer.port={p + 3}",
+        f"-filer.port.grpc={p + 20003}",
+        f"-admin.port={p + 4}",
+        f"-admin.port.grpc={p + 20004}",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-master.telemetry=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
     ]
     log = open(STATE / "weed.log", "ab")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            cwd=STATE, start_new_session=True)
+    proc = subprocess.Popen(
+        args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=STATE, start_new_session=True
+    )
     (STATE / "weed.pid").write_text(str(proc.pid))
     deadline = time.time() + WAIT_S
     while time.time() < deadline:
@@ -166,7 +185,9 @@ def _weed_up() -> None:
             print(f"s3: started (pid {proc.pid}) on 127.0.0.1:{S3_PORT}")
             return
         time.sleep(0.5)
-    sys.exit(f"stack: the S3 server did not answer on 127.0.0.1:{S3_PORT} within {WAIT_S:.0f}s; see {STATE / 'weed.log'}")
+    sys.exit(
+        f"stack: the S3 server did not answer on 127.0.0.1:{S3_PORT} within {WAIT_S:.0f}s; see {STATE / 'weed.log'}"
+    )
 
 
 def _bucket_api_ready() -> bool:
@@ -177,9 +198,14 @@ def _bucket_api_ready() -> bool:
         from botocore.config import Config
     except ImportError:
         return True
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-                          config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
+    )
     try:
         client.list_buckets()
         return True
@@ -231,14 +257,22 @@ def _ray_up() -> None:
     if _port_open(RAY_PORT):
         sys.exit(f"stack: port {RAY_PORT} is taken by another program (another Ray?); set VITRAY_RAY_PORT")
     args = [
-        _tool("ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={RAY_PORT}",
-        f"--num-cpus={RAY_CPUS}", "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}",
-        f"--temp-dir={_ray_tmpdir()}", "--disable-usage-stats",
+        _tool("ray"),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={RAY_PORT}",
+        f"--num-cpus={RAY_CPUS}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={DASHBOARD_PORT}",
+        f"--temp-dir={_ray_tmpdir()}",
+        "--disable-usage-stats",
         f"--ray-client-server-port={RAY_PORT + 1000}",
     ]
     log = open(STATE / "ray-start.log", "ab")
-    proc = subprocess.Popen(args, env=_ray_env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, env=_ray_env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
     (STATE / "ray.sid").write_text(str(proc.pid))  # the new session's id is the leader's pid
     try:
         if proc.wait(timeout=WAIT_S) != 0:
@@ -248,10 +282,15 @@ def _ray_up() -> None:
     deadline = time.time() + WAIT_S
     while time.time() < deadline:
         if _port_open(RAY_PORT) and _port_open(DASHBOARD_PORT):
-            print(f"ray: started on 127.0.0.1:{RAY_PORT} with {RAY_CPUS} CPU slots (dashboard http://127.0.0.1:{DASHBOARD_PORT})")
+            print(
+                f"ray: started on 127.0.0.1:{RAY_PORT} with {RAY_CPUS} CPU slots (dashboard http://127.0.0.1:{DASHBOARD_PORT})"
+            )
             return
         time.sleep(0.5)
-    sys.exit(f"stack: the Ray head did not answer on 127.0.0.1:{RAY_PORT} within {WAIT_S:.0f}s; see {STATE / 'ray-start.log'}")
+    sys.exit(
+        f"stack: the Ray head did not answer on 127.0.0.1:{RAY_PORT} within {WAIT_S:.0f}s; see "
+        f"{STATE / 'ray-start.log'}"
+    )
 
 
 def _stop(pids: list[int], what: str) -> None:
@@ -308,10 +347,15 @@ def down() -> None:
 def status() -> int:
     pid = _read_pid(STATE / "weed.pid")
     s3_ok = bool(pid) and _s3_answers()
-    print(f"s3: {'running (pid %d) on http://127.0.0.1:%d' % (pid, S3_PORT) if s3_ok else 'not running'}")
+    print(f"s3: running (pid {pid}) on http://127.0.0.1:{S3_PORT}" if s3_ok else "s3: not running")
     ray_pids = _ray_pids()
     ray_ok = bool(ray_pids) and _port_open(RAY_PORT)
-    print(f"ray: {'running on 127.0.0.1:%d, %d processes, dashboard http://127.0.0.1:%d' % (RAY_PORT, len(ray_pids), DASHBOARD_PORT) if ray_ok else 'not running'}")
+    if ray_ok:
+        print(
+            f"ray: running on 127.0.0.1:{RAY_PORT}, {len(ray_pids)} processes, dashboard http://127.0.0.1:{DASHBOARD_PORT}"
+        )
+    else:
+        print("ray: not running")
     if (STATE / "env").exists():
         print(f"env: {STATE / 'env'}")
     return 0 if s3_ok and ray_ok else 3

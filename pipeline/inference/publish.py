@@ -3,7 +3,7 @@
 Layout, relative to `--output` (names that start with `_` are skipped by pyarrow, pandas, Spark and
 Hive; staged files do not end in `.parquet`, so duckdb's `**/*.parquet` does not match them either):
 
-    _lease.json                            one writer at a time (pipeline/lease.py)
+    _lease.json                            one writer at a time (`lease`)
     _staging/run=<id>/*.parquet.staged     what the Ray Data job writes
     _commits/run=<id>.json                 the commit intent: written once everything is staged
     dt=<date>/run=<id>/part-NNNNN.parquet  the published run
@@ -24,13 +24,13 @@ import io
 import json
 import logging
 import posixpath
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import storage
+from pipeline.core import storage
 
 log = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS"
@@ -47,7 +47,7 @@ class Layout:
     output: storage.Location
 
     @classmethod
-    def of(cls, output: str) -> "Layout":
+    def of(cls, output: str) -> Layout:
         return cls(storage.parse_uri(output))
 
     def staging(self, run_id: str) -> storage.Location:
@@ -74,42 +74,68 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 # ---- commit and recovery -----------------------------------------------------------------------
-def plan_commit(layout: Layout, run_id: str, date: str, staged: list[str], *, accuracy_report: dict | None,
-                ledger: bool, **success) -> dict:
+@dataclass(frozen=True)
+class Intent:
+    """What one run's commit will do, written to `_commits/run=<id>.json` before any of it is done."""
+
+    run_id: str
+    run_dir: str  # URI of dt=<date>/run=<id>/
+    parts: list[list[str]]  # [staged URI, published part URI], in part order
+    accuracy: dict | None  # the `_accuracy.json` report, or None without labels
+    ledger: bool  # whether the model's ledger learns the run's inputs (image prefixes, not shards)
+    success: dict  # the `_SUCCESS` record: run facts plus the part list
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Intent:
+        return cls(**{k: v for k, v in json.loads(data).items() if k in cls.__dataclass_fields__})
+
+
+def plan_commit(
+    layout: Layout, run_id: str, date: str, staged: list[str], *, accuracy_report: dict | None, ledger: bool, **success
+) -> Intent:
     """The intent of one run: which staged file becomes which part, the `_accuracy.json` report, whether
     the model's ledger learns the run's inputs, and the `_SUCCESS` record (`success` plus the part list)."""
     run_dir = layout.run_dir(date, run_id)
     parts = [[u, run_dir.join(f"part-{i:05d}.parquet").uri] for i, u in enumerate(sorted(staged))]
-    return {"run_id": run_id, "run_dir": run_dir.uri, "parts": parts, "accuracy": accuracy_report, "ledger": ledger,
-            "success": {"run_id": run_id, **success, "files": [dest for _, dest in parts]}}
+    files = [dest for _, dest in parts]
+    return Intent(run_id, run_dir.uri, parts, accuracy_report, ledger, {"run_id": run_id, **success, "files": files})
 
 
-def commit(layout: Layout, intent: dict, lease) -> None:
+def commit(layout: Layout, intent: Intent, lease) -> None:
     """Publish a staged run: write the intent (the point of no return), then roll it forward."""
     lease.check()
-    storage.write_bytes(layout.intent(intent["run_id"]).uri, json.dumps(intent, indent=2).encode())
+    storage.write_bytes(layout.intent(intent.run_id).uri, intent.to_json())
     roll_forward(layout, intent, lease)
 
 
-def roll_forward(layout: Layout, intent: dict, lease) -> None:
+def roll_forward(layout: Layout, intent: Intent, lease) -> None:
     """Every step is idempotent: a crash anywhere here is finished by the next run's `recover`."""
-    for staged, dest in intent["parts"]:
+    for staged, dest in intent.parts:
         lease.check()
         if storage.exists(staged):
             storage.copy(staged, dest)
         elif not storage.exists(dest):
-            raise storage.StorageError(f"run {intent['run_id']}: neither the staged file {staged} nor its published "
-                                       f"copy {dest} exists; the output was changed by hand")
-    run_dir = storage.parse_uri(intent["run_dir"])
-    if intent.get("accuracy"):
-        storage.write_bytes(run_dir.join(ACCURACY).uri, json.dumps(intent["accuracy"], indent=2).encode())
+            raise storage.StorageError(
+                f"run {intent.run_id}: neither the staged file {staged} nor its published "
+                f"copy {dest} exists; the output was changed by hand"
+            )
+    run_dir = storage.parse_uri(intent.run_dir)
+    if intent.accuracy:
+        storage.write_bytes(run_dir.join(ACCURACY).uri, json.dumps(intent.accuracy, indent=2).encode())
     lease.check()
-    storage.write_bytes(run_dir.join(SUCCESS).uri, json.dumps(intent["success"], indent=2).encode())
-    if intent["ledger"]:
-        update_ledger(layout, intent["success"]["model_sha256"], [read_parquet(uri, ["image_uri", "error"])
-                                                                   for _, uri in intent["parts"]], intent["run_id"])
-    storage.delete(layout.staging(intent["run_id"]).uri, recursive=True)
-    storage.delete(layout.intent(intent["run_id"]).uri)
+    storage.write_bytes(run_dir.join(SUCCESS).uri, json.dumps(intent.success, indent=2).encode())
+    if intent.ledger:
+        update_ledger(
+            layout,
+            intent.success["model_sha256"],
+            [read_parquet(uri, ["image_uri", "error"]) for _, uri in intent.parts],
+            intent.run_id,
+        )
+    storage.delete(layout.staging(intent.run_id).uri, recursive=True)
+    storage.delete(layout.intent(intent.run_id).uri)
 
 
 def recover(layout: Layout, lease) -> list[str]:
@@ -117,10 +143,10 @@ def recover(layout: Layout, lease) -> list[str]:
     the ids of the runs rolled forward."""
     finished = []
     for f in storage.list_files(layout.output.join(COMMITS).uri):
-        intent = json.loads(storage.read_bytes(storage.to_uri(layout.output, f.path)))
-        log.warning("finishing the commit of run %s, interrupted by a crash", intent["run_id"])
+        intent = Intent.from_json(storage.read_bytes(storage.to_uri(layout.output, f.path)))
+        log.warning("finishing the commit of run %s, interrupted by a crash", intent.run_id)
         roll_forward(layout, intent, lease)
-        finished.append(intent["run_id"])
+        finished.append(intent.run_id)
     for f in storage.list_files(layout.output.join(STAGING).uri):
         lease.check()
         log.warning("removing what a crashed run staged: %s", f.path)
@@ -135,7 +161,11 @@ def update_ledger(layout: Layout, model_sha256: str, results: list[pa.Table], ru
     """Merge a run's (image_uri, error) rows into the model's ledger; a newer result replaces an older one.
     A compare-and-swap write, so a concurrent writer can never make an update disappear."""
     uri = layout.ledger(model_sha256).uri
-    new = pa.concat_tables([t.select(["image_uri", "error"]) for t in results]) if results else LEDGER_SCHEMA.empty_table()
+    new = (
+        pa.concat_tables([t.select(["image_uri", "error"]) for t in results])
+        if results
+        else LEDGER_SCHEMA.empty_table()
+    )
     new = new.append_column("run_id", pa.array([run_id] * new.num_rows, pa.string())).cast(LEDGER_SCHEMA)
     for _ in range(5):
         current = storage.read_with_tag(uri)
@@ -192,8 +222,12 @@ def committed_runs(output: str) -> list[dict]:
 
 def read_published(output: str, model_sha256: str | None = None, columns: list[str] | None = None) -> pa.Table:
     """Every committed prediction (runs with `_SUCCESS` only), optionally of one model's weights."""
-    tables = [read_parquet(uri, columns) for run in committed_runs(output)
-              if not model_sha256 or run["model_sha256"] == model_sha256 for uri in run["files"]]
+    tables = [
+        read_parquet(uri, columns)
+        for run in committed_runs(output)
+        if not model_sha256 or run["model_sha256"] == model_sha256
+        for uri in run["files"]
+    ]
     if not tables:
         return pa.table({"image_uri": pa.array([], pa.string())})
     return pa.concat_tables(tables, promote_options="default")

@@ -1,7 +1,7 @@
 """Ray Data streams: shards (or a class-folder tree) in object storage -> patchified uint8 batches.
 
     read (one task per shard, file order shuffled per epoch)
-      -> decode + crop + resize + flip + patchify   (map_batches on CPU tasks)
+      -> ImageTransform: decode -> crop -> resize (+ flip) -> RandAugment -> patchify   (map_batches, CPU tasks)
       -> {"patches": (B, N, P*P*C) uint8, "label": (B,) int64, "valid": (B,) bool}
 
 A sample that fails to decode keeps its row with `valid=False` (its key logged on the worker),
@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import storage
-from .shards import expected_digests, load_manifest, shard_uris, unpack_shards
-from .transforms import ImageDecodeError, ImageTransform
+from pipeline.core import storage
+from pipeline.data.manifest import Manifest, load_manifest
+from pipeline.data.shard_reader import unpack_shards
+from pipeline.data.transforms import Augment, ImageTransform, decode_to_patches
 
 log = logging.getLogger(__name__)
 _IMAGE_COLUMNS = ("image", "img", "bytes")
@@ -28,37 +29,20 @@ _IMAGE_COLUMNS = ("image", "img", "bytes")
 
 @dataclass(frozen=True)
 class StreamConfig:
-    img_size: int
-    patch_size: int
-    train: bool
+    """A patch stream: the preprocessing spec (`ImageTransform`) and how Ray Data runs it."""
+
+    transform: ImageTransform
     # Rows per decode task (not the training batch). None: a task decodes the block its read produced,
     # and Ray fuses read + decode into one task (no encoded bytes through the object store; measured
     # 1.3-1.5x the stream rate of a separate decode stage here). A number re-batches the encoded rows
     # first, for shards too large for one task's memory.
     batch_size: int | None = None
     num_cpus: float = 1.0  # per decode task
-    scale: tuple[float, float] = (0.08, 1.0)
-    hflip: float = 0.5
-    crop_fraction: float = 0.9
-    draft: bool = True
-    interpolation: str = "bicubic"
-    randaug_n: int = 0
-    randaug_m: float = 9.0
-    randaug_mstd: float = 0.5
-    randaug_increasing: bool = True
-    fill: tuple[int, int, int] = (128, 128, 128)
 
     @classmethod
-    def for_model(cls, mcfg, train: bool, **kwargs) -> "StreamConfig":
-        """The stream a model of ViTConfig `mcfg` expects: its size, patch, eval crop, interpolation, fill colour."""
-        return cls(img_size=mcfg.img_size, patch_size=mcfg.patch_size, train=train, crop_fraction=mcfg.crop_pct,
-                   interpolation=mcfg.interpolation, fill=tuple(round(255 * m) for m in mcfg.mean[:3]), **kwargs)
-
-    def transform(self) -> ImageTransform:
-        return ImageTransform(self.img_size, self.patch_size, self.train, scale=self.scale, hflip=self.hflip,
-                              crop_fraction=self.crop_fraction, draft=self.draft, interpolation=self.interpolation,
-                              randaug_n=self.randaug_n, randaug_m=self.randaug_m, randaug_mstd=self.randaug_mstd,
-                              randaug_increasing=self.randaug_increasing, fill=self.fill)
+    def for_model(cls, mcfg, train: bool, augment: Augment | None = None, **kwargs) -> StreamConfig:
+        """The stream a model of ViTConfig `mcfg` expects (`ImageTransform.for_model`)."""
+        return cls(ImageTransform.for_model(mcfg, train, augment), **kwargs)
 
 
 def configure_ray_data(object_store_fraction: float | None = None, progress: bool | None = None) -> None:
@@ -67,7 +51,12 @@ def configure_ray_data(object_store_fraction: float | None = None, progress: boo
 
     ctx = DataContext.get_current()
     # S3-compatible stores throttle with SLOW_DOWN / 503: retry those reads instead of failing the epoch.
-    for err in ("AWS Error SLOW_DOWN", "AWS Error INTERNAL_FAILURE", "AWS Error SERVICE_UNAVAILABLE", "AWS Error NETWORK_CONNECTION"):
+    for err in (
+        "AWS Error SLOW_DOWN",
+        "AWS Error INTERNAL_FAILURE",
+        "AWS Error SERVICE_UNAVAILABLE",
+        "AWS Error NETWORK_CONNECTION",
+    ):
         if err not in ctx.retried_io_errors:
             ctx.retried_io_errors.append(err)
     if progress is not None:
@@ -78,10 +67,11 @@ def configure_ray_data(object_store_fraction: float | None = None, progress: boo
         total = ray.cluster_resources().get("object_store_memory", 0)
         if total:
             ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-                object_store_memory=total * object_store_fraction)
+                object_store_memory=total * object_store_fraction
+            )
 
 
-def _image_column(batch: dict) -> list:
+def image_column(batch: dict) -> list:
     """The encoded image of each row, whatever extension column it came in (jpg, png, gif, ...)."""
     n = len(batch["label"])
     out = [None] * n
@@ -95,43 +85,25 @@ def _image_column(batch: dict) -> list:
     return out
 
 
-def _labels(batch: dict) -> np.ndarray:
+def labels_of(batch: dict) -> np.ndarray:
     raw = batch["label"] if "label" in batch else batch["cls"]
     return np.array([int(v.decode() if isinstance(v, (bytes, bytearray)) else v) for v in raw], dtype=np.int64)
 
 
-def decode_to_patches(images: list, keys, transform: ImageTransform, rng: np.random.Generator | None):
-    """Encoded images -> ((B, N, P*P*C) uint8 patches, (B,) bool valid, [error or ""] per row).
-
-    The one decode step of training, evaluation and batch inference: a sample that cannot be used
-    keeps its row, marked invalid with the reason, and is logged with its key.
-    """
-    n = len(images)
-    patches = np.zeros((n, (transform.img_size // transform.patch_size) ** 2, transform.patch_size ** 2 * 3), np.uint8)
-    valid = np.zeros(n, bool)
-    errors = [""] * n
-    for i, data in enumerate(images):
-        try:
-            if data is None:
-                raise ImageDecodeError("sample has no image member")
-            patches[i] = transform(bytes(data), rng)
-            valid[i] = True
-        except ImageDecodeError as e:
-            errors[i] = str(e)
-            log.warning("cannot use sample %s: %s", keys[i] if keys is not None else i, e)
-    return patches, valid, errors
-
-
 def decode_patchify(batch: dict, cfg: StreamConfig) -> dict:
     """map_batches step: encoded images -> patches. Bad samples: valid=False and a logged key."""
-    transform = cfg.transform()
+    transform = cfg.transform
     rng = np.random.default_rng()  # fresh crops every epoch; the seed fixes the file order
     if "label" not in batch:
         batch["label"] = batch["cls"]
     keys = batch.get("__key__", batch.get("key"))
-    patches, valid, _ = decode_to_patches(_image_column(batch), keys, transform, rng)
-    return {"patches": patches, "label": _labels(batch), "valid": valid,
-            "key": np.asarray(keys if keys is not None else [""] * len(valid), dtype=object)}
+    patches, valid, _ = decode_to_patches(image_column(batch), keys, transform, rng)
+    return {
+        "patches": patches,
+        "label": labels_of(batch),
+        "valid": valid,
+        "key": np.asarray(keys if keys is not None else [""] * len(valid), dtype=object),
+    }
 
 
 def shuffled_batches(source, batch_size: int, size: int, initial: int, rng: np.random.Generator, drop_last: bool):
@@ -161,7 +133,7 @@ def shuffled_batches(source, batch_size: int, size: int, initial: int, rng: np.r
         if n + rows > len(buf[next(iter(buf))]):  # a source batch larger than the last one: grow once
             buf = {c: np.concatenate([a[:n], np.empty((n + rows, *a.shape[1:]), a.dtype)]) for c, a in buf.items()}
         for c, v in batch.items():
-            buf[c][n:n + rows] = v
+            buf[c][n : n + rows] = v
         n, seen = n + rows, seen + rows
         want = min(size, max(initial, seen // 2))
         while n - batch_size >= want:
@@ -177,7 +149,7 @@ def _paths(uris: list[str]) -> tuple[list[str], object]:
     return [storage.parse_uri(u).path for u in uris], fs
 
 
-def read_encoded(manifest: dict, split: str, *, shuffle_seed: int | None = None, num_cpus: float = 1.0):
+def read_encoded(manifest: Manifest, split: str, *, shuffle_seed: int | None = None, num_cpus: float = 1.0):
     """The raw split: one row per sample {key, image, label, format, __url__}, from exactly the shard
     files the manifest names, each checked against its sha256 before a sample is used.
 
@@ -187,15 +159,23 @@ def read_encoded(manifest: dict, split: str, *, shuffle_seed: int | None = None,
     import ray.data
     from ray.data import FileShuffleConfig
 
-    uris = shard_uris(manifest, split)
+    uris = manifest.shard_uris(split)
     if not uris:
-        raise ValueError(f"the {split!r} split of {manifest['_base']} has no shards (0 samples)")
+        raise ValueError(f"the {split!r} split of {manifest.base} has no shards (0 samples)")
     paths, fs = _paths(uris)
     shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
-    ds = ray.data.read_datasource(_shard_files()(paths, filesystem=fs, include_paths=True, shuffle=shuffle),
-                                  override_num_blocks=len(paths), num_cpus=num_cpus)
-    return ds.map_batches(unpack_shards, fn_kwargs={"digests": expected_digests(manifest, split), "fmt": manifest["format"]},
-                          batch_size=None, batch_format="numpy", num_cpus=num_cpus)
+    ds = ray.data.read_datasource(
+        _shard_files()(paths, filesystem=fs, include_paths=True, shuffle=shuffle),
+        override_num_blocks=len(paths),
+        num_cpus=num_cpus,
+    )
+    return ds.map_batches(
+        unpack_shards,
+        fn_kwargs={"digests": manifest.digests(split), "fmt": manifest.format},
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=num_cpus,
+    )
 
 
 @functools.cache
@@ -230,28 +210,28 @@ def read_class_tree(uri: str, classes: list[str] | None = None):
     fs, path = storage.resolve(loc.uri)
 
     def label(batch):
-        batch["label"] = np.array([index.get(os.path.basename(os.path.dirname(p)), -1) for p in batch["path"]], np.int64)
+        batch["label"] = np.array(
+            [index.get(os.path.basename(os.path.dirname(p)), -1) for p in batch["path"]], np.int64
+        )
         batch["key"] = batch["path"]
         batch["image"] = batch.pop("bytes")
         return batch
 
-    return ray.data.read_binary_files(path, filesystem=fs, include_paths=True).map_batches(label, batch_format="numpy"), names
+    return ray.data.read_binary_files(path, filesystem=fs, include_paths=True).map_batches(
+        label, batch_format="numpy"
+    ), names
 
 
 def patch_stream(ds, cfg: StreamConfig):
     """Attach decode -> augment -> patchify to a dataset of encoded rows."""
     # Stateless CPU tasks (not actors): Ray Data scales them to the free CPU slots.
-    return ds.map_batches(decode_patchify, fn_kwargs={"cfg": cfg}, batch_size=cfg.batch_size,
-                          batch_format="numpy", num_cpus=cfg.num_cpus)
+    return ds.map_batches(
+        decode_patchify, fn_kwargs={"cfg": cfg}, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.num_cpus
+    )
 
 
-def split_stream(manifest_uri: str | dict, split: str, cfg: StreamConfig, *, shuffle_seed: int | None = None):
+def split_stream(manifest_uri: str | Manifest, split: str, cfg: StreamConfig, *, shuffle_seed: int | None = None):
     """Manifest (URI, or one already loaded: a run keeps the version it started on) -> (patch dataset,
     manifest). The one entry point training and evaluation use."""
-    if cfg.img_size % cfg.patch_size:
-        raise ValueError(
-            f"img_size {cfg.img_size} is not divisible by patch_size {cfg.patch_size}: "
-            f"choose an img_size that is a multiple of {cfg.patch_size}"
-        )
-    manifest = manifest_uri if isinstance(manifest_uri, dict) else load_manifest(manifest_uri)
+    manifest = manifest_uri if isinstance(manifest_uri, Manifest) else load_manifest(manifest_uri)
     return patch_stream(read_encoded(manifest, split, shuffle_seed=shuffle_seed, num_cpus=cfg.num_cpus), cfg), manifest

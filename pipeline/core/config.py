@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from . import storage
+from pipeline.core import storage
 
 
 class Section(BaseModel):
@@ -70,12 +70,17 @@ def build_parser(schema: type[BaseModel], aliases: dict[str, str], description: 
     for flag, dotted in aliases.items():
         help_text, ann, default = fields[dotted]
         if ann is bool:
-            short.add_argument(f"--{flag}", dest=dotted, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"{help_text} (= --{dotted})")
+            short.add_argument(
+                f"--{flag}",
+                dest=dotted,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{help_text} (= --{dotted})",
+            )
         else:
             short.add_argument(f"--{flag}", dest=dotted, default=None, metavar="V", help=f"{help_text} (= --{dotted})")
     every = ap.add_argument_group("every field (dotted)")
-    for dotted, (help_text, ann, default) in fields.items():
+    for dotted, (help_text, _, default) in fields.items():
         if dotted in aliases:  # a flat schema: the short flag is the field itself
             continue
         shown = "" if default is None else f" [default: {default}]"

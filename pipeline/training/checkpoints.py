@@ -27,8 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vit_model
-
-from . import storage
+from pipeline.core import storage
 
 log = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.json"
@@ -48,8 +47,14 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
-def save_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer, state: dict,
-                    ema: dict[str, torch.Tensor] | None = None, class_names: list[str] | None = None) -> Path:
+def save_checkpoint(
+    folder: str | Path,
+    model,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    ema: dict[str, torch.Tensor] | None = None,
+    class_names: list[str] | None = None,
+) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     core = _unwrap(model)
@@ -67,8 +72,13 @@ def save_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer,
     if ema is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(folder / "ema.safetensors"))
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_sd["param_groups"]]
-    full = {**state, "param_groups": groups, "rng_numpy": np.random.get_state()[1].tolist(),
-            "rng_numpy_pos": int(np.random.get_state()[2]), "rng_python": list(random.getstate()[1])}
+    full = {
+        **state,
+        "param_groups": groups,
+        "rng_numpy": np.random.get_state()[1].tolist(),
+        "rng_numpy_pos": int(np.random.get_state()[2]),
+        "rng_python": list(random.getstate()[1]),
+    }
     (folder / STATE_NAME).write_text(json.dumps(full, indent=1, default=_jsonable))
     sums = {f.name: _sha256(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != CHECKSUMS}
     (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1))
@@ -102,8 +112,9 @@ def verify_checkpoint(folder: str | Path) -> None:
             raise CheckpointError(f"{name} does not match its sha256 (damaged)")
 
 
-def resume(candidates: list[str], model, optimizer: torch.optim.Optimizer, ema: dict | None, *,
-           allow_fresh_start: bool) -> tuple[dict | None, str | None, list[tuple[str, str]]]:
+def resume(
+    candidates: list[str], model, optimizer: torch.optim.Optimizer, ema: dict | None, *, allow_fresh_start: bool
+) -> tuple[dict | None, str | None, list[tuple[str, str]]]:
     """Restore from the newest usable checkpoint among `candidates` (URIs, newest first).
 
     Returns (trainer state or None for a fresh start, the URI used, [(skipped URI, why)]). Every
@@ -126,8 +137,10 @@ def resume(candidates: list[str], model, optimizer: torch.optim.Optimizer, ema: 
             shutil.rmtree(tmp, ignore_errors=True)
     if damaged and not allow_fresh_start:
         raise CheckpointError(
-            "no usable checkpoint to resume from: " + "; ".join(f"{u}: {why}" for u, why in skipped)
-            + ". Delete or repair them, or set train.fresh_start_if_checkpoints_bad: true to start this run over")
+            "no usable checkpoint to resume from: "
+            + "; ".join(f"{u}: {why}" for u, why in skipped)
+            + ". Delete or repair them, or set train.fresh_start_if_checkpoints_bad: true to start this run over"
+        )
     return None, None, skipped
 
 
@@ -139,8 +152,9 @@ def _jsonable(o):
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
-def load_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer,
-                    ema: dict[str, torch.Tensor] | None = None) -> dict:
+def load_checkpoint(
+    folder: str | Path, model, optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None = None
+) -> dict:
     """Restore model, optimizer, EMA and RNG in place; returns the trainer state (step, epoch, ...)."""
     folder = Path(folder)
     core = _unwrap(model)
@@ -153,7 +167,9 @@ def load_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer,
             _, idx, name = key.split(".", 2)
             opt_state.setdefault(int(idx), {})[name] = value
     ref = optimizer.state_dict()
-    groups = [{**g_saved, "params": g_ref["params"]} for g_saved, g_ref in zip(state["param_groups"], ref["param_groups"])]
+    groups = [
+        {**g_saved, "params": g_ref["params"]} for g_saved, g_ref in zip(state["param_groups"], ref["param_groups"])
+    ]
     optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():

@@ -25,6 +25,8 @@ import pyarrow.fs as pafs
 class StorageError(RuntimeError):
     """A storage failure with what to check; never carries a credential."""
 
+    exit_code = 2  # EXIT_BAD_INPUT of `exits` (not imported: storage imports nothing of the project)
+
 
 @dataclass(frozen=True)
 class Location:
@@ -36,7 +38,7 @@ class Location:
     key: str
     path: str  # "bucket/key" for S3 (no scheme), absolute path for files
 
-    def join(self, *parts: str) -> "Location":
+    def join(self, *parts: str) -> Location:
         if self.scheme == "s3":
             key = posixpath.join(self.key, *parts) if self.key else posixpath.join(*parts)
             return parse_uri(f"s3://{self.bucket}/{key}")
@@ -55,15 +57,16 @@ def parse_uri(uri: str | os.PathLike) -> Location:
     uri = str(uri)
     for prefix in ("s3://", "s3a://"):
         if uri.startswith(prefix):
-            bucket, _, key = uri[len(prefix):].partition("/")
+            bucket, _, key = uri[len(prefix) :].partition("/")
             if not bucket:
                 raise StorageError(f"{uri!r} names no bucket: write s3://BUCKET/KEY")
             key = key.lstrip("/").rstrip("/")
-            return Location(f"s3://{bucket}/{key}" if key else f"s3://{bucket}", "s3", bucket, key,
-                            f"{bucket}/{key}".rstrip("/"))
+            return Location(
+                f"s3://{bucket}/{key}" if key else f"s3://{bucket}", "s3", bucket, key, f"{bucket}/{key}".rstrip("/")
+            )
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", uri) and not uri.startswith("file://"):
         raise StorageError(f"unsupported URI scheme in {uri!r}: use s3://, file:// or a local path")
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
     path = str(Path(path).expanduser().absolute())
     return Location(path, "file", None, path, path)
 
@@ -82,7 +85,9 @@ def _where(loc: Location) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _s3_filesystem(endpoint: str | None, region: str, key_id: str | None, profile: str | None, _secret_digest: str) -> pafs.S3FileSystem:
+def _s3_filesystem(
+    endpoint: str | None, region: str, key_id: str | None, profile: str | None, _secret_digest: str
+) -> pafs.S3FileSystem:
     kwargs: dict = {"region": region}
     if endpoint:
         u = urlparse(endpoint)
@@ -94,8 +99,9 @@ def _s3_filesystem(endpoint: str | None, region: str, key_id: str | None, profil
             session_token=os.environ.get("AWS_SESSION_TOKEN"),
         )
     # Otherwise pyarrow's AWS SDK walks the default chain: profile files, instance metadata, ...
-    return pafs.S3FileSystem(**kwargs, connect_timeout=10, request_timeout=60,
-                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5))
+    return pafs.S3FileSystem(
+        **kwargs, connect_timeout=10, request_timeout=60, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5)
+    )
 
 
 def _settings() -> tuple:
@@ -160,14 +166,35 @@ def explain(exc: BaseException, loc: Location, action: str) -> StorageError:
     flat = blob.replace("_", "").lower()  # pyarrow writes INVALID_ACCESS_KEY_ID, boto3 InvalidAccessKeyId
     target = f"{loc.uri}" if loc.scheme == "file" else f"{loc.uri} ({_where(loc)})"
     if loc.scheme == "s3":
-        if any(s in flat for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden", "403", "invalidtoken", "expiredtoken")):
+        if any(
+            s in flat
+            for s in (
+                "invalidaccesskeyid",
+                "signaturedoesnotmatch",
+                "accessdenied",
+                "forbidden",
+                "403",
+                "invalidtoken",
+                "expiredtoken",
+            )
+        ):
             return StorageError(
                 f"cannot {action} {target}: the credentials were refused. Check AWS_ACCESS_KEY_ID / "
                 "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and that they may access this bucket"
             )
         if "nosuchbucket" in flat or "bucket does not exist" in flat:
             return StorageError(f"cannot {action} {target}: the bucket does not exist. Create it or fix the URI")
-        if any(s in blob for s in ("Could not connect", "Connection refused", "curlCode: 7", "EndpointConnectionError", "Could not resolve", "Connect timeout")):
+        if any(
+            s in blob
+            for s in (
+                "Could not connect",
+                "Connection refused",
+                "curlCode: 7",
+                "EndpointConnectionError",
+                "Could not resolve",
+                "Connect timeout",
+            )
+        ):
             return StorageError(
                 f"cannot {action} {target}: the endpoint does not answer. Check AWS_ENDPOINT_URL and that the "
                 "S3 server runs (locally: `make up`)"
@@ -193,7 +220,9 @@ def check_bucket(uri: str | os.PathLike) -> None:
     except Exception as e:  # botocore ClientError, EndpointConnectionError, NoCredentialsError
         code = getattr(e, "response", {}).get("Error", {}).get("Code", "") if hasattr(e, "response") else ""
         if code in ("404", "NoSuchBucket"):
-            raise StorageError(f"cannot open {loc.uri} ({_where(loc)}): the bucket does not exist. Create it or fix the URI") from None
+            raise StorageError(
+                f"cannot open {loc.uri} ({_where(loc)}): the bucket does not exist. Create it or fix the URI"
+            ) from None
         if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
             raise StorageError(
                 f"cannot open {loc.uri} ({_where(loc)}): no credentials found. Set AWS_ACCESS_KEY_ID / "
@@ -330,8 +359,10 @@ def _local_tag(path: str) -> str | None:
 
 def _is_precondition_failure(exc: BaseException) -> bool:
     resp = getattr(exc, "response", None) or {}
-    return resp.get("Error", {}).get("Code") in ("PreconditionFailed", "412") or \
-        resp.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
+    return (
+        resp.get("Error", {}).get("Code") in ("PreconditionFailed", "412")
+        or resp.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
+    )
 
 
 def read_with_tag(uri: str | os.PathLike) -> tuple[bytes, str] | None:
@@ -351,7 +382,9 @@ def read_with_tag(uri: str | os.PathLike) -> tuple[bytes, str] | None:
         raise explain(e, loc, "read") from None
 
 
-def write_conditional(uri: str | os.PathLike, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
+def write_conditional(
+    uri: str | os.PathLike, data: bytes, *, if_absent: bool = False, if_match: str | None = None
+) -> str:
     """Write one object only if it does not exist (`if_absent`: S3 If-None-Match: *, O_EXCL locally)
     or still carries the tag `if_match` (S3 If-Match). Returns the new tag; raises PreconditionFailed."""
     if if_absent == (if_match is not None):
@@ -378,7 +411,9 @@ def write_conditional(uri: str | os.PathLike, data: bytes, *, if_absent: bool = 
         return s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **condition)["ETag"]
     except Exception as e:
         if _is_precondition_failure(e):
-            raise PreconditionFailed(f"{loc.uri} {'exists already' if if_absent else 'changed since it was read'}") from None
+            raise PreconditionFailed(
+                f"{loc.uri} {'exists already' if if_absent else 'changed since it was read'}"
+            ) from None
         raise explain(e, loc, "write") from None
 
 
@@ -403,7 +438,8 @@ def download_folder(uri: str | os.PathLike, local_dir: str | os.PathLike) -> Non
     """Copy every object under a prefix (or files under a folder) into `local_dir`, streaming."""
     loc = parse_uri(uri)
     try:
-        pafs.copy_files(loc.path, str(local_dir), source_filesystem=loc.filesystem,
-                        destination_filesystem=pafs.LocalFileSystem())
+        pafs.copy_files(
+            loc.path, str(local_dir), source_filesystem=loc.filesystem, destination_filesystem=pafs.LocalFileSystem()
+        )
     except Exception as e:
         raise explain(e, loc, "download") from None

@@ -58,9 +58,17 @@ def connect(log_to_driver: bool = True) -> None:
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token)
     import ray
 
-    print(f"no RAY_ADDRESS: starting a local Ray on 127.0.0.1 with {local_cpu_slots()} CPU slots (token auth)", flush=True)
-    ray.init(num_cpus=local_cpu_slots(), _node_ip_address="127.0.0.1", include_dashboard=False,
-             log_to_driver=log_to_driver, configure_logging=False, _temp_dir=os.path.join(folder, "ray"))
+    print(
+        f"no RAY_ADDRESS: starting a local Ray on 127.0.0.1 with {local_cpu_slots()} CPU slots (token auth)", flush=True
+    )
+    ray.init(
+        num_cpus=local_cpu_slots(),
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        log_to_driver=log_to_driver,
+        configure_logging=False,
+        _temp_dir=os.path.join(folder, "ray"),
+    )
 
 
 def make_owned_folder(parent: str | None = None) -> str:
@@ -135,8 +143,11 @@ def capacity() -> dict[str, tuple[float, float | None]]:
     return {k: (now.get(k, 0.0), float(grow[k]) if grow.get(k) else None) for k in ("CPU", "GPU")}
 
 
-def check_fits(need: dict[str, float], have: dict[str, tuple[float, float | None]],
-               max_override: dict[str, float | None] | None = None) -> str | None:
+def check_fits(
+    need: dict[str, float],
+    have: dict[str, tuple[float, float | None]],
+    max_override: dict[str, float | None] | None = None,
+) -> str | None:
     """Why `need` can never be scheduled, or None. A ceiling comes from the autoscaler's node types or
     from `max_override` (a job flag); without either, a need above what runs now is logged, not
     refused: the cluster may still grow."""
@@ -147,8 +158,13 @@ def check_fits(need: dict[str, float], have: dict[str, tuple[float, float | None
         if amount <= now or (grow is not None and amount <= grow):
             continue
         if grow is None:
-            log.warning("the job needs %g %s slots and the cluster has %g now; waiting for the autoscaler to add "
-                        "nodes (set train.max_cluster_cpus / max_cluster_gpus to have this checked up front)", amount, res, now)
+            log.warning(
+                "the job needs %g %s slots and the cluster has %g now; waiting for the autoscaler to add "
+                "nodes (set train.max_cluster_cpus / max_cluster_gpus to have this checked up front)",
+                amount,
+                res,
+                now,
+            )
             continue
         return f"the job needs {amount:g} {res} slots; the cluster has {now:g} now and can grow to {grow:g}"
     return None

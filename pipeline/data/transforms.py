@@ -1,4 +1,16 @@
-"""Image steps on CPU workers, one small named function each: decode -> crop box -> flip -> resize -> patchify.
+"""Image steps on CPU workers, one small named function each, chained by `ImageTransform`:
+
+    decode (open_image: allowed format, size limit, EXIF)
+      -> crop box (random_resized_crop_box for training, center_crop_box for eval)
+      -> crop + resize to img_size (+ horizontal flip for training)        crop_resize
+      -> RandAugment (training, when `Augment.randaug_n` > 0)             rand_augment
+      -> patchify (N, P*P*C)                                                patchify
+
+The preprocessing spec is `ImageTransform.for_model(model_cfg, train, augment)`: the model's size,
+patch, eval crop, interpolation and mean colour from its ViTConfig, the training augmentations from
+`Augment` (the pretraining job's `data.*` flags). make_shards' checks, the training stream, evaluation,
+batch inference and the figures all build their transform this way. Adding an augmentation is one
+`Augment` field and one step function called from `ImageTransform.__call__`.
 
 Everything stays uint8 here; normalisation to float happens on the accelerator inside the model.
 Crops are chosen in the source image's coordinates from its header alone, so JPEG draft mode can
@@ -12,10 +24,14 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFile, ImageOps
+from pydantic import Field
+
+from pipeline.core.config import Section
+from vit_model import ViTConfig, check_patch_grid
 
 log = logging.getLogger(__name__)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a grey half-image
@@ -51,15 +67,19 @@ def open_image(data: bytes) -> Image.Image:
                 raise Image.DecompressionBombError("")
             return img
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise ImageDecodeError(f"image larger than the decompression-bomb limit of {MAX_IMAGE_PIXELS} pixels "
-                               "(VITRAY_MAX_IMAGE_PIXELS raises it)") from None
+        raise ImageDecodeError(
+            f"image larger than the decompression-bomb limit of {MAX_IMAGE_PIXELS} pixels "
+            "(VITRAY_MAX_IMAGE_PIXELS raises it)"
+        ) from None
     except Exception as e:
         try:  # say which format it is when Pillow knows it but it is not allowed
             fmt = Image.open(io.BytesIO(data)).format
         except Exception:
             fmt = None
         if fmt:
-            raise ImageDecodeError(f"image format {fmt} is not one of the allowed formats {', '.join(ALLOWED_FORMATS)}") from None
+            raise ImageDecodeError(
+                f"image format {fmt} is not one of the allowed formats {', '.join(ALLOWED_FORMATS)}"
+            ) from None
         raise ImageDecodeError(f"not an image Pillow can read ({type(e).__name__}: {e})") from None
 
 
@@ -117,15 +137,18 @@ def check_decodes(data: bytes, min_size: int = 1) -> tuple[int, int, str]:
     img = open_image(data)
     w, h = display_size(img)
     if min(w, h) < min_size:
-        raise ImageDecodeError(f"image of {w}x{h} px is smaller than the minimum of {min_size} px per side "
-                               "(one patch of the largest patch size)")
+        raise ImageDecodeError(
+            f"image of {w}x{h} px is smaller than the minimum of {min_size} px per side "
+            "(one patch of the largest patch size)"
+        )
     fmt = (img.format or "").lower()
     decode_rgb(data)
     return w, h, fmt
 
 
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
-                            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Box:
+def random_resized_crop_box(
+    width: int, height: int, rng: np.random.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> Box:
     """Inception-style crop: area fraction in `scale`, aspect ratio log-uniform in `ratio`.
 
     Ten tries as torchvision does, then a center crop clamped to the ratio range.
@@ -159,8 +182,15 @@ def center_crop_box(width: int, height: int, crop_fraction: float = 0.9) -> Box:
     return left, top, left + side, top + side
 
 
-def crop_resize(img: Image.Image, box: Box, size: int, draft: bool = True, flip: bool = False,
-                backend: str = "torch", interpolation: str = "bicubic") -> np.ndarray:
+def crop_resize(
+    img: Image.Image,
+    box: Box,
+    size: int,
+    draft: bool = True,
+    flip: bool = False,
+    backend: str = "torch",
+    interpolation: str = "bicubic",
+) -> np.ndarray:
     """Cut `box` out of an opened image, mirror it if `flip`, resize it to (size, size, 3) uint8
     (antialiased `interpolation`: bicubic, timm's ViT default, or bilinear).
 
@@ -271,7 +301,9 @@ RAND_AUGMENT_OPS = {  # name -> fn(img, magnitude, rng, increasing, resample, fi
     "Invert": lambda img, m, rng, inc, rs, fill: ImageOps.invert(img),
     "Rotate": lambda img, m, rng, inc, rs, fill: img.rotate(_signed(m / 10 * 30, rng), resample=rs, fillcolor=fill),
     "Posterize": lambda img, m, rng, inc, rs, fill: ImageOps.posterize(img, posterize_bits(m, inc)),
-    "Solarize": lambda img, m, rng, inc, rs, fill: ImageOps.solarize(img, (256 - int(m / 10 * 256)) if inc else int(m / 10 * 256)),
+    "Solarize": lambda img, m, rng, inc, rs, fill: ImageOps.solarize(
+        img, (256 - int(m / 10 * 256)) if inc else int(m / 10 * 256)
+    ),
     "SolarizeAdd": lambda img, m, rng, inc, rs, fill: _solarize_add(img, int(m / 10 * 110)),
     "Color": lambda img, m, rng, inc, rs, fill: ImageEnhance.Color(img).enhance(_enhance(m, rng, inc)),
     "Contrast": lambda img, m, rng, inc, rs, fill: ImageEnhance.Contrast(img).enhance(_enhance(m, rng, inc)),
@@ -280,14 +312,25 @@ RAND_AUGMENT_OPS = {  # name -> fn(img, magnitude, rng, increasing, resample, fi
     "ShearX": lambda img, m, rng, inc, rs, fill: _affine(img, (1, _signed(m / 10 * 0.3, rng), 0, 0, 1, 0), rs, fill),
     "ShearY": lambda img, m, rng, inc, rs, fill: _affine(img, (1, 0, 0, _signed(m / 10 * 0.3, rng), 1, 0), rs, fill),
     "TranslateXRel": lambda img, m, rng, inc, rs, fill: _affine(
-        img, (1, 0, _signed(m / 10 * 0.45, rng) * img.width, 0, 1, 0), rs, fill),
+        img, (1, 0, _signed(m / 10 * 0.45, rng) * img.width, 0, 1, 0), rs, fill
+    ),
     "TranslateYRel": lambda img, m, rng, inc, rs, fill: _affine(
-        img, (1, 0, 0, 0, 1, _signed(m / 10 * 0.45, rng) * img.height), rs, fill),
+        img, (1, 0, 0, 0, 1, _signed(m / 10 * 0.45, rng) * img.height), rs, fill
+    ),
 }
 
 
-def rand_augment(pixels: np.ndarray, n: int, m: float, rng: np.random.Generator, *, mstd: float = 0.5,
-                 increasing: bool = True, interpolation: str = "bicubic", fill=(128, 128, 128)) -> np.ndarray:
+def rand_augment(
+    pixels: np.ndarray,
+    n: int,
+    m: float,
+    rng: np.random.Generator,
+    *,
+    mstd: float = 0.5,
+    increasing: bool = True,
+    interpolation: str = "bicubic",
+    fill=(128, 128, 128),
+) -> np.ndarray:
     """Apply `n` RandAugment ops of magnitude `m` (0-10, noise `mstd`) to (H, W, 3) uint8, each with p=0.5."""
     img = Image.fromarray(pixels)
     names = list(RAND_AUGMENT_OPS)
@@ -300,52 +343,106 @@ def rand_augment(pixels: np.ndarray, n: int, m: float, rng: np.random.Generator,
     return np.asarray(img)
 
 
+class Augment(Section):
+    """The training augmentations on CPU workers, in the order they run; each field is also a flag of the
+    pretraining job (`--data.<field>`, `DataSection` inherits them). Evaluation uses none of them."""
+
+    scale_min: float = Field(0.08, gt=0, le=1, description="random-resized-crop minimum area fraction")
+    hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
+    randaug_n: int = Field(0, ge=0, le=6, description="RandAugment ops per training image (0: off; DeiT: 2)")
+    randaug_m: float = Field(9.0, ge=0, le=10, description="RandAugment magnitude (DeiT: 9)")
+    randaug_mstd: float = Field(0.5, ge=0, description="RandAugment magnitude noise std (timm's mstd; DeiT: 0.5)")
+    randaug_increasing: bool = Field(True, description="timm's 'inc1' op set: every op stronger as the magnitude grows")
+
+    @classmethod
+    def of(cls, section: Section) -> Augment:
+        """The augmentation fields of a larger section (the job's `data`)."""
+        return cls(**{k: getattr(section, k) for k in cls.model_fields})
+
+
 @dataclass(frozen=True)
 class ImageTransform:
-    """decode -> crop (random-resized for training, center for eval) -> resize -> flip -> patchify.
+    """The preprocessing spec: encoded image -> (N, P*P*C) uint8, by the steps in the module docstring.
 
-    `__call__(data, rng)` returns (N, P*P*C) uint8; raises ImageDecodeError for bad input.
+    `__call__(data, rng)` returns (N, P*P*C) uint8; raises ImageDecodeError for bad input. The size
+    rule (img_size a multiple of patch_size) is `vit_model.check_patch_grid`, ViTConfig's own.
     """
 
     img_size: int
     patch_size: int
     train: bool
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
     crop_fraction: float = 0.9  # eval center crop (timm's crop_pct); the model's config says which
-    draft: bool = True
     interpolation: str = "bicubic"  # resize and RandAugment's geometric ops
-    randaug_n: int = 0  # RandAugment ops per image (training only; 0: off)
-    randaug_m: float = 9.0  # RandAugment magnitude, 0-10
-    randaug_mstd: float = 0.5  # magnitude noise (timm's mstd)
-    randaug_increasing: bool = True  # timm's inc1 op set
     fill: tuple[int, int, int] = (128, 128, 128)  # RandAugment's fill: the model's mean colour
+    augment: Augment = field(default_factory=Augment)  # training only
+    draft: bool = True  # JPEG draft decoding when the crop will be shrunk that much anyway
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
 
     def __post_init__(self):
-        if self.img_size % self.patch_size:
-            raise ValueError(
-                f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: "
-                f"choose an img_size that is a multiple of {self.patch_size}"
-            )
+        check_patch_grid(self.img_size, self.patch_size)
+
+    @classmethod
+    def for_model(cls, mcfg: ViTConfig, train: bool, augment: Augment | None = None, **kw) -> ImageTransform:
+        """What a model of `mcfg` expects: its size, patch, eval crop, interpolation and mean colour."""
+        return cls(
+            mcfg.img_size,
+            mcfg.patch_size,
+            train,
+            crop_fraction=mcfg.crop_pct,
+            interpolation=mcfg.interpolation,
+            fill=tuple(round(255 * m) for m in mcfg.mean[:3]),
+            augment=augment or Augment(),
+            **kw,
+        )
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
         img = open_image(data)
         w, h = display_size(img)
         if min(w, h) < self.patch_size:
             raise ImageDecodeError(f"image of {w}x{h} px is smaller than one {self.patch_size}x{self.patch_size} patch")
+        aug = self.augment
         if self.train:
-            box = random_resized_crop_box(w, h, rng, self.scale, self.ratio)
+            box = random_resized_crop_box(w, h, rng, (aug.scale_min, 1.0), self.ratio)
         else:
             box = center_crop_box(w, h, self.crop_fraction)
-        flip = self.train and self.hflip > 0 and rng.random() < self.hflip
+        flip = self.train and aug.hflip > 0 and rng.random() < aug.hflip
         try:
             pixels = crop_resize(img, box, self.img_size, self.draft, flip, interpolation=self.interpolation)
         except ImageDecodeError:
             raise
         except Exception as e:
             raise ImageDecodeError(f"does not decode ({type(e).__name__}: {e})") from None
-        if self.train and self.randaug_n:
-            pixels = rand_augment(np.ascontiguousarray(pixels), self.randaug_n, self.randaug_m, rng, mstd=self.randaug_mstd,
-                                  increasing=self.randaug_increasing, interpolation=self.interpolation, fill=self.fill)
+        if self.train and aug.randaug_n:
+            pixels = rand_augment(
+                np.ascontiguousarray(pixels),
+                aug.randaug_n,
+                aug.randaug_m,
+                rng,
+                mstd=aug.randaug_mstd,
+                increasing=aug.randaug_increasing,
+                interpolation=self.interpolation,
+                fill=self.fill,
+            )
         return patchify(pixels, self.patch_size)
+
+
+def decode_to_patches(images: list, keys, transform: ImageTransform, rng: np.random.Generator | None):
+    """Encoded images -> ((B, N, P*P*C) uint8 patches, (B,) bool valid, [error or ""] per row).
+
+    The one decode step of training, evaluation and batch inference: a sample that cannot be used
+    keeps its row, marked invalid with the reason, and is logged with its key.
+    """
+    n = len(images)
+    patches = np.zeros((n, (transform.img_size // transform.patch_size) ** 2, transform.patch_size**2 * 3), np.uint8)
+    valid = np.zeros(n, bool)
+    errors = [""] * n
+    for i, data in enumerate(images):
+        try:
+            if data is None:
+                raise ImageDecodeError("sample has no image member")
+            patches[i] = transform(bytes(data), rng)
+            valid[i] = True
+        except ImageDecodeError as e:
+            errors[i] = str(e)
+            log.warning("cannot use sample %s: %s", keys[i] if keys is not None else i, e)
+    return patches, valid, errors

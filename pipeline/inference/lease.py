@@ -19,22 +19,27 @@ import socket
 import threading
 import time
 
-from . import storage
+from pipeline.core import storage
+from pipeline.core.exits import EXIT_TEMPFAIL
 
 log = logging.getLogger(__name__)
 LEASE = "_lease.json"
-EXIT_LEASE_HELD = 75  # sysexits EX_TEMPFAIL: "try again later", not a failure
+EXIT_LEASE_HELD = EXIT_TEMPFAIL  # 75, sysexits EX_TEMPFAIL: "try again later", not a failure
 
 
 class LeaseHeld(RuntimeError):
     """Another run holds the output's lease; nothing was written."""
 
+    exit_code = EXIT_LEASE_HELD
+
     def __init__(self, output: str, holder: dict):
         self.holder = holder
         expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(holder.get("expires_at", 0)))
-        super().__init__(f"another run holds the lease on {output}: run {holder.get('run_id')!r} on "
-                         f"{holder.get('holder')!r}, lease expires at {expires} unless renewed. "
-                         f"This run wrote nothing; the next scheduled run will try again")
+        super().__init__(
+            f"another run holds the lease on {output}: run {holder.get('run_id')!r} on "
+            f"{holder.get('holder')!r}, lease expires at {expires} unless renewed. "
+            f"This run wrote nothing; the next scheduled run will try again"
+        )
 
 
 class LeaseLost(RuntimeError):
@@ -60,11 +65,18 @@ class Lease:
 
     def _body(self, acquired_at: float) -> bytes:
         now = time.time()
-        return json.dumps({"run_id": self.run_id, "holder": f"{socket.gethostname()}:{os.getpid()}",
-                           "acquired_at": acquired_at, "renewed_at": now, "expires_at": now + self.ttl_s,
-                           "ttl_s": self.ttl_s}).encode()
+        return json.dumps(
+            {
+                "run_id": self.run_id,
+                "holder": f"{socket.gethostname()}:{os.getpid()}",
+                "acquired_at": acquired_at,
+                "renewed_at": now,
+                "expires_at": now + self.ttl_s,
+                "ttl_s": self.ttl_s,
+            }
+        ).encode()
 
-    def acquire(self) -> "Lease":
+    def acquire(self) -> Lease:
         """Take the lease or raise LeaseHeld (naming the holder and its expiry)."""
         self.acquired_at = time.time()
         for _ in range(3):  # the holder may release or renew between our two requests
@@ -84,8 +96,12 @@ class Lease:
                 holder = {"run_id": "(unreadable lease)", "expires_at": 0}
             if holder.get("expires_at", 0) > time.time():
                 raise LeaseHeld(self.output.uri, holder)
-            log.warning("taking over the expired lease of run %s on %s (it expired at %s)", holder.get("run_id"),
-                        self.output.uri, time.strftime("%H:%M:%SZ", time.gmtime(holder.get("expires_at", 0))))
+            log.warning(
+                "taking over the expired lease of run %s on %s (it expired at %s)",
+                holder.get("run_id"),
+                self.output.uri,
+                time.strftime("%H:%M:%SZ", time.gmtime(holder.get("expires_at", 0))),
+            )
             try:
                 self.tag = storage.write_conditional(self.uri, self._body(self.acquired_at), if_match=tag)
                 break
@@ -117,11 +133,15 @@ class Lease:
     def check(self) -> None:
         """Raise LeaseLost unless the lease is certainly still ours (call before each irreversible step)."""
         if self._lost:
-            raise LeaseLost(f"lost the lease on {self.output.uri}: {self._lost}; nothing more is written by run {self.run_id}")
+            raise LeaseLost(
+                f"lost the lease on {self.output.uri}: {self._lost}; nothing more is written by run {self.run_id}"
+            )
         # A margin of one renewal period: the TTL counts from before our last successful write.
         if time.monotonic() - self.renewed_at > self.ttl_s * 2 / 3:
-            raise LeaseLost(f"the lease on {self.output.uri} was not renewed for {time.monotonic() - self.renewed_at:.0f} s "
-                            f"(TTL {self.ttl_s:.0f} s): another run may own the output; stopping run {self.run_id}")
+            raise LeaseLost(
+                f"the lease on {self.output.uri} was not renewed for {time.monotonic() - self.renewed_at:.0f} s "
+                f"(TTL {self.ttl_s:.0f} s): another run may own the output; stopping run {self.run_id}"
+            )
 
     def release(self) -> None:
         self._stop.set()
@@ -135,10 +155,12 @@ class Lease:
         except storage.PreconditionFailed:
             log.warning("the lease on %s was taken over before release", self.output.uri)
         except storage.StorageError as e:  # it expires by itself
-            log.warning("could not release the lease on %s (it expires within %.0f s): %s", self.output.uri, self.ttl_s, e)
+            log.warning(
+                "could not release the lease on %s (it expires within %.0f s): %s", self.output.uri, self.ttl_s, e
+            )
         self.tag = None
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -1,11 +1,7 @@
 """The pretraining driver: validate, build the Ray Data streams and the TorchTrainer, run, summarise.
 
-Run layout under `{train.output}/{train.name}/`:
-  config.yaml                  the resolved configuration
-  checkpoint_*/                Ray Train checkpoints (the last `keep_checkpoints`)
-  best/, model/                exported models (safetensors + config.json with class names)
-  metrics.jsonl                one line per report (loss, lr, images/s, val top-1, ...)
-  tensorboard/                 TensorBoard event files
+What it writes under `{train.output}/{train.name}/` (config.yaml, data.json, checkpoints, model/, best/,
+metrics.jsonl, tensorboard/) is `pipeline.core.runs.RunLayout`'s to say; this module only asks it.
 """
 
 from __future__ import annotations
@@ -15,22 +11,38 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 
-from . import exported, storage
-from .config import to_yaml
-from .pretrain_config import PretrainConfig
-from .shards import load_manifest
+import vit_model
+from pipeline.core import exported, storage
+from pipeline.core.config import to_yaml
+from pipeline.core.exits import EXIT_BAD_INPUT
+from pipeline.core.runs import RunLayout
+from pipeline.data.manifest import Manifest, load_manifest
+from pipeline.training.train_config import PretrainConfig
 
 
 class JobError(RuntimeError):
     """A problem found before any cluster work: the message says what to change."""
 
-
-def run_dir(cfg: PretrainConfig) -> storage.Location:
-    return exported.run_folder(cfg.train.output, cfg.train.name)
+    exit_code = EXIT_BAD_INPUT
 
 
-def preflight(cfg: PretrainConfig) -> dict:
+def run_layout(cfg: PretrainConfig) -> RunLayout:
+    return RunLayout.of(cfg.train.output, cfg.train.name)
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What the driver checked before any cluster work: the shard version to train on and the model."""
+
+    manifest: Manifest  # the version this run trains on (pinned in data.json on resume)
+    num_classes: int
+    train_count: int  # samples in the train split
+    model_cfg: vit_model.ViTConfig
+
+
+def preflight(cfg: PretrainConfig) -> Preflight:
     """Every check that needs no cluster: output reachable, manifest readable and non-empty, weights fit."""
     if not cfg.data.manifest:
         raise JobError("no data: pass --data s3://bucket/prefix/manifest.json (or set data.manifest in the config)")
@@ -38,19 +50,23 @@ def preflight(cfg: PretrainConfig) -> dict:
         raise JobError("no output: pass --output s3://bucket/runs or a local folder (train.output)")
     storage.check_bucket(cfg.train.output)
     manifest = pinned_manifest(cfg) or load_manifest(cfg.data.manifest)
-    splits = manifest["splits"]
-    if cfg.data.train_split not in splits or splits[cfg.data.train_split]["count"] == 0:
-        raise JobError(f"the manifest {cfg.data.manifest} has 0 samples in split {cfg.data.train_split!r}: nothing to train on")
-    if cfg.data.val_split and (cfg.data.val_split not in splits or splits[cfg.data.val_split]["count"] == 0):
-        raise JobError(f"the manifest has no samples in the val split {cfg.data.val_split!r}: set data.val_split to null or make shards with --val-fraction > 0")
-    train_count = splits[cfg.data.train_split]["count"]
+    if manifest.count(cfg.data.train_split) == 0:
+        raise JobError(
+            f"the manifest {cfg.data.manifest} has 0 samples in split {cfg.data.train_split!r}: nothing to train on"
+        )
+    if cfg.data.val_split and manifest.count(cfg.data.val_split) == 0:
+        raise JobError(
+            f"the manifest has no samples in the val split {cfg.data.val_split!r}: set data.val_split to null or make "
+            "shards with --val-fraction > 0"
+        )
+    train_count = manifest.count(cfg.data.train_split)
     if train_count // cfg.train.batch_size < 1:
-        raise JobError(f"{train_count} training samples do not fill one global batch of {cfg.train.batch_size}: lower --batch-size")
-    num_classes = len(manifest["classes"])
+        raise JobError(
+            f"{train_count} training samples do not fill one global batch of {cfg.train.batch_size}: lower --batch-size"
+        )
+    num_classes = len(manifest.classes)
     # The architecture from the config alone catches img/patch mismatches; with --init-from, one CPU
     # copy of the model is built and loaded here, so bad weights fail before any cluster work.
-    import vit_model
-
     try:
         mcfg = vit_model.variant_config(cfg.model.name, **cfg.model.overrides(num_classes))
     except ValueError as e:
@@ -60,39 +76,37 @@ def preflight(cfg: PretrainConfig) -> dict:
             exported.load_init_weights(vit_model.VisionTransformer(mcfg), cfg.train.init_from)
         except (ValueError, storage.StorageError) as e:
             raise JobError(f"--init-from {cfg.train.init_from}: {e}") from None
-    return {"manifest": manifest, "num_classes": num_classes, "train_count": train_count, "model_cfg": mcfg}
+    return Preflight(manifest, num_classes, train_count, mcfg)
 
 
-DATA_PIN = "data.json"
-
-
-def pinned_manifest(cfg: PretrainConfig) -> dict | None:
+def pinned_manifest(cfg: PretrainConfig) -> Manifest | None:
     """A resumed run reads the shard version it started on, not whatever `manifest.json` names today
     (make_shards may have written a new version since, with other samples or classes)."""
-    pin = run_dir(cfg).join(DATA_PIN)
+    pin = run_layout(cfg).data_pin
     if not storage.exists(pin.uri):
         return None
     rec = json.loads(storage.read_bytes(pin.uri))
     try:
         return load_manifest(rec["manifest"])
     except storage.StorageError:
-        raise JobError(f"this run started on shard version {rec.get('version')} ({rec['manifest']}), which is gone (pruned?): "
-                       "resume needs the same data; start a new --name to train on the current version") from None
+        raise JobError(
+            f"this run started on shard version {rec.get('version')} ({rec['manifest']}), which is gone (pruned?): "
+            "resume needs the same data; start a new --name to train on the current version"
+        ) from None
 
 
-def pin_data(cfg: PretrainConfig, manifest: dict) -> None:
-    pin = run_dir(cfg).join(DATA_PIN)
+def pin_data(cfg: PretrainConfig, manifest: Manifest) -> None:
+    pin = run_layout(cfg).data_pin
     if storage.exists(pin.uri):
         return
-    base, version = manifest["_base"], manifest.get("version")
-    uri = f"{base}/versions/{version}/manifest.json" if manifest.get("layout", 1) >= 2 else cfg.data.manifest
-    storage.write_bytes(pin.uri, json.dumps({"manifest": uri, "version": version}).encode())
+    uri = manifest.uri if manifest.layout >= 2 else cfg.data.manifest
+    storage.write_bytes(pin.uri, json.dumps({"manifest": uri, "version": manifest.version}).encode())
 
 
 def check_cluster_fits(cfg: PretrainConfig) -> None:
     """Refuse a job that can never be scheduled: training workers plus at least one CPU slot for Ray
     Data (without it the stream starves forever), against what the cluster can grow to."""
-    from .ray_cluster import capacity, check_fits
+    from pipeline.core.ray_runtime import capacity, check_fits
 
     t = cfg.train
     need = {"CPU": t.num_workers * t.cpus_per_worker + 1, **({"GPU": float(t.num_workers)} if t.use_gpu else {})}
@@ -101,7 +115,8 @@ def check_cluster_fits(cfg: PretrainConfig) -> None:
         raise JobError(
             f"{problem} ({t.num_workers} training workers x {t.cpus_per_worker:g} CPU, plus 1 for Ray Data to decode "
             "images). Lower train.num_workers or train.cpus_per_worker (e.g. 0.5), or let the cluster grow (more "
-            "max workers; locally the stack uses 2 x cores slots)")
+            "max workers; locally the stack uses 2 x cores slots)"
+        )
 
 
 class MetricsSink:
@@ -115,7 +130,7 @@ class MetricsSink:
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
-        self.uri = run_dir(cfg).join("metrics.jsonl").uri
+        self.uri = run_layout(cfg).metrics.uri
         self.lines: list[str] | None = None
         self.unflushed: list[dict] = []
         self.mlflow = None
@@ -155,7 +170,7 @@ class MetricsSink:
                     writer.add_scalar(k, v, int(m.get("step", 0)))
             writer.close()
             for name in os.listdir(tmp):
-                storage.upload_file(os.path.join(tmp, name), run_dir(self.cfg).join("tensorboard", name).uri)
+                storage.upload_file(os.path.join(tmp, name), run_layout(self.cfg).tensorboard.join(name).uri)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -169,35 +184,36 @@ def _callbacks(cfg: PretrainConfig):
 
         def after_report(self, run_context, metrics, checkpoint):
             # rank 0's metrics; validation metrics are already reduced across workers
-            self.sink.add({k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}, flush=checkpoint is not None)
+            self.sink.add(
+                {k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}, flush=checkpoint is not None
+            )
 
     return [MetricsCallback()]
 
 
 def run(cfg: PretrainConfig) -> dict:
     """Preflight, then train on the Ray cluster at RAY_ADDRESS (or a local one)."""
-    info = preflight(cfg)
-    from .ray_cluster import connect
+    pre = preflight(cfg)
+    from pipeline.core.ray_runtime import connect
 
     connect(log_to_driver=True)  # before Ray is imported: a job-local Ray needs its token settings first
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .data import StreamConfig, configure_ray_data, split_stream
-    from .train_loop import train_loop_per_worker
+    from pipeline.data.streams import StreamConfig, configure_ray_data, split_stream
+    from pipeline.data.transforms import Augment
+    from pipeline.training.loop import train_loop_per_worker
 
     check_cluster_fits(cfg)
     configure_ray_data(cfg.data.object_store_fraction)
-    rdir = run_dir(cfg)
-    storage.write_bytes(rdir.join("config.yaml").uri, to_yaml(cfg).encode())
-    pin_data(cfg, info["manifest"])
-    mcfg = info["model_cfg"]
+    layout = run_layout(cfg)
+    storage.write_bytes(layout.config.uri, to_yaml(cfg).encode())
+    pin_data(cfg, pre.manifest)
+    mcfg = pre.model_cfg
     d = cfg.data
     common = dict(batch_size=d.decode_batch_size, num_cpus=d.decode_cpus)
-    train_stream = StreamConfig.for_model(mcfg, True, scale=(d.scale_min, 1.0), hflip=d.hflip, randaug_n=d.randaug_n,
-                                          randaug_m=d.randaug_m, randaug_mstd=d.randaug_mstd,
-                                          randaug_increasing=d.randaug_increasing, **common)
-    manifest = info["manifest"]  # the version this run started on (pinned in data.json), not re-read
+    train_stream = StreamConfig.for_model(mcfg, True, Augment.of(d), **common)
+    manifest = pre.manifest  # the version this run started on (pinned in data.json), not re-read
     train_ds, _ = split_stream(manifest, d.train_split, train_stream, shuffle_seed=d.shuffle_seed)
     datasets = {d.train_split: train_ds}
     if d.val_split:
@@ -207,10 +223,15 @@ def run(cfg: PretrainConfig) -> dict:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(cfg.train.controller_poll_s))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump_json(), "num_classes": info["num_classes"],
-                           "train_count": info["train_count"], "class_names": info["manifest"]["classes"]},
+        train_loop_config={
+            "cfg": cfg.model_dump_json(),
+            "num_classes": pre.num_classes,
+            "train_count": pre.train_count,
+            "class_names": pre.manifest.classes,
+        },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
             placement_strategy="SPREAD" if not cfg.train.use_gpu else "PACK",
         ),
@@ -218,7 +239,9 @@ def run(cfg: PretrainConfig) -> dict:
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
         run_config=ray.train.RunConfig(
-            name=cfg.train.name, storage_path=storage_path, storage_filesystem=fs,
+            name=cfg.train.name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=_callbacks(cfg),
@@ -231,29 +254,39 @@ def run(cfg: PretrainConfig) -> dict:
         raise result.error
     m = result.metrics or {}
     summary = {
-        "run": rdir.uri, "best_val_top1": max((json.loads(l).get("val_top1", -1) for l in _metric_lines(rdir)), default=None),
-        "val_top1": m.get("val_top1"), "step": m.get("step"), "elapsed_s": elapsed,
-        "images_per_s": m.get("images_per_s"), "model": rdir.join("model").uri, "best_model": rdir.join("best").uri,
+        "run": layout.uri,
+        "best_val_top1": max((json.loads(l).get("val_top1", -1) for l in _metric_lines(layout)), default=None),
+        "val_top1": m.get("val_top1"),
+        "step": m.get("step"),
+        "elapsed_s": elapsed,
+        "images_per_s": m.get("images_per_s"),
+        "model": layout.model.uri,
+        "best_model": layout.best.uri,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
     }
     return summary
 
 
-def _metric_lines(rdir: storage.Location) -> list[str]:
-    uri = rdir.join("metrics.jsonl").uri
+def _metric_lines(layout: RunLayout) -> list[str]:
+    uri = layout.metrics.uri
     return [l for l in storage.read_bytes(uri).decode().splitlines() if l.strip()] if storage.exists(uri) else []
 
 
 def print_summary(s: dict) -> None:
     pct = lambda v: f"{v * 100:.2f}%" if isinstance(v, (int, float)) and v >= 0 else "n/a"  # noqa: E731
     ips = f"{s['images_per_s']:.1f}" if s.get("images_per_s") else "n/a"
-    print("\n".join([
-        "=" * 64,
-        f"run          {s['run']}",
-        f"best val top-1 {pct(s['best_val_top1'])}   last val top-1 {pct(s['val_top1'])}",
-        f"steps        {s['step']}   time {s['elapsed_s'] / 60:.1f} min   images/s {ips}",
-        f"model        {s['model']}",
-        f"best model   {s['best_model']}",
-        f"checkpoint   {s['checkpoint']}",
-        "=" * 64,
-    ]), flush=True)
+    print(
+        "\n".join(
+            [
+                "=" * 64,
+                f"run          {s['run']}",
+                f"best val top-1 {pct(s['best_val_top1'])}   last val top-1 {pct(s['val_top1'])}",
+                f"steps        {s['step']}   time {s['elapsed_s'] / 60:.1f} min   images/s {ips}",
+                f"model        {s['model']}",
+                f"best model   {s['best_model']}",
+                f"checkpoint   {s['checkpoint']}",
+                "=" * 64,
+            ]
+        ),
+        flush=True,
+    )

@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 
 
-
 def output_schema(top_k: int, embedding_dim: int | None) -> pa.Schema:
     fields = [
         pa.field("image_uri", pa.string(), nullable=False),
@@ -40,8 +39,20 @@ def output_schema(top_k: int, embedding_dim: int | None) -> pa.Schema:
 class Predictor:
     """One model replica: builds the model from the driver's weights once, then maps patch batches to rows."""
 
-    def __init__(self, weights, config: bytes, sha256: str, model_uri: str, top_k: int, embeddings: bool, run_id: str,
-                 inferred_at: dt.datetime, use_gpu: bool, threads: int, timeline: str | None = None):
+    def __init__(
+        self,
+        weights,
+        config: bytes,
+        sha256: str,
+        model_uri: str,
+        top_k: int,
+        embeddings: bool,
+        run_id: str,
+        inferred_at: dt.datetime,
+        use_gpu: bool,
+        threads: int,
+        timeline: str | None = None,
+    ):
         """`timeline`: a folder URI where this replica notes when it was built and when its first batch
         was done (the job's time-to-first-batch line); the folder is the run's staging, removed at commit."""
         t0 = time.time()
@@ -65,7 +76,11 @@ class Predictor:
         self.k = min(top_k, self.model.cfg.num_classes)
         self.embeddings, self.model_uri, self.run_id, self.inferred_at = embeddings, model_uri, run_id, inferred_at
         self.schema = output_schema(self.k, self.model.cfg.embed_dim if embeddings else None)
-        self.timeline = timeline and {"uri": f"{timeline}/{uuid.uuid4().hex}.json", "started_at": t0, "ready_at": time.time()}
+        self.timeline = timeline and {
+            "uri": f"{timeline}/{uuid.uuid4().hex}.json",
+            "started_at": t0,
+            "ready_at": time.time(),
+        }
 
     def threads(self) -> int:
         import torch
@@ -77,8 +92,13 @@ class Predictor:
 
         n = len(batch["image_uri"])
         valid = np.asarray(batch["valid"], bool)
-        cols: dict[str, list] = {"pred_id": [None] * n, "pred": [None] * n, "score": [None] * n,
-                                 "topk_ids": [None] * n, "topk_scores": [None] * n}
+        cols: dict[str, list] = {
+            "pred_id": [None] * n,
+            "pred": [None] * n,
+            "score": [None] * n,
+            "topk_ids": [None] * n,
+            "topk_scores": [None] * n,
+        }
         if self.embeddings:
             cols["embedding"] = [None] * n
         idx = np.flatnonzero(valid)
@@ -100,9 +120,17 @@ class Predictor:
         label_id = [int(v) if v >= 0 else None for v in batch["label_id"]]
         label = [self.class_names[v] if v is not None and v < len(self.class_names) else None for v in label_id]
         errors = [e if e else None for e in batch["error"]]
-        data = {"image_uri": list(batch["image_uri"]), "label_id": label_id, "label": label, **cols, "error": errors,
-                "model_uri": [self.model_uri] * n, "model_sha256": [self.sha] * n, "run_id": [self.run_id] * n,
-                "inferred_at": [self.inferred_at] * n}
+        data = {
+            "image_uri": list(batch["image_uri"]),
+            "label_id": label_id,
+            "label": label,
+            **cols,
+            "error": errors,
+            "model_uri": [self.model_uri] * n,
+            "model_sha256": [self.sha] * n,
+            "run_id": [self.run_id] * n,
+            "inferred_at": [self.inferred_at] * n,
+        }
         table = pa.table({f.name: pa.array(data[f.name], f.type) for f in self.schema}, schema=self.schema)
         if self.timeline:
             self._note_first_batch()
@@ -113,7 +141,7 @@ class Predictor:
         import json
         import threading
 
-        from . import storage
+        from pipeline.core import storage
 
         note, self.timeline = {**self.timeline, "first_batch_at": time.time()}, None
 
@@ -129,8 +157,13 @@ class Predictor:
 def preprocess(batch: dict, transform) -> dict:
     """Encoded images -> patches by the export's eval transform (size, crop, interpolation); undecodable
     inputs keep their row with the reason."""
-    from .data import decode_to_patches
+    from pipeline.data.transforms import decode_to_patches
 
     patches, valid, errors = decode_to_patches(list(batch["bytes"]), batch["image_uri"], transform, None)
-    return {"image_uri": batch["image_uri"], "label_id": batch["label_id"], "patches": patches, "valid": valid,
-            "error": np.asarray(errors, dtype=object)}
+    return {
+        "image_uri": batch["image_uri"],
+        "label_id": batch["label_id"],
+        "patches": patches,
+        "valid": valid,
+        "error": np.asarray(errors, dtype=object),
+    }

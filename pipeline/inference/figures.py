@@ -14,10 +14,9 @@ import numpy as np
 import torch
 
 import vit_model
+from pipeline.core import storage
+from pipeline.data.transforms import ImageDecodeError, ImageTransform, unpatchify
 from vit_model import analysis
-
-from . import storage
-from .transforms import ImageDecodeError, ImageTransform, unpatchify
 
 FIGURES = ("filters", "posemb", "distance", "attention", "curves")
 GRID_THRESHOLD = 0.2  # grid_structure_score above this: the embeddings encode the 2-D layout
@@ -40,12 +39,14 @@ def _save(fig, uri: str) -> str:
     return uri
 
 
-def load_images(uris: list[str], model: vit_model.VisionTransformer) -> tuple[torch.Tensor, list[np.ndarray], list[str]]:
+def load_images(
+    uris: list[str], model: vit_model.VisionTransformer
+) -> tuple[torch.Tensor, list[np.ndarray], list[str]]:
     """Encoded images -> eval-transformed patches (B, N, P*P*C) uint8 and the cropped pixels.
 
     Raises ImageDecodeError naming the file that is not an image or is smaller than a patch."""
     c = model.cfg
-    t = ImageTransform(c.img_size, c.patch_size, train=False, crop_fraction=c.crop_pct, interpolation=c.interpolation)
+    t = ImageTransform.for_model(c, False)
     patches, pixels = [], []
     for uri in uris:
         try:
@@ -63,7 +64,9 @@ def compute_all(model: vit_model.VisionTransformer, patches: torch.Tensor | None
     if patches is not None and len(patches):
         attns = analysis.collect_attention(model, patches)
         out["attention"] = attns
-        out["mean_distance"] = analysis.mean_attention_distance(torch.stack(attns).transpose(0, 1).mean(0), model.cfg.patch_size)
+        out["mean_distance"] = analysis.mean_attention_distance(
+            torch.stack(attns).transpose(0, 1).mean(0), model.cfg.patch_size
+        )
         out["rollout"] = analysis.attention_rollout(attns)
     return out
 
@@ -99,8 +102,10 @@ def fig_posemb(sim: np.ndarray, score: dict, uri: str) -> str:
     fig.supxlabel("input patch column")
     fig.supylabel("input patch row")
     verdict = "grid structure present" if score["score"] > GRID_THRESHOLD else "no grid structure"
-    fig.suptitle(f"Position embedding similarity: {verdict} (grid neighbours {score['neighbours']:.2f} vs other pairs "
-                 f"{score['other']:.2f}, score {score['score']:.2f})")
+    fig.suptitle(
+        f"Position embedding similarity: {verdict} (grid neighbours {score['neighbours']:.2f} vs other pairs "
+        f"{score['other']:.2f}, score {score['score']:.2f})"
+    )
     fig.colorbar(im, ax=axes, shrink=0.6, label="cosine similarity")
     return _save(fig, uri)
 
@@ -120,7 +125,9 @@ def fig_distance(dist: np.ndarray, uri: str, img_size: int) -> str:
     return _save(fig, uri)
 
 
-def fig_attention(pixels: list[np.ndarray], rollout: torch.Tensor, last: torch.Tensor, uri: str, names: list[str]) -> str:
+def fig_attention(
+    pixels: list[np.ndarray], rollout: torch.Tensor, last: torch.Tensor, uri: str, names: list[str]
+) -> str:
     """Rollout and the last layer's class-token attention per head, overlaid on each image."""
     plt = _plt()
     b, heads = len(pixels), last.shape[1]
@@ -137,7 +144,9 @@ def fig_attention(pixels: list[np.ndarray], rollout: torch.Tensor, last: torch.T
             m = (m - m.min()) / max(m.max() - m.min(), 1e-12)
             ax = axes[i, j + 1]
             ax.imshow(img)
-            im = ax.imshow(np.kron(m, np.ones((img.shape[0] // g, img.shape[1] // g))), alpha=0.6, cmap="inferno", vmin=0, vmax=1)
+            im = ax.imshow(
+                np.kron(m, np.ones((img.shape[0] // g, img.shape[1] // g))), alpha=0.6, cmap="inferno", vmin=0, vmax=1
+            )
             ax.set_title("rollout" if j == 0 else f"last layer h{j}", fontsize=6)
         for ax in axes[i]:
             ax.axis("off")
@@ -148,7 +157,9 @@ def fig_attention(pixels: list[np.ndarray], rollout: torch.Tensor, last: torch.T
 def fig_curves(lines: list[dict], uri: str) -> str:
     plt = _plt()
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
-    for ax, key, label in zip(axes, ("loss", "lr", "val_top1", "images_per_s"), ("train loss", "learning rate", "val top-1", "images/s")):
+    for ax, key, label in zip(
+        axes, ("loss", "lr", "val_top1", "images_per_s"), ("train loss", "learning rate", "val top-1", "images/s")
+    ):
         pts = [(m["step"], m[key]) for m in lines if key in m and "step" in m]
         if pts:
             ax.plot(*zip(*pts), marker="." if key == "val_top1" else None)
@@ -159,9 +170,11 @@ def fig_curves(lines: list[dict], uri: str) -> str:
     return _save(fig, uri)
 
 
-def write_figures(model_uri: str, image_uris: list[str], output: str, which=FIGURES, run_uri: str | None = None) -> dict:
+def write_figures(
+    model_uri: str, image_uris: list[str], output: str, which=FIGURES, run_uri: str | None = None
+) -> dict:
     """Load the model, compute the arrays, write the PNGs; returns {figure: uri} and the arrays."""
-    from . import exported
+    from pipeline.core import exported
 
     model, _ = vit_model.model_from_bytes(*exported.read(model_uri))
     out = storage.parse_uri(output)
@@ -173,25 +186,40 @@ def write_figures(model_uri: str, image_uris: list[str], output: str, which=FIGU
     if "filters" in which:
         written["filters"] = fig_filters(arrays["filters"], out.join("filters.png").uri)
     if "posemb" in which:
-        written["posemb"] = fig_posemb(arrays["posemb_similarity"], arrays["grid_structure"], out.join("posemb.png").uri)
+        written["posemb"] = fig_posemb(
+            arrays["posemb_similarity"], arrays["grid_structure"], out.join("posemb.png").uri
+        )
     if "distance" in which and patches is not None:
         written["distance"] = fig_distance(arrays["mean_distance"], out.join("distance.png").uri, model.cfg.img_size)
     if "attention" in which and patches is not None:
-        written["attention"] = fig_attention(pixels[:6], arrays["rollout"][:6], arrays["attention"][-1][:6],
-                                             out.join("attention.png").uri, image_uris[:6])
+        written["attention"] = fig_attention(
+            pixels[:6],
+            arrays["rollout"][:6],
+            arrays["attention"][-1][:6],
+            out.join("attention.png").uri,
+            image_uris[:6],
+        )
     if "curves" in which and run_uri:
         uri = storage.parse_uri(run_uri).join("metrics.jsonl").uri
         lines = [json.loads(x) for x in storage.read_bytes(uri).decode().splitlines() if x.strip()]
         written["curves"] = fig_curves(lines, out.join("curves.png").uri)
-    storage.write_bytes(out.join("summary.json").uri, json.dumps(
-        {"figures": written, "grid_structure": arrays["grid_structure"],
-         "mean_distance": arrays["mean_distance"].tolist() if "mean_distance" in arrays else None}, indent=2).encode())
+    storage.write_bytes(
+        out.join("summary.json").uri,
+        json.dumps(
+            {
+                "figures": written,
+                "grid_structure": arrays["grid_structure"],
+                "mean_distance": arrays["mean_distance"].tolist() if "mean_distance" in arrays else None,
+            },
+            indent=2,
+        ).encode(),
+    )
     return {"figures": written, "arrays": arrays}
 
 
 def resolve_images(spec: str, limit: int = 16) -> list[str]:
     """Image URIs from a comma-separated list, a prefix/folder, or a shards manifest (its val split)."""
-    from .shards import load_manifest
+    from pipeline.data.manifest import load_manifest
 
     parts = [p for p in spec.split(",") if p]
     if len(parts) == 1 and (parts[0].endswith("manifest.json")):
@@ -204,22 +232,22 @@ def resolve_images(spec: str, limit: int = 16) -> list[str]:
     return uris[:limit]
 
 
-def _images_from_shards(manifest: dict, limit: int) -> list[str]:
-    """Shards hold images inside tars (or Parquet): extract the first `limit` of the val (or train) split to a temp folder."""
+def _images_from_shards(manifest, limit: int) -> list[str]:
+    """Extract the first `limit` images of the val (or train) split from the shards to a temp folder."""
     import atexit
     import shutil
     import tempfile
 
-    from .shards import expected_digests, unpack_shards
+    from pipeline.data.shard_reader import unpack_shards
 
-    split = "val" if manifest["splits"].get("val", {}).get("count") else "train"
+    split = "val" if manifest.count("val") else "train"
     folder = tempfile.mkdtemp(prefix="vitray-viz-")
     atexit.register(shutil.rmtree, folder, True)  # read within this process; nothing stays in the temp folder
     out = []
-    digests = expected_digests(manifest, split)
+    digests = manifest.digests(split)
     for path in digests:
-        uri = f"s3://{path}" if manifest["_base"].startswith("s3://") else path
-        rows = unpack_shards({"bytes": [storage.read_bytes(uri, large=True)], "path": [path]}, digests, manifest["format"])
+        uri = f"s3://{path}" if manifest.base.startswith("s3://") else path
+        rows = unpack_shards({"bytes": [storage.read_bytes(uri, large=True)], "path": [path]}, digests, manifest.format)
         for key, image in zip(rows["key"], rows["image"]):
             if image is not None:
                 out.append(f"{folder}/{key}.img")
@@ -228,6 +256,3 @@ def _images_from_shards(manifest: dict, limit: int) -> list[str]:
                 if len(out) >= limit:
                     return out
     return out
-
-
-

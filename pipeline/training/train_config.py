@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .config import Section
+from pipeline.core.config import Section
+from pipeline.data.transforms import Augment
 
 
 class ModelSection(Section):
@@ -15,12 +16,22 @@ class ModelSection(Section):
     patch_size: int | None = Field(None, description="patch size; default: the variant's")
     global_pool: Literal["token", "avg"] | None = Field(None, description="token (class token) or avg (gap)")
     pos_embed: Literal["learn", "sincos2d"] | None = Field(None, description="learned or fixed 2-D sin-cos")
-    fc_norm: bool | None = Field(None, description="LayerNorm after the pool, not on every token (default: on for avg, as timm)")
-    pre_logits: bool | None = Field(None, description="Linear+tanh before the head, as the paper's pretraining (timm has no slot)")
-    mean: tuple[float, float, float] | None = Field(None, description="input mean per channel; default the paper's (0.5,)*3")
-    std: tuple[float, float, float] | None = Field(None, description="input std per channel; default (0.5,)*3; ImageNet's for DeiT/torchvision weights")
+    fc_norm: bool | None = Field(
+        None, description="LayerNorm after the pool, not on every token (default: on for avg, as timm)"
+    )
+    pre_logits: bool | None = Field(
+        None, description="Linear+tanh before the head, as the paper's pretraining (timm has no slot)"
+    )
+    mean: tuple[float, float, float] | None = Field(
+        None, description="input mean per channel; default the paper's (0.5,)*3"
+    )
+    std: tuple[float, float, float] | None = Field(
+        None, description="input std per channel; default (0.5,)*3; ImageNet's for DeiT/torchvision weights"
+    )
     crop_pct: float | None = Field(None, gt=0, le=1, description="eval center-crop fraction (default 0.9, timm's ViT)")
-    interpolation: Literal["bicubic", "bilinear"] | None = Field(None, description="resize interpolation (default bicubic)")
+    interpolation: Literal["bicubic", "bilinear"] | None = Field(
+        None, description="resize interpolation (default bicubic)"
+    )
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth, linear in depth")
     drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout")
 
@@ -39,27 +50,34 @@ class ModelSection(Section):
         return o
 
 
-class DataSection(Section):
+class DataSection(Augment):
+    """The data and its augmentations: `Augment`'s fields (scale_min, hflip, randaug_*) run on CPU workers,
+    random erasing and Mixup/CutMix (below) on the device."""
+
     manifest: str | None = Field(None, description="shards manifest URI (s3://.../manifest.json or a local path)")
     train_split: str = Field("train", description="split to train on")
     val_split: str | None = Field("val", description="split to evaluate every epoch (null: none)")
     shuffle_seed: int = Field(0, description="file-order shuffle seed (reshuffled every epoch)")
     local_shuffle_buffer: int = Field(1024, ge=0, description="rows in each worker's shuffle buffer (0: none)")
-    shuffle_initial: int = Field(0, ge=0, description="rows in the shuffle buffer before an epoch's first batch (0: one "
-                                 "batch); the buffer fills to local_shuffle_buffer as the epoch goes (webdataset's initial)")
+    shuffle_initial: int = Field(
+        0,
+        ge=0,
+        description="rows in the shuffle buffer before an epoch's first batch (0: one "
+        "batch); the buffer fills to local_shuffle_buffer as the epoch goes (webdataset's initial)",
+    )
     prefetch_batches: int = Field(2, ge=0, description="batches prefetched per worker")
-    prefetch_next_epoch: bool = Field(True, description="start the next epoch's stream (and take its first batch) "
-                                      "while the current epoch evaluates and checkpoints")
+    prefetch_next_epoch: bool = Field(
+        True,
+        description="start the next epoch's stream (and take its first batch) "
+        "while the current epoch evaluates and checkpoints",
+    )
     decode_batch_size: int | None = Field(
-        None, ge=1, description="rows per decode task (null: one shard block per task, fused with its read: fastest)")
+        None, ge=1, description="rows per decode task (null: one shard block per task, fused with its read: fastest)"
+    )
     decode_cpus: float = Field(1.0, gt=0, description="CPUs per decode task")
-    scale_min: float = Field(0.08, gt=0, le=1, description="random-resized-crop minimum area fraction")
-    hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
-    randaug_n: int = Field(0, ge=0, le=6, description="RandAugment ops per training image (0: off; DeiT: 2)")
-    randaug_m: float = Field(9.0, ge=0, le=10, description="RandAugment magnitude (DeiT: 9)")
-    randaug_mstd: float = Field(0.5, ge=0, description="RandAugment magnitude noise std (timm's mstd; DeiT: 0.5)")
-    randaug_increasing: bool = Field(True, description="timm's 'inc1' op set: every op stronger as the magnitude grows")
-    random_erase: float = Field(0.0, ge=0, le=1, description="random erasing probability per image (DeiT: 0.25), on the device")
+    random_erase: float = Field(
+        0.0, ge=0, le=1, description="random erasing probability per image (DeiT: 0.25), on the device"
+    )
     mixup_alpha: float = Field(0.0, ge=0, description="Mixup Beta(alpha, alpha); 0: off (DeiT: 0.8), on the device")
     cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(alpha, alpha); 0: off (DeiT: 1.0), on the device")
     mix_prob: float = Field(1.0, ge=0, le=1, description="probability a batch is mixed at all (Mixup or CutMix)")
@@ -85,34 +103,55 @@ class TrainSection(Section):
     epochs: int = Field(10, ge=1, description="training epochs")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (smoke tests)")
     batch_size: int = Field(256, ge=1, description="global batch size (all workers, after accumulation)")
-    micro_batch_size: int | None = Field(None, ge=1, description="per-worker batch per forward; accumulation fills the rest")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="per-worker batch per forward; accumulation fills the rest"
+    )
     num_workers: int = Field(1, ge=1, description="training workers (one per GPU)")
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL, bf16 autocast")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPU slots each training worker reserves")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     compile: bool = Field(False, description="torch.compile the model")
     seed: int = Field(0, description="initialisation and RNG seed")
-    init_from: str | None = Field(None, description="weights to start from: a model folder/URI of this project or timm-format .safetensors")
+    init_from: str | None = Field(
+        None, description="weights to start from: a model folder/URI of this project or timm-format .safetensors"
+    )
     checkpoint_every_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (epoch ends always)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept (the best model is exported separately)")
     checkpoint_upload: Literal["async", "sync"] = Field(
-        "async", description="async: training goes on while rank 0's checkpoint uploads (its local copy removed after)")
+        "async", description="async: training goes on while rank 0's checkpoint uploads (its local copy removed after)"
+    )
     fresh_start_if_checkpoints_bad: bool = Field(
-        False, description="when every checkpoint of the run is damaged: start over instead of stopping with an error")
+        False, description="when every checkpoint of the run is damaged: start over instead of stopping with an error"
+    )
     log_every_steps: int = Field(20, ge=1, description="check every N steps whether a progress report is due")
     report_every_s: float = Field(
-        2.0, ge=0, description="progress to Ray Train (and the log) at most this often: a faster report blocks every worker "
-                               "(0: at every check, for tests that follow a run step by step)")
+        2.0,
+        ge=0,
+        description="progress to Ray Train (and the log) at most this often: a faster report blocks every worker "
+        "(0: at every check, for tests that follow a run step by step)",
+    )
     controller_poll_s: float = Field(
-        0.25, gt=0, description="Ray Train's controller poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; Ray's default 2 s takes one report per poll)")
+        0.25,
+        gt=0,
+        description="Ray Train's controller poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; "
+        "Ray's default 2 s takes one report per poll)",
+    )
     max_failures: int = Field(2, ge=0, description="restarts of the worker group from the latest checkpoint")
     max_cluster_cpus: float | None = Field(
-        None, gt=0, description="CPU slots the cluster can grow to, when Ray does not report its autoscaler's node types")
+        None,
+        gt=0,
+        description="CPU slots the cluster can grow to, when Ray does not report its autoscaler's node types",
+    )
     max_cluster_gpus: float | None = Field(None, ge=0, description="GPUs the cluster can grow to (as max_cluster_cpus)")
     emulate_step_s: float | None = Field(
-        None, gt=0, description="benchmarks: each step sleeps this long instead of computing (a GPU step's time); "
-        "data, reports and checkpoints run as usual, so what Ray adds shows")
-    peak_tflops: float | None = Field(None, gt=0, description="per-device peak for the MFU estimate (default: known GPUs)")
+        None,
+        gt=0,
+        description="benchmarks: each step sleeps this long instead of computing (a GPU step's time); "
+        "data, reports and checkpoints run as usual, so what Ray adds shows",
+    )
+    peak_tflops: float | None = Field(
+        None, gt=0, description="per-device peak for the MFU estimate (default: known GPUs)"
+    )
     mlflow_tracking_uri: str | None = Field(None, description="log metrics to MLflow too")
 
     @model_validator(mode="after")

@@ -18,13 +18,19 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
 import torch
 from safetensors.torch import load as st_load_bytes
 from safetensors.torch import save as st_save_bytes
 
-from .formats import class_names_from_json, config_from_json, from_jax_npz, timm_config, timm_incompatibilities, timm_notes
-from .vit import ViTConfig, VisionTransformer, resample_pos_embed
+from .formats import (
+    class_names_from_json,
+    config_from_json,
+    from_jax_npz,
+    timm_config,
+    timm_incompatibilities,
+    timm_notes,
+)
+from .vit import VisionTransformer, ViTConfig, resample_pos_embed
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -74,7 +80,9 @@ def _normalise_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return sd
 
 
-def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: VisionTransformer, *, drop_head: bool = False) -> dict[str, torch.Tensor]:
+def adapt_state_dict(
+    state_dict: dict[str, torch.Tensor], model: VisionTransformer, *, drop_head: bool = False
+) -> dict[str, torch.Tensor]:
     """Make a timm- or torchvision-layout state dict fit `model`.
 
     Resamples the position embeddings to the model's patch grid (paper section 3.2), and, with
@@ -100,11 +108,15 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: VisionTransform
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     if "norm.weight" in missing and "fc_norm.weight" in unexpected:
-        raise ValueError("the checkpoint normalises after average pooling (fc_norm, timm's default for avg) and the "
-                         "model normalises every token: set model.fc_norm: true")
+        raise ValueError(
+            "the checkpoint normalises after average pooling (fc_norm, timm's default for avg) and the "
+            "model normalises every token: set model.fc_norm: true"
+        )
     if "fc_norm.weight" in missing and "norm.weight" in unexpected:
-        raise ValueError("the checkpoint normalises every token before pooling (an export from before fc_norm, or "
-                         "timm's fc_norm=False) and the model normalises after the pool: set model.fc_norm: false")
+        raise ValueError(
+            "the checkpoint normalises every token before pooling (an export from before fc_norm, or "
+            "timm's fc_norm=False) and the model normalises after the pool: set model.fc_norm: false"
+        )
     if missing or unexpected:
         raise ValueError(
             "checkpoint does not match the model architecture: "
@@ -120,7 +132,9 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: VisionTransform
     return sd
 
 
-def load_weights(model: VisionTransformer, state_dict: dict[str, torch.Tensor], *, drop_head: bool = False) -> VisionTransformer:
+def load_weights(
+    model: VisionTransformer, state_dict: dict[str, torch.Tensor], *, drop_head: bool = False
+) -> VisionTransformer:
     model.load_state_dict(adapt_state_dict(state_dict, model, drop_head=drop_head), strict=True)
     return model
 
@@ -166,7 +180,9 @@ def load_npz_bytes(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
             return from_jax_npz(arrays)
     except ValueError as e:
         if "allow_pickle" in str(e) or "pickle" in str(e).lower():
-            raise ValueError("the .npz holds pickled objects, which are never loaded: not a JAX ViT checkpoint") from None
+            raise ValueError(
+                "the .npz holds pickled objects, which are never loaded: not a JAX ViT checkpoint"
+            ) from None
         raise
 
 

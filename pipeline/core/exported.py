@@ -1,10 +1,8 @@
-"""The exported model on storage: one folder holding model.safetensors + config.json (never pickle).
+"""An exported model on storage: one folder holding model.safetensors + config.json (never pickle).
 
-    {train.output}/{train.name}/model/   the final weights (the EMA weights when EMA is on)
-    {train.output}/{train.name}/best/    the weights of the best validation top-1 so far
-
-The one module that knows this layout: the pretraining driver and its workers, batch inference and
-the figures all read and write exported models through it.
+The pretraining workers write them (`{run}/model/` and `{run}/best/`, where `RunLayout` says), batch
+inference, the figures and `--init-from` read them through this module; the folder is also what timm
+opens (`local-dir:`) and what `save_for_hf` writes, so either kind loads here.
 """
 
 from __future__ import annotations
@@ -12,23 +10,26 @@ from __future__ import annotations
 import json
 
 import vit_model
-from vit_model.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-
-from . import storage
-
-
-def run_folder(output: str, name: str) -> storage.Location:
-    """Where one pretraining run keeps its config, checkpoints, exported models and metrics."""
-    return storage.parse_uri(output).join(name)
+from pipeline.core import storage
+from vit_model.interop import CONFIG_NAME, WEIGHTS_NAME
 
 
-def write(dest: str, model: vit_model.VisionTransformer, *, class_names: list[str], metrics: dict | None = None,
-          train_config: dict | None = None) -> str:
+def write(
+    dest: str,
+    model: vit_model.VisionTransformer,
+    *,
+    class_names: list[str],
+    metrics: dict | None = None,
+    train_config: dict | None = None,
+) -> str:
     """Export `model` to the folder `dest`; config.json goes last, so its presence means complete."""
     loc = storage.parse_uri(dest)
     weights, config = vit_model.export_bytes(
-        model, class_names=class_names, metrics={k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
-        **({"train_config": train_config} if train_config else {}))
+        model,
+        class_names=class_names,
+        metrics={k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
+        **({"train_config": train_config} if train_config else {}),
+    )
     storage.write_bytes(loc.join(WEIGHTS_NAME).uri, weights)
     storage.write_bytes(loc.join(CONFIG_NAME).uri, config)
     return loc.uri
@@ -46,8 +47,11 @@ def read(uri: str) -> tuple[bytes, bytes]:
         if pickled:
             raise storage.StorageError(
                 f"{loc.uri} holds {pickled[0]} (a pickle, never loaded here) and no {WEIGHTS_NAME}: convert it once "
-                "with `safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')`") from None
-        raise storage.StorageError(f"no exported model at {loc.uri} (expected {WEIGHTS_NAME} + {CONFIG_NAME}): {e}") from None
+                "with `safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')`"
+            ) from None
+        raise storage.StorageError(
+            f"no exported model at {loc.uri} (expected {WEIGHTS_NAME} + {CONFIG_NAME}): {e}"
+        ) from None
     return weights, config
 
 

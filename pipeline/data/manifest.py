@@ -1,0 +1,142 @@
+"""The shard-set manifest as a record: the only place that reads or writes `manifest.json`.
+
+    {"format": "webdataset" | "parquet", "layout": 2, "version": "<id>", "classes": [...],
+     "splits": {"train": {"count", "per_class": {class: n}, "shards": [{"name", "count", "bytes", "sha256"}]},
+                "val": {...}},
+     "skipped": [{"path", "reason"}], "source", "seed", "shard_size", "val_fraction", "min_size", "image_member"}
+
+Shard names are relative to the set's root (`versions/<version>/train/shard-00000.tar`), so a version's
+own copy (`versions/<version>/manifest.json`) and the current pointer (`manifest.json`) name the same
+files. `base` is where the manifest was read from (the root), never written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import asdict, dataclass, field
+
+from pipeline.core import storage
+
+MANIFEST = "manifest.json"
+VERSIONS = "versions"
+SPLITS = ("train", "val")
+IMAGE_MEMBER = "image"
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    name: str  # relative to the set's root
+    count: int = 0  # samples
+    bytes: int = 0
+    sha256: str = ""  # empty in a manifest another tool wrote: the shard is then read unchecked
+
+
+@dataclass(frozen=True)
+class Split:
+    count: int
+    per_class: dict[str, int]
+    shards: list[ShardEntry]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: str
+    version: str | None  # None: a set written before versions (layout 1), or by another tool
+    classes: list[str]
+    splits: dict[str, Split]
+    skipped: list[dict] = field(default_factory=list)  # [{"path", "reason"}], sorted by path
+    layout: int = 2
+    source: str | None = None
+    seed: int | None = None
+    shard_size: int | None = None
+    val_fraction: float | None = None
+    min_size: int | None = None
+    image_member: str = IMAGE_MEMBER
+    base: str = field(default="", compare=False)  # the set's root URI or path, as read; not in the JSON
+
+    # ---- JSON --------------------------------------------------------------------------------
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        del d["base"]
+        return json.dumps(d, indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str, base: str = "") -> Manifest:
+        d = json.loads(data)
+        splits = {
+            name: Split(s["count"], dict(s.get("per_class", {})), [ShardEntry(**e) for e in s["shards"]])
+            for name, s in d["splits"].items()
+        }
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k not in ("splits", "base")}
+        known.setdefault("version", None)
+        known["layout"] = d.get("layout", 1)
+        return cls(**{**known, "splits": splits, "base": base})
+
+    # ---- where the files are -------------------------------------------------------------------
+    @property
+    def uri(self) -> str:
+        """The manifest of this version (what a run pins), or the set's one manifest before versions."""
+        if self.layout >= 2 and self.version:
+            return f"{self.base}/{VERSIONS}/{self.version}/{MANIFEST}"
+        return f"{self.base}/{MANIFEST}"
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raise ValueError(f"the manifest has no {name!r} split (has {sorted(self.splits)})")
+        return self.splits[name]
+
+    def count(self, name: str) -> int:
+        return self.splits[name].count if name in self.splits else 0
+
+    def shard_uris(self, split: str) -> list[str]:
+        return [f"{self.base}/{s.name}" for s in self.split(split).shards]
+
+    def digests(self, split: str) -> dict[str, str]:
+        """{filesystem path: sha256} of a split's shards, as `read_binary_files` reports paths."""
+        return {storage.parse_uri(u).path: s.sha256 for u, s in zip(self.shard_uris(split), self.split(split).shards)}
+
+    def summary(self) -> str:
+        n_shards = sum(len(s.shards) for s in self.splits.values())
+        size = sum(e.bytes for s in self.splits.values() for e in s.shards)
+        train, val = self.count("train"), self.count("val")
+        return (
+            f"{train + val} images ({train} train, {val} val), {len(self.classes)} classes, {n_shards} shards, "
+            f"{len(self.skipped)} skipped, {size / 1e6:.1f} MB"
+        )
+
+
+def load_manifest(uri: str) -> Manifest:
+    """Read a manifest by its URI, or by the prefix that holds it."""
+    loc = storage.parse_uri(uri)
+    if not loc.uri.endswith(".json"):
+        loc = loc.join(MANIFEST)
+    try:
+        data = storage.read_bytes(loc.uri)
+    except storage.StorageError as e:
+        if "no such object" in str(e):
+            raise storage.StorageError(
+                f"no manifest at {loc.uri}: make shards first (`python jobs/make_shards.py --output "
+                f"{posixpath.dirname(loc.uri)}`) or pass the manifest's URI"
+            ) from None
+        raise
+    base = posixpath.dirname(loc.uri) if loc.scheme == "s3" else os.path.dirname(loc.path)
+    manifest = Manifest.from_json(data)
+    own_copy = f"/{VERSIONS}/{manifest.version}"
+    if manifest.layout >= 2 and base.endswith(own_copy):
+        base = base[: -len(own_copy)]  # a version's own copy: names are relative to the root
+    return Manifest.from_json(data, base)
+
+
+def write_manifest(output: str, manifest: Manifest) -> None:
+    """The version's own copy first (the version is complete), then the pointer in one PUT (and current)."""
+    out = storage.parse_uri(output)
+    body = manifest.to_json()
+    storage.write_bytes(out.join(VERSIONS, manifest.version, MANIFEST).uri, body)
+    storage.write_bytes(out.join(MANIFEST).uri, body)
+
+
+def current_version(output: str) -> str | None:
+    """The version `<output>/manifest.json` names."""
+    return json.loads(storage.read_bytes(storage.parse_uri(output).join(MANIFEST).uri)).get("version")

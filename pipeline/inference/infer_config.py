@@ -1,0 +1,75 @@
+"""The batch-inference job's configuration: one schema, every field a flag (`--batch-size`, `--since-last-run`)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from pipeline.core.config import Section
+
+
+class InferConfig(Section):
+    model: str | None = Field(None, description="exported model folder URI (model.safetensors + config.json)")
+    input: str | None = Field(
+        None, description="images: S3 prefix or folder, a class-folder tree, or a shards manifest"
+    )
+    output: str | None = Field(None, description="where prediction runs are published (S3 prefix or folder)")
+    batch_size: int = Field(64, ge=1, description="images per model call")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (0: CPU)")
+    replicas: tuple[int, int] = Field((1, 2), description="model replicas min,max (actor pool autoscaling)")
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPU slots per model replica")
+    decode_cpus: float = Field(1.0, gt=0, description="CPUs per decode task")
+    reads: int = Field(16, ge=1, description="concurrent GETs within one read+decode task")
+    top_k: int = Field(5, ge=1, description="classes kept per image")
+    embeddings: bool = Field(False, description="also write the pooled representation")
+    since_last_run: bool = Field(
+        False, description="skip inputs that a published run already predicted with this model"
+    )
+    limit: int | None = Field(None, ge=1, description="at most this many (new) inputs")
+    split: str | None = Field(None, description="shards input: only this split (default: all)")
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="run id (default: UTC time + random)")
+    retry_errors: bool = Field(
+        True,
+        description="with --since-last-run: inputs whose last attempt failed are tried "
+        "again (--no-retry-errors: count them as done, for inputs known to be permanently bad)",
+    )
+    max_error_rate: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="fail, publishing nothing, when more than this "
+        "fraction of the inputs could not be predicted (default: off)",
+    )
+    lease_ttl_s: float = Field(
+        600.0,
+        ge=3,
+        description="the output's lease expires this long after its last renewal "
+        "(a crashed run blocks the next one for at most this long)",
+    )
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _pair(cls, v):
+        if isinstance(v, str):
+            v = [int(x) for x in v.split(",")]
+        if isinstance(v, int):
+            v = (v, v)
+        if len(v) != 2 or v[0] < 1 or v[1] < v[0]:
+            raise ValueError("replicas must be MIN,MAX with 1 <= MIN <= MAX, e.g. 1,4")
+        return tuple(v)
+
+
+ALIASES = {
+    "model": "model",
+    "input": "input",
+    "output": "output",
+    "batch-size": "batch_size",
+    "num-gpus": "num_gpus",
+    "replicas": "replicas",
+    "top-k": "top_k",
+    "embeddings": "embeddings",
+    "since-last-run": "since_last_run",
+    "limit": "limit",
+    "retry-errors": "retry_errors",
+    "max-error-rate": "max_error_rate",
+    "lease-ttl": "lease_ttl_s",
+}

@@ -1,0 +1,96 @@
+"""What batch inference reads: the inputs listed, and each one's bytes fetched and turned into patches.
+
+list_inputs(): --input as shards (a manifest), a class tree (`<class>/<image>`, labels known) or a
+               plain prefix of images -> [(image_uri, label id or -1)]
+fetch_and_preprocess(): map_batches step, image URIs -> bytes (`reads` GETs in flight) -> eval patches
+shard_rows(): map_batches step, WebDataset/Parquet shard rows -> (image_uri, bytes, label_id)
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.core import storage
+from pipeline.data.manifest import MANIFEST, load_manifest
+from pipeline.data.streams import image_column, labels_of
+from pipeline.inference.infer_config import InferConfig
+from pipeline.inference.predictor import preprocess
+
+
+@dataclass
+class Inputs:
+    """The listed inputs of one run: [(image_uri, label id or -1)] and their kind."""
+
+    items: list[tuple[str, int]]
+    kind: str  # "images", "class-tree" or "shards"
+
+
+def is_shards(uri: str) -> bool:
+    loc = storage.parse_uri(uri)
+    return loc.uri.endswith(".json") or storage.exists(loc.join(MANIFEST).uri)
+
+
+def list_inputs(cfg: InferConfig, class_names: list[str]) -> Inputs:
+    """Every input under --input (names starting with `.` or `_` are not inputs), sorted as listed."""
+    loc = storage.parse_uri(cfg.input)
+    if is_shards(loc.uri):
+        manifest = load_manifest(loc.uri)
+        uris = [u for split in manifest.splits if cfg.split in (None, split) for u in manifest.shard_uris(split)]
+        return Inputs([(u, -1) for u in uris], "shards")
+    files = [f for f in storage.list_files(loc.uri) if not posixpath.basename(f.path).startswith((".", "_"))]
+    if not files:
+        raise storage.StorageError(f"no input files under {loc.uri}: check --input")
+    rels = [
+        posixpath.relpath(f.path, loc.path) if loc.scheme == "s3" else os.path.relpath(f.path, loc.path) for f in files
+    ]
+    index = {c: i for i, c in enumerate(class_names)}
+    tree = all(r.count("/") == 1 for r in rels) and all(r.split("/")[0] in index for r in rels)
+    out = [(storage.to_uri(loc, f.path), index[r.split("/")[0]] if tree else -1) for f, r in zip(files, rels)]
+    return Inputs(out, "class-tree" if tree else "images")
+
+
+def fetch_and_preprocess(batch: dict, transform, reads: int) -> dict:
+    """map_batches step: image URIs -> their bytes (`reads` GETs in flight) -> eval-transformed patches.
+    A file that cannot be read keeps its row, with the reason, as an undecodable one does."""
+    uris = list(batch["image_uri"])
+
+    def get(uri):
+        try:
+            return storage.read_bytes(uri), ""
+        except (storage.StorageError, OSError) as e:
+            return b"", f"cannot read ({e})"
+
+    with ThreadPoolExecutor(max(1, min(reads, len(uris)))) as pool:
+        got = list(pool.map(get, uris))
+    out = preprocess(
+        {
+            "image_uri": batch["image_uri"],
+            "label_id": batch["label_id"],
+            "bytes": np.asarray([b for b, _ in got], dtype=object),
+        },
+        transform,
+    )
+    for i, (_, err) in enumerate(got):
+        if err:
+            out["error"][i] = err
+    return out
+
+
+def shard_rows(batch: dict) -> dict:
+    if "label" not in batch:
+        batch["label"] = batch["cls"]
+    images = image_column(batch)
+    urls = batch.get("__url__", [""] * len(images))
+    keys = batch.get("__key__", batch.get("key"))
+    return {
+        "image_uri": np.asarray(
+            [f"s3://{u}#{k}" if not str(u).startswith("/") else f"{u}#{k}" for u, k in zip(urls, keys)], dtype=object
+        ),
+        "bytes": np.asarray([b if b is not None else b"" for b in images], dtype=object),
+        "label_id": labels_of(batch),
+    }

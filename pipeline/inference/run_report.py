@@ -1,0 +1,156 @@
+"""What a batch-inference run measured and says: stage timings, Ray Data operator seconds, the first
+batch, rows/errors/accuracy of what was staged, and the summary a person reads at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from contextlib import contextmanager
+
+import pyarrow as pa
+
+from pipeline.core import storage
+from pipeline.inference import publish
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+_STAGE_NAMES = [
+    ("fetch_and_preprocess", "read+decode"),
+    ("preprocess", "decode"),
+    ("Predictor", "model"),
+    ("Write", "write"),
+    ("FromItems", "list"),
+    ("unpack_shards", "read"),
+    ("_shard_rows", "read"),
+    ("Read", "read"),
+]
+
+
+def operator_seconds(stats: str) -> dict[str, float]:
+    """Task-seconds per Ray Data operator (the sum of its tasks' wall time), from `Dataset.stats()`:
+    where a run's time went, stage by stage (read + decode, model, write)."""
+    out: dict[str, float] = {}
+    for m in re.finditer(
+        r"Operator \d+ (?P<name>[^:\n]+):[^\n]*\n\* Remote wall time:[^\n]*?(?P<v>[\d.]+)(?P<u>us|ms|s) total", stats
+    ):
+        # fused operators (on CPU, Ray Data runs the decode inside the model actor) keep every part's name
+        parts = []
+        for part in m.group("name").strip().split("->"):
+            word = next((v for k, v in _STAGE_NAMES if k in part), part)
+            if word not in parts:
+                parts.append(word)
+        name = "+".join(parts)
+        out[name] = round(out.get(name, 0.0) + float(m.group("v")) * _UNITS[m.group("u")], 3)
+    return out
+
+
+TIMELINE = "_timeline"  # in the run's staging folder: one note per model replica
+
+
+def startup_seconds(timeline: str, t0: float) -> dict[str, float]:
+    """From the replicas' notes: seconds from the pipeline's start (`t0`) to the first replica ready
+    (model built) and to the first batch predicted, and the longest model load of a replica."""
+    notes = []
+    for f in storage.list_files(timeline):
+        try:
+            notes.append(json.loads(storage.read_bytes(storage.to_uri(storage.parse_uri(timeline), f.path))))
+        except (storage.StorageError, ValueError):
+            continue
+    if not notes:
+        return {}
+    return {
+        "first_batch": round(min(n["first_batch_at"] for n in notes) - t0, 3),
+        "replica_ready": round(min(n["ready_at"] for n in notes) - t0, 3),
+        "model_load": round(max(n["ready_at"] - n["started_at"] for n in notes), 3),
+    }
+
+
+def summarize_staged(staged: list[str], class_names: list[str]) -> dict:
+    """Rows, error count and accuracy of a staged run, from its small columns only."""
+    tables = [publish.read_parquet(u, ["label_id", "pred_id", "topk_ids", "error"]) for u in staged]
+    rows = sum(t.num_rows for t in tables)
+    errors = sum(t.num_rows - t.column("error").null_count for t in tables)
+    return {
+        "rows": rows,
+        "errors": errors,
+        "accuracy": accuracy_summary(pa.concat_tables(tables) if tables else None, class_names),
+    }
+
+
+def accuracy_summary(table: pa.Table | None, class_names: list[str]) -> dict | None:
+    """Top-1, top-5 and per-class accuracy over the rows with a known label and a prediction."""
+    if table is None:
+        return None
+    d = table.to_pydict()
+    rows = [(l, p, k) for l, p, k in zip(d["label_id"], d["pred_id"], d["topk_ids"]) if l is not None and p is not None]
+    if not rows:
+        return None
+    per = {}
+    for l, p, _ in rows:
+        c = per.setdefault(class_names[l] if l < len(class_names) else str(l), [0, 0])
+        c[0] += int(l == p)
+        c[1] += 1
+    return {
+        "count": len(rows),
+        "top1": sum(l == p for l, p, _ in rows) / len(rows),
+        "top5": sum(l in k[:5] for l, _, k in rows) / len(rows),
+        "per_class": {c: {"top1": a / n, "count": n} for c, (a, n) in sorted(per.items())},
+    }
+
+
+class Stages:
+    """Wall seconds per stage of the job, for the summary line."""
+
+    def __init__(self):
+        self.t0, self.s = time.time(), {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t = time.time()
+        yield
+        self.s[name] = round(self.s.get(name, 0.0) + time.time() - t, 3)
+
+
+def print_summary(r: dict) -> None:
+    lines = [
+        "=" * 64,
+        f"run          {r['run_id']}",
+        f"images       {r['inputs']} ({r['errors']} errors)   {r['images_per_s']:.1f} images/s   {r['elapsed_s']:.1f} "
+        "s",
+        f"predictions  {r['output'] or 'nothing new to predict'}",
+    ]
+    if r.get("already_done"):
+        lines.append(f"skipped      {r['already_done']} inputs already predicted with this model")
+    if r.get("recovered"):
+        lines.append(f"recovered    finished the commit of crashed run(s) {', '.join(r['recovered'])}")
+    acc = r.get("accuracy_full")
+    if acc:
+        lines.append(
+            f"accuracy     top-1 {acc['top1'] * 100:.2f}%  top-5 {acc['top5'] * 100:.2f}%  over {acc['count']} "
+            "labelled images"
+        )
+        worst = sorted(acc["per_class"].items(), key=lambda kv: kv[1]["top1"])[:3]
+        lines.append("lowest       " + ", ".join(f"{c} {v['top1'] * 100:.0f}%" for c, v in worst))
+    lines.append("stages       " + "  ".join(f"{k} {v:.1f} s" for k, v in r.get("timings_s", {}).items()))
+    first = r.get("startup_s") or {}
+    if first or r.get("operator_s"):
+        lines.append(
+            "in predict   "
+            + "  ".join(
+                (
+                    [
+                        f"first batch {first['first_batch']:.1f} s (replica ready {first['replica_ready']:.1f} s, "
+                        "model load "
+                        f"{first['model_load']:.1f} s)"
+                    ]
+                    if first
+                    else []
+                )
+                + [f"{k} {v:.1f} task-s" for k, v in r.get("operator_s", {}).items()]
+            )
+        )
+    lines.append("=" * 64)
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,346 @@
+"""The per-worker training loop: a plain function that runs under Ray Train or without Ray.
+
+    resume (newest checkpoint whose checksums verify)
+    for each epoch:                                            train()
+        for each optimizer step:                               optimizer_step()
+            micro-batches: forward + backward (accumulated), clip, AdamW, EMA
+            a progress report once `report_every_s` has passed (asked every `log_every_steps`)
+        evaluate, export the best, checkpoint                  end_of_epoch()
+
+`train_loop_per_worker(config)` is what `TorchTrainer` calls on every worker; `train(cfg, LocalSession(...))`
+runs the same loop in-process (world size 1, no Ray) for tests and GPU benchmarks. The differences
+live in a small Session: where batches come from, how metrics and checkpoints are reported, and
+where earlier checkpoints are found.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import vit_model
+from pipeline.core import exported
+from pipeline.core.runs import RunLayout
+from pipeline.training.checkpoints import resume, save_checkpoint
+from pipeline.training.mixing import Mixer
+from pipeline.training.sessions import Batches, Primed, RaySession, Session
+from pipeline.training.step import (
+    EMA,
+    Run,
+    TrainState,
+    Window,
+    autocast_dtype,
+    evaluate,
+    optimizer_step,
+    report_is_due,
+)
+from pipeline.training.train_config import PretrainConfig
+from vit_model import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+CKPT_PREFIX = "vitray-ckpt-"
+
+
+def say(line: str) -> None:
+    """One line to the worker's stdout. Not `print`: Ray Train patches it into a logger that the job
+    log would show a second time."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+# ---- schedule and small pieces --------------------------------------------------------------
+
+
+def device_peak_flops(cfg: PretrainConfig, device: torch.device) -> float | None:
+    if cfg.train.peak_tflops:
+        return cfg.train.peak_tflops * 1e12
+    if device.type == "cuda":
+        return vit_model.gpu_peak_flops(torch.cuda.get_device_name(device))
+    return None
+
+
+def build_model(cfg: PretrainConfig, num_classes: int) -> VisionTransformer:
+    torch.manual_seed(cfg.train.seed)
+    return vit_model.create_model(cfg.model.name, **cfg.model.overrides(num_classes))
+
+
+# ---- state ---------------------------------------------------------------------------------
+
+
+def build_run(cfg: PretrainConfig, session: Session, num_classes: int, train_count: int, class_names: list[str]) -> Run:
+    t = cfg.train
+    device = session.device
+    if device.type == "cpu" and session.cpu_threads:  # as many threads as the CPU slots this worker holds
+        torch.set_num_threads(session.cpu_threads)
+    core = build_model(cfg, num_classes)
+    if t.init_from:
+        exported.load_init_weights(core, t.init_from)
+    model = session.prepare(core)
+    if t.compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.AdamW(
+        vit_model.param_groups(core, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        fused=device.type == "cuda",
+    )
+    steps_per_epoch = train_count // t.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"{train_count} training samples do not fill one global batch of {t.batch_size}: lower --batch-size"
+        )
+    total_steps = min(steps_per_epoch * t.epochs, t.max_steps or 1 << 62)
+    warmup = (
+        cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else int(cfg.optim.warmup_epochs * steps_per_epoch)
+    )
+    d = cfg.data
+    mixer = Mixer(num_classes, d.mixup_alpha, d.cutmix_alpha, d.mix_prob, d.mix_switch_prob, cfg.optim.label_smoothing)
+    return Run(
+        cfg,
+        session,
+        model,
+        core,
+        optimizer,
+        EMA(core, cfg.optim.ema_decay) if cfg.optim.ema_decay else None,
+        autocast_dtype(cfg, device),
+        steps_per_epoch,
+        total_steps,
+        min(warmup, max(total_steps - 1, 0)),
+        class_names,
+        device_peak_flops(cfg, device),
+        mixer=mixer if mixer.active else None,
+    )
+
+
+# ---- one optimizer step --------------------------------------------------------------------
+
+
+def progress(run: Run, state: TrainState, window: Window, lr: float) -> dict:
+    """The metrics of one progress window (printed by rank 0); folds the window's counts into the state."""
+    elapsed = max(run.clock() - window.t0, 1e-9)
+    per_worker = window.images / elapsed
+    ips = per_worker * run.session.world_size
+    invalid, skipped = int(window.invalid), int(window.skipped)  # the one device sync per window
+    state.dropped_samples += invalid
+    state.skipped_batches += skipped
+    m = {
+        "loss": float(window.loss) / max(window.steps, 1),
+        "lr": lr,
+        "images_per_s": ips,
+        "images_per_s_worker": per_worker,
+        "data_wait": window.data_wait_s / elapsed,
+        "step": state.step,
+        "epoch": state.epoch,
+        "dropped_samples": state.dropped_samples,
+        "skipped_batches": state.skipped_batches,
+        "start_step": run.start_step,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if run.peak_flops:
+        m["mfu"] = vit_model.mfu(per_worker, run.core.cfg, run.peak_flops, training=True)
+    if run.session.rank == 0:
+        eta = (run.total_steps - state.step) * run.cfg.train.batch_size / max(ips, 1e-9)
+        mfu = f"{m['mfu'] * 100:.1f}%" if "mfu" in m else "n/a"
+        say(
+            f"step {state.step}/{run.total_steps} epoch {state.epoch + 1}/{run.cfg.train.epochs} loss {m['loss']:.4f} "
+            f"lr {lr:.2e} img/s {ips:.1f} ({per_worker:.1f}/worker) data-wait {m['data_wait'] * 100:.0f}% mfu {mfu} "
+            f"eta {eta / 60:.1f} min" + (f" dropped {invalid}" if invalid else "")
+        )
+    return m
+
+
+# ---- checkpoints, evaluation, the end of an epoch --------------------------------------------
+def checkpoint(run: Run, state: TrainState, metrics: dict) -> None:
+    """Rank 0 writes a local checkpoint (timed) and hands it to the session, which uploads and removes it."""
+    folder = None
+    if run.session.rank == 0:
+        t0 = run.clock()
+        folder = Path(tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}{os.getpid()}-"))
+        save_checkpoint(
+            folder, run.core, run.optimizer, asdict(state), run.ema.weights if run.ema else None, run.class_names
+        )
+        metrics = {**metrics, "checkpoint_save_s": run.clock() - t0}
+    run.session.report(metrics, folder)
+
+
+def export(run: Run, kind: str, metrics: dict) -> None:
+    """Rank 0: `{run}/{kind}/` (best or model) with the EMA weights when EMA is on."""
+    if run.session.rank != 0 or not run.cfg.train.output:
+        return
+    model = _with_weights(run.core, run.ema.weights) if run.ema else run.core
+    exported.write(
+        RunLayout.of(run.cfg.train.output, run.cfg.train.name).export(kind).uri,
+        model,
+        class_names=run.class_names,
+        metrics=metrics,
+        train_config=run.cfg.model_dump(mode="json"),
+    )
+
+
+def end_of_epoch(run: Run, state: TrainState, metrics: dict) -> None:
+    """Evaluate every worker's part (EMA weights when on), export the best, checkpoint."""
+    if state.step_in_epoch >= run.steps_per_epoch:
+        state.epoch += 1
+        state.step_in_epoch = 0
+    metrics = {
+        **metrics,
+        "step": state.step,
+        "epoch": state.epoch,
+        "dropped_samples": state.dropped_samples,
+        "skipped_batches": state.skipped_batches,
+        "epoch_s": run.clock() - run.epoch_t0,
+        "epoch_end_at": time.time(),
+        "first_batch_s": run.first_batch_s,
+    }
+    cfg = run.cfg
+    if cfg.data.val_split:
+        model = _with_weights(run.core, run.ema.weights) if run.ema else run.model
+        val = Batches(
+            run.session.batches(cfg.data.val_split, cfg.train.micro_batch, state.epoch, False), run.session.device
+        )
+        metrics.update(evaluate(model, val, run.amp_dtype, run.session.world_size))
+    state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    if run.session.rank == 0:
+        say(_epoch_line(metrics))
+    if metrics.get("val_top1", -1) > state.best_val_top1:
+        export(run, "best", metrics)
+    state.best_val_top1 = max(state.best_val_top1, metrics.get("val_top1", -1.0))
+    state.images_seen = state.step * cfg.train.batch_size
+    checkpoint(run, state, metrics)
+
+
+def _with_weights(core: VisionTransformer, weights: dict) -> VisionTransformer:
+    import copy
+
+    m = copy.deepcopy(core)
+    m.load_state_dict(weights)
+    return m
+
+
+def _epoch_line(m: dict) -> str:
+    parts = [f"epoch {m['epoch']} done: step {m['step']}"]
+    if "val_top1" in m:
+        parts.append(
+            f"val top-1 {m['val_top1'] * 100:.2f}% top-5 {m['val_top5'] * 100:.2f}% loss {m['val_loss']:.4f} "
+            f"({m['val_count']} images)"
+        )
+    if m.get("dropped_samples"):
+        parts.append(f"{m['dropped_samples']} undecodable samples left out so far")
+    return ", ".join(parts)
+
+
+def remove_stale_checkpoint_dirs() -> None:
+    """Local checkpoint folders of worker processes that died before their upload (not ours: alive)."""
+    for d in Path(tempfile.gettempdir()).glob(f"{CKPT_PREFIX}*"):
+        try:
+            pid = int(d.name[len(CKPT_PREFIX) :].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+
+
+# ---- the loop ------------------------------------------------------------------------------
+def train(
+    cfg: PretrainConfig,
+    session: Session,
+    *,
+    num_classes: int,
+    train_count: int,
+    class_names: list[str] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict:
+    """Train `cfg.train.epochs` epochs (or `max_steps`), resuming from the newest usable checkpoint.
+
+    `clock` (seconds, monotonic) times everything the loop measures; `epoch_end_at` stays wall time."""
+    remove_stale_checkpoint_dirs()
+    run = build_run(cfg, session, num_classes, train_count, class_names or [])
+    run.clock, run.t_start = clock, clock()
+    saved, used, skipped = resume(
+        session.checkpoints(),
+        run.core,
+        run.optimizer,
+        run.ema.weights if run.ema else None,
+        allow_fresh_start=cfg.train.fresh_start_if_checkpoints_bad,
+    )
+    state = TrainState.from_checkpoint(saved) if saved else TrainState()
+    run.start_step = state.step
+    if session.rank == 0:
+        for uri, why in skipped:
+            say(f"skipped checkpoint {uri}: {why}")
+        if used:
+            say(f"resumed from {used} at step {state.step} (epoch {state.epoch}, {state.step_in_epoch} steps in)")
+    run.model.train()
+
+    def epoch_batches(epoch: int):
+        return Batches(session.batches(cfg.data.train_split, cfg.train.micro_batch, epoch, True), session.device)
+
+    primed = None
+    try:
+        while state.step < run.total_steps and state.epoch < cfg.train.epochs:
+            steps = min(run.steps_per_epoch - state.step_in_epoch, run.total_steps - state.step)
+            run.epoch_t0, run.first_batch_s = run.clock(), 0.0
+            batches = iter(primed or epoch_batches(state.epoch))
+            primed = None
+            window, last = Window.start(session.device, run.clock()), {}
+            for _ in range(steps):
+                lr = optimizer_step(run, state, batches, window)
+                epoch_ends = state.step_in_epoch == run.steps_per_epoch
+                ckpt_due = (
+                    bool(cfg.train.checkpoint_every_steps)
+                    and state.step % cfg.train.checkpoint_every_steps == 0
+                    and state.step < run.total_steps
+                    and not epoch_ends
+                )  # the last step is checkpointed by end_of_epoch
+                # Progress is reported by time, not by step: Ray Train takes one report per controller poll, and a
+                # faster report blocks every worker in `ray.train.report`. The step count only says how often to ask.
+                report_due = state.step % cfg.train.log_every_steps == 0 and report_is_due(run, window)
+                if report_due or epoch_ends or ckpt_due:
+                    last = progress(run, state, window, lr)
+                    window = Window.start(session.device, run.clock())
+                if epoch_ends:
+                    break
+                if ckpt_due:
+                    checkpoint(run, state, {**last, "step": state.step, "epoch": state.epoch})
+                elif report_due:
+                    session.report({**last, "step": state.step, "epoch": state.epoch}, None)
+                    run.progress_reports += 1
+            if window.steps:  # a max_steps stop inside a window
+                last = progress(run, state, window, lr)
+            # This epoch's stream ends here, before the next one starts: a Ray Data iterator left to the garbage
+            # collector would end its split's execution later, whichever epoch that is by then.
+            batches.close()
+            next_epoch = state.epoch + (state.step_in_epoch >= run.steps_per_epoch)
+            if cfg.data.prefetch_next_epoch and state.step < run.total_steps and next_epoch < cfg.train.epochs:
+                primed = Primed(lambda e=next_epoch: epoch_batches(e))  # starts while this epoch evaluates
+            end_of_epoch(run, state, last)
+    except BaseException:
+        if session.rank == 0:  # not uploaded and never will be: leave nothing in the temp folder
+            for d in Path(tempfile.gettempdir()).glob(f"{CKPT_PREFIX}{os.getpid()}-*"):
+                shutil.rmtree(d, ignore_errors=True)
+        raise
+    export(run, "model", state.history[-1] if state.history else {})
+    return {"state": asdict(state), "elapsed_s": run.clock() - run.t_start, "progress_reports": run.progress_reports}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """What Ray Train runs on each worker. `config` carries the validated job config as JSON."""
+    cfg = PretrainConfig.model_validate_json(config["cfg"])
+    train(
+        cfg,
+        RaySession(cfg),
+        num_classes=config["num_classes"],
+        train_count=config["train_count"],
+        class_names=config["class_names"],
+    )

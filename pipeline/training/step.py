@@ -1,0 +1,250 @@
+"""One optimizer step and what it carries: the run's state, the report window, EMA, the lr schedule.
+
+    optimizer_step():  for each of `accum_steps` micro-batches: next batch (timed as data wait) ->
+                       batch_augment (random erasing, Mixup/CutMix on the patches) -> forward under
+                       autocast -> masked loss -> backward;  then clip, AdamW, EMA
+    evaluate():        top-1/top-5/loss over this worker's part, summed across workers
+
+Shapes: a micro-batch is (patches (B, N, P*P*C) uint8, labels (B,) int64, valid (B,) bool) on the device.
+Times come from `Run.clock` (seconds), which tests replace with a clock they advance themselves.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pipeline.training.mixing import Mixer, random_erase_, soft_target_cross_entropy
+from pipeline.training.sessions import Batches, Session
+from pipeline.training.train_config import PretrainConfig
+from vit_model import VisionTransformer
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
+    """Linear warmup from 0 to `peak`, then cosine decay to `floor`, per optimizer step."""
+    if warmup_steps and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.train.precision == "fp32":
+        return None
+    if cfg.train.precision == "bf16" or device.type == "cuda":
+        return torch.bfloat16
+    return None
+
+
+class EMA:
+    """Exponential moving average of the model's floating-point weights, one foreach kernel per update."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        live = model.state_dict()  # detached views: the optimizer updates them in place
+        self.weights = {k: v.detach().clone() for k, v in live.items()}
+        keys = [k for k, v in live.items() if v.dtype.is_floating_point]
+        self._live, self._avg = [live[k] for k in keys], [self.weights[k] for k in keys]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self._avg, self._live, 1 - self.decay)
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint's trainer_state.json."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0
+    best_val_top1: float = -1.0
+    images_seen: int = 0
+    dropped_samples: int = 0  # undecodable samples left out of the loss
+    skipped_batches: int = 0  # micro-batches without one valid sample
+    history: list[dict] = field(default_factory=list)  # one entry per epoch
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> TrainState:
+        return cls(**{k: saved[k] for k in cls.__dataclass_fields__ if k in saved})
+
+
+@dataclass
+class Window:
+    """What happened since the last progress report. Sums stay on the device until the report."""
+
+    loss: torch.Tensor
+    invalid: torch.Tensor
+    skipped: torch.Tensor
+    steps: int = 0
+    images: int = 0
+    data_wait_s: float = 0.0
+    t0: float = 0.0  # by the run's clock
+
+    @classmethod
+    def start(cls, device: torch.device, now: float) -> Window:
+        zeros = (torch.zeros((), device=device, dtype=dt) for dt in (torch.float32, torch.int64, torch.int64))
+        return cls(*zeros, t0=now)
+
+
+@dataclass
+class Run:
+    """Everything the step and epoch functions need, built once by `train`."""
+
+    cfg: PretrainConfig
+    session: Session
+    model: torch.nn.Module  # what runs forward/backward (DDP, compiled)
+    core: VisionTransformer  # the plain module: checkpoints and exports
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    amp_dtype: torch.dtype | None
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    class_names: list[str]
+    peak_flops: float | None
+    start_step: int = 0  # where this attempt began: 0, or the step of the checkpoint it resumed from
+    # Every duration of the loop (report schedule, images/s, data wait, epoch time) is read from this clock;
+    # tests inject one they advance themselves, so no outcome depends on the machine's speed.
+    clock: Callable[[], float] = time.monotonic
+    t_start: float = 0.0
+    mixer: Mixer | None = None  # Mixup / CutMix (None: off)
+    progress_reports: int = 0  # progress reports sent (checkpoints and epoch ends not counted)
+    epoch_t0: float = 0.0  # when this epoch asked for its first batch
+    first_batch_s: float = 0.0  # how long that first batch took (the stream's start-up)
+
+
+def report_is_due(run: Run, window: Window) -> bool:
+    """`train.report_every_s` has passed since the window began, by rank 0's clock; every rank gets rank 0's
+    answer (one tiny broadcast), so all call `report` together as Ray Train requires."""
+    due = run.clock() - window.t0 >= run.cfg.train.report_every_s
+    if run.session.world_size > 1 and dist.is_available() and dist.is_initialized():
+        flag = torch.tensor([int(due)], device=run.session.device)
+        dist.broadcast(flag, src=0)
+        due = bool(flag.item())
+    return due
+
+
+def batch_augment(
+    run: Run, state: TrainState, micro: int, patches: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random erasing, then Mixup / CutMix, on the device: (model input, soft targets or None).
+
+    Without either, the uint8 patches go to the model as they are (it normalises them itself); with
+    one, they are normalised here and mixed as patches (B, N, P*P*C), which the model takes as they are.
+    The draws come from a generator seeded by (seed, rank, step, micro-batch), so a resumed run repeats them.
+    """
+    d = run.cfg.data
+    if not (d.random_erase > 0 or run.mixer is not None):
+        return patches, None
+    core = run.core
+    gen = torch.Generator().manual_seed(hash((run.cfg.train.seed, run.session.rank, state.step, micro)) & (2**63 - 1))
+    layout = {"patch_size": core.cfg.patch_size, "in_chans": core.cfg.in_chans}
+    x = core.normalize(patches)
+    if d.random_erase > 0:
+        random_erase_(x, d.random_erase, gen, **layout)
+    if run.mixer is None:
+        return x, None
+    mixed = run.mixer(x, labels, valid, gen, **layout)
+    return mixed.patches, mixed.targets
+
+
+def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: Window) -> float:
+    """`accum_steps` micro-batches (forward, masked loss, backward), clip, AdamW, EMA. Returns the lr.
+
+    Undecodable samples are masked out of the loss (static shapes; a micro-batch without one valid
+    sample contributes zero gradient and is counted, never averaged into NaN). Every worker still
+    runs its backward, so DDP's gradient all-reduce stays in step.
+    """
+    cfg, t = run.cfg, run.cfg.train
+    lr = lr_at(state.step, run.total_steps, run.warmup, cfg.optim.lr, cfg.optim.min_lr)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    device = run.session.device
+    for micro in range(t.accum_steps):
+        waited = run.clock()
+        try:
+            patches, labels, valid = next(batches)
+        except StopIteration:
+            raise RuntimeError(
+                f"worker {run.session.rank} ran out of data in epoch {state.epoch}: its shard is shorter "
+                f"than {run.steps_per_epoch} steps x {t.per_worker_batch} rows"
+            ) from None
+        got = run.clock()
+        window.data_wait_s += got - waited
+        if micro == 0 and run.first_batch_s == 0.0:  # the epoch's first batch: the stream's start-up
+            run.first_batch_s = max(got - waited, 1e-9)
+        if t.emulate_step_s:  # benchmarks: the step's compute is a sleep (a GPU step), everything else is real
+            window.images += len(labels)
+            continue
+        last = micro == t.accum_steps - 1
+        inputs, soft_targets = batch_augment(run, state, micro, patches, labels, valid)
+        with (
+            run.model.no_sync() if not last and hasattr(run.model, "no_sync") else nullcontext(),
+            torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None),
+        ):
+            logits = run.model(inputs).float()
+        if soft_targets is not None:
+            per_sample = soft_target_cross_entropy(logits, soft_targets)
+        else:
+            per_sample = F.cross_entropy(logits, labels, reduction="none", label_smoothing=cfg.optim.label_smoothing)
+        n_valid = valid.sum()
+        loss = (per_sample * valid).sum() / n_valid.clamp(min=1) / t.accum_steps
+        loss.backward()
+        window.loss += loss.detach()
+        window.invalid += len(labels) - n_valid
+        window.skipped += n_valid == 0
+        window.images += len(labels)
+    if t.emulate_step_s:
+        time.sleep(t.emulate_step_s)
+        state.step += 1
+        state.step_in_epoch += 1
+        window.steps += 1
+        return lr
+    if cfg.optim.clip_grad:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_grad)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update()
+    state.step += 1
+    state.step_in_epoch += 1
+    window.steps += 1
+    return lr
+
+
+@torch.no_grad()
+def evaluate(model, batches: Batches, amp_dtype, world_size: int) -> dict:
+    """Top-1, top-5 and loss over this worker's part, summed across workers (exact, not averaged)."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=batches.device)  # loss, top1, top5, count
+    for patches, labels, valid in batches:
+        with torch.autocast(batches.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(patches).float()
+        hit = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]
+        v = valid.double()
+        sums += torch.stack(
+            [
+                (F.cross_entropy(logits, labels, reduction="none").double() * v).sum(),
+                (hit[:, 0].double() * v).sum(),
+                (hit.any(-1).double() * v).sum(),
+                v.sum(),
+            ]
+        )
+    if world_size > 1 and dist.is_initialized():
+        dist.all_reduce(sums)
+    loss, top1, top5, n = sums.tolist()
+    model.train()
+    return {
+        "val_loss": loss / max(n, 1),
+        "val_top1": top1 / max(n, 1),
+        "val_top5": top5 / max(n, 1),
+        "val_count": int(n),
+    }

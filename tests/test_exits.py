@@ -1,0 +1,33 @@
+"""The jobs' exit codes come from one table (`pipeline.core.exits`)."""
+
+import pytest
+
+from pipeline.core import exits, storage
+from pipeline.inference.batch import ErrorRateExceeded
+from pipeline.inference.lease import LeaseHeld
+from pipeline.training.trainer import JobError
+
+
+def _raise(e):
+    def body():
+        raise e
+
+    return body
+
+
+def test_known_failures_map_to_their_codes_and_one_line(capsys):
+    assert exits.run_job("job", lambda: None) == exits.EXIT_OK
+    assert exits.run_job("job", _raise(ValueError("bad --epochs"))) == exits.EXIT_BAD_INPUT
+    assert capsys.readouterr().err == "job: error: bad --epochs\n"
+    assert exits.run_job("job", _raise(storage.StorageError("no bucket"))) == exits.EXIT_BAD_INPUT
+    assert exits.run_job("job", _raise(JobError("no val split"))) == exits.EXIT_BAD_INPUT
+    assert exits.run_job("job", _raise(ErrorRateExceeded("too many"))) == exits.EXIT_ERROR_RATE == 3
+    capsys.readouterr()
+    held = LeaseHeld("s3://b/out", {"run_id": "r1", "holder": "h", "expires_at": 0})
+    assert exits.run_job("job", _raise(held)) == exits.EXIT_TEMPFAIL == 75
+    assert "error:" not in capsys.readouterr().err  # "try again later" is not a failure
+
+
+def test_an_unexpected_error_keeps_its_traceback():
+    with pytest.raises(KeyError):
+        exits.run_job("job", _raise(KeyError("x")))
