@@ -40,4 +40,4 @@ status:
 	$(PY) cluster/local/stack.py status
 
 bench: setup
-	$(PY) bench/model.py && $(PY) bench/data.py && $(PY) bench/train.py && $(PY) bench/train.py --checkpoint-cost && $(PY) bench/train.py --emulate 0.1 --cpu-batch 32 && $(PY) bench/infer.py && $(PY) bench/shards.py
+	$(PY) bench/model.py && $(PY) bench/data.py && $(PY) bench/train.py && $(PY) bench/train.py --checkpoint-cost && $(PY) bench/train.py --emulate 0.1 --cpu-batch 32 && $(PY) bench/train.py --deit-step && $(PY) bench/infer.py && $(PY) bench/shards.py && $(PY) bench/resize.py

@@ -6,7 +6,8 @@
 
 Runs on the Ray cluster at RAY_ADDRESS (`ray job submit -- python jobs/make_shards.py ...`), or on a
 private local Ray. Each run writes `versions/<version>/` and then points `<output>/manifest.json` at it;
-jobs holding an older manifest keep reading their version. Exit codes: 0 done, 2 bad arguments or input.
+jobs holding an older manifest keep reading their version. Exit codes: 0 done, 2 bad arguments or input
+(a source with nothing usable, or a split left empty, is bad input: nothing is published).
 """
 
 import argparse
@@ -17,7 +18,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.core.exits import run_job  # noqa: E402
-from pipeline.data.shard_writer import DEFAULT_MIN_SIZE, make_shards  # noqa: E402
+from pipeline.data import images  # noqa: E402
+from pipeline.data.shard_writer import make_shards  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -26,7 +28,13 @@ def main(argv=None) -> int:
         "--source",
         required=True,
         help="local folder or s3:// prefix of class folders (<class>/<img>, or train|val/<class>/<img>), "
-        "a flat prefix with --labels, or 'digits' (the embedded data set)",
+        "a flat prefix with --labels, a flat prefix without labels (an unlabeled set), or 'digits' (the "
+        "embedded data set)",
+    )
+    ap.add_argument(
+        "--unlabeled",
+        action="store_true",
+        help="every image under --source is an unlabeled sample, whatever its folders (default for a flat prefix)",
     )
     ap.add_argument("--labels", help='CSV (path,label) or JSON lines ({"path", "label"}); paths relative to --source')
     ap.add_argument("--output", required=True, help="s3://bucket/prefix or a local folder")
@@ -42,8 +50,27 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--min-size",
         type=int,
-        default=DEFAULT_MIN_SIZE,
-        help="smallest side in px an image must have (default: the largest patch size, 32)",
+        default=images.DEFAULT_MIN_SIDE,
+        help="shorter side in px an image must have (default 16: MNIST's 28 px and every standard set pass)",
+    )
+    ap.add_argument(
+        "--max-aspect",
+        type=float,
+        default=images.DEFAULT_MAX_ASPECT,
+        help="longer side at most this many times the shorter (default 20)",
+    )
+    ap.add_argument(
+        "--max-object-mb",
+        type=float,
+        default=images.DEFAULT_MAX_OBJECT_MB,
+        help="larger objects are skipped by their listed size, never read (default 64; a task holds --reads x this)",
+    )
+    ap.add_argument(
+        "--max-side",
+        type=int,
+        default=None,
+        help="store each image with its longer side at most N px (aspect kept, antialiased; JPEG re-encoded at "
+        f"quality {images.JPEG_QUALITY}, others as lossless PNG); default: as they came",
     )
     ap.add_argument("--reads", type=int, default=8, help="concurrent reads within one shard task")
     ap.add_argument(
@@ -69,7 +96,9 @@ def main(argv=None) -> int:
             seed=args.seed,
             shard_size=args.shard_size,
             fmt=args.format,
-            min_size=args.min_size,
+            rules=images.DecodeRules(args.min_size, args.max_aspect, args.max_object_mb),
+            unlabeled=args.unlabeled,
+            max_side=args.max_side,
             reads=args.reads,
             executor="local" if args.local else "ray",
             keep_versions=args.keep_versions,

@@ -103,3 +103,54 @@ def test_ray_job_submit_smoke_config(stack, digits_shards, bucket):
     from pipeline.core import storage
 
     assert storage.exists(f"{bucket}/runs/submitted/model/model.safetensors")
+
+
+@pytest.mark.e2e
+def test_a_28px_data_set_in_class_folders_goes_through_all_three_jobs_with_the_defaults(stack, bucket, tmp_path):
+    """Real handwritten digits at MNIST's 28 px, as class folders in S3: make_shards, pretrain and
+    batch_infer, each a subprocess with its defaults (only the smoke config's short schedule)."""
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from pipeline.core import storage
+    from pipeline.inference import publish
+
+    digits = load_digits()
+    for i, (img, label) in enumerate(zip(digits.images[:400], digits.target[:400])):
+        pixels = (img * (255.0 / 16.0)).round().astype("uint8")
+        buf = io.BytesIO()
+        Image.fromarray(pixels).resize((28, 28), Image.BICUBIC).save(buf, "PNG")  # grayscale, like MNIST's PNGs
+        storage.write_bytes(f"{bucket}/mnist28/{label}/{i:05d}.png", buf.getvalue())
+
+    def job(script, *args):
+        r = subprocess.run([sys.executable, f"jobs/{script}", *args], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, f"{script}: {r.stdout[-2000:]}{r.stderr[-3000:]}"
+        return r.stdout
+
+    out = job("make_shards.py", "--source", f"{bucket}/mnist28", "--output", f"{bucket}/shards", "--local")
+    assert "400 images" in out and "0 skipped" in out, out
+    job(
+        "pretrain.py",
+        "--config",
+        "configs/smoke.yaml",
+        "--data",
+        f"{bucket}/shards/manifest.json",
+        "--output",
+        f"{bucket}/runs",
+        "--name",
+        "mnist28",
+    )
+    job(
+        "batch_infer.py",
+        "--model",
+        f"{bucket}/runs/mnist28/model",
+        "--input",
+        f"{bucket}/mnist28",
+        "--output",
+        f"{bucket}/preds",
+    )
+    table = publish.read_published(f"{bucket}/preds", columns=["image_uri", "label_id", "pred_id", "error"])
+    assert table.num_rows == 400 and table.column("error").null_count == 400  # every image predicted
+    assert set(table.column("label_id").to_pylist()) == set(range(10))  # the class folders are the labels

@@ -13,7 +13,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.core import storage
+from pipeline.core import conditional, storage
 from pipeline.inference import publish
 from pipeline.inference.lease import Lease, LeaseHeld, LeaseLost
 from pipeline.inference.predictor import output_schema
@@ -136,8 +136,9 @@ class Crash(BaseException):  # a killed process: no `except Exception` catches i
 def _crash_after(monkeypatch, n):
     """Every storage write (put, copy, delete) counts; the n+1-th one raises, as a killed process would stop."""
     count = {"n": 0}
-    for name in ("write_bytes", "write_conditional", "copy", "delete"):
-        real = getattr(storage, name)
+    writes = ((storage, "write_bytes"), (conditional, "write_conditional"), (storage, "copy"), (storage, "delete"))
+    for module, name in writes:
+        real = getattr(module, name)
 
         def wrapped(*a, _real=real, **kw):
             if count["n"] >= n:
@@ -145,7 +146,7 @@ def _crash_after(monkeypatch, n):
             count["n"] += 1
             return _real(*a, **kw)
 
-        monkeypatch.setattr(storage, name, wrapped)
+        monkeypatch.setattr(module, name, wrapped)
     return count
 
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import vit_model
+from pipeline.data import images
 from pipeline.data import transforms as T
 
 
@@ -50,13 +51,13 @@ def test_eval_transform_at_full_crop_keeps_pixels():
 
 def test_draft_mode_decodes_large_jpeg_smaller_with_same_output_shape():
     data = _jpeg(2000, 1500)
-    img = T.open_image(data)
+    img = images.open_image(data)
     out = T.crop_resize(img, (0, 0, 2000, 1500), 224, draft=True)
     assert out.shape == (224, 224, 3)
-    img2 = T.open_image(data)
+    img2 = images.open_image(data)
     img2.draft("RGB", (2000 * 224 // 2000 + 1, 1500 * 224 // 1500 + 1))
     assert img2.size[0] < 2000  # libjpeg scaled the decode down
-    full = T.crop_resize(T.open_image(data), (0, 0, 2000, 1500), 224, draft=False)
+    full = T.crop_resize(images.open_image(data), (0, 0, 2000, 1500), 224, draft=False)
     assert np.abs(out.astype(int) - full.astype(int)).mean() < 40  # same picture, noise image: loose
 
 
@@ -74,15 +75,16 @@ def _photo_like(w, h):
 def test_torch_and_pillow_resize_agree_and_flip_mirrors(flip):
     data = _photo_like(500, 375)
     box = (37.0, 20.0, 337.0, 345.0)
-    by = {b: T.crop_resize(T.open_image(data), box, 224, flip=flip, backend=b).astype(int) for b in ("torch", "pil")}
+    img = images.open_image
+    by = {b: T.crop_resize(img(data), box, 224, flip=flip, backend=b).astype(int) for b in ("torch", "pil")}
     assert by["torch"].shape == by["pil"].shape == (224, 224, 3)
     diff = np.abs(by["torch"] - by["pil"])
     assert diff.mean() < 0.5 and (diff <= 1).mean() > 0.99
     if flip:
-        plain = T.crop_resize(T.open_image(data), box, 224, backend="torch").astype(int)
+        plain = T.crop_resize(images.open_image(data), box, 224, backend="torch").astype(int)
         assert np.abs(by["torch"] - plain[:, ::-1]).max() <= 1
     with pytest.raises(ValueError, match="unknown resize backend"):
-        T.crop_resize(T.open_image(data), box, 224, backend="cv2")
+        T.crop_resize(images.open_image(data), box, 224, backend="cv2")
 
 
 def test_resize_pixels_do_not_depend_on_the_callers_thread_count():
@@ -95,7 +97,7 @@ def test_resize_pixels_do_not_depend_on_the_callers_thread_count():
         out = {}
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            out[threads] = T.crop_resize(T.open_image(data), box, 224, flip=True)
+            out[threads] = T.crop_resize(images.open_image(data), box, 224, flip=True)
     finally:
         torch.set_num_threads(before)
     assert np.array_equal(out[1], out[2])
@@ -111,16 +113,16 @@ def test_resize_pixels_do_not_depend_on_the_callers_thread_count():
 )
 def test_bad_inputs_raise_image_decode_error(data, reason):
     t = T.ImageTransform(32, 4, train=True)
-    with pytest.raises(T.ImageDecodeError, match=reason):
+    with pytest.raises(images.ImageDecodeError, match=reason):
         if reason == "does not decode":
-            T.check_decodes(data)
+            images.DecodeRules().check(data)
         t(data, np.random.default_rng(0))
 
 
 def test_image_smaller_than_a_patch_is_refused():
     buf = io.BytesIO()
     Image.new("RGB", (3, 3)).save(buf, "PNG")
-    with pytest.raises(T.ImageDecodeError, match="smaller than one 16x16 patch"):
+    with pytest.raises(images.ImageDecodeError, match="smaller than one 16x16 patch"):
         T.ImageTransform(224, 16, train=False)(buf.getvalue(), None)
 
 
@@ -227,8 +229,8 @@ def test_exif_rotated_photo_comes_out_upright():
     buf = io.BytesIO()
     stored.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
     data = buf.getvalue()
-    assert T.open_image(data).size == (64, 40) and T.display_size(T.open_image(data)) == (40, 64)
-    decoded = np.asarray(T.decode_rgb(data)).astype(int)
+    assert images.open_image(data).size == (64, 40) and images.display_size(images.open_image(data)) == (40, 64)
+    decoded = np.asarray(images.decode_rgb(data)).astype(int)
     assert decoded.shape == (64, 40, 3) and decoded[:28].mean() > 240 and decoded[36:].mean() < 15
     for draft in (True, False):
         pixels = T.unpatchify(T.ImageTransform(32, 4, train=False, crop_fraction=1.0, draft=draft)(data, None), 4)
@@ -239,26 +241,26 @@ def test_sixteen_bit_and_alpha_and_cmyk_become_8bit_rgb_keeping_their_range():
     gradient = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (40, 1))
     buf = io.BytesIO()
     Image.fromarray(gradient).save(buf, "PNG")
-    out = np.asarray(T.decode_rgb(buf.getvalue()))
+    out = np.asarray(images.decode_rgb(buf.getvalue()))
     assert out.shape == (40, 256, 3) and out.min() == 0 and out.max() == 255
     assert abs(out.mean() - 127.5) < 1.5 and np.all(np.diff(out[0, :, 0].astype(int)) >= 0)  # not saturated
     la = Image.fromarray(np.stack([np.full((32, 32), 0, np.uint8), np.zeros((32, 32), np.uint8)], -1), "LA")
     buf = io.BytesIO()
     la.save(buf, "PNG")
-    assert np.asarray(T.decode_rgb(buf.getvalue())).min() == 255  # fully transparent -> white, not black
+    assert np.asarray(images.decode_rgb(buf.getvalue())).min() == 255  # fully transparent -> white, not black
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 30, 30)).convert("CMYK").save(buf, "JPEG")
-    r, g, b = np.asarray(T.decode_rgb(buf.getvalue())).reshape(-1, 3).mean(0)
+    r, g, b = np.asarray(images.decode_rgb(buf.getvalue())).reshape(-1, 3).mean(0)
     assert r > 150 and g < 80 and b < 80
 
 
 def test_decompression_bomb_is_a_skip_with_the_reason(monkeypatch):
-    monkeypatch.setattr(T, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 1000)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     buf = io.BytesIO()
     Image.new("RGB", (40, 40)).save(buf, "PNG")  # 1600 px > 1000: Pillow only warns below 2x
-    with pytest.raises(T.ImageDecodeError, match="decompression-bomb limit of 1000 pixels"):
-        T.check_decodes(buf.getvalue())
+    with pytest.raises(images.ImageDecodeError, match="decompression-bomb limit of 1000 pixels"):
+        images.DecodeRules().check(buf.getvalue())
     buf = io.BytesIO()
     Image.new("RGB", (10, 10)).save(buf, "PNG")
-    assert T.check_decodes(buf.getvalue(), min_size=8)[:2] == (10, 10)
+    assert images.DecodeRules(min_side=8).check(buf.getvalue())[:2] == (10, 10)

@@ -47,12 +47,16 @@ class Manifest:
     classes: list[str]
     splits: dict[str, Split]
     skipped: list[dict] = field(default_factory=list)  # [{"path", "reason"}], sorted by path
+    skip_counts: dict[str, int] = field(default_factory=dict)  # how many of each kind of skip
     layout: int = 2
     source: str | None = None
     seed: int | None = None
     shard_size: int | None = None
     val_fraction: float | None = None
-    min_size: int | None = None
+    min_size: int | None = None  # the decode rules the set was written with (`images.DecodeRules`)
+    max_aspect: float | None = None
+    max_object_mb: float | None = None
+    max_side: int | None = None  # images stored with their longer side at most this (None: as they came)
     image_member: str = IMAGE_MEMBER
     base: str = field(default="", compare=False)  # the set's root URI or path, as read; not in the JSON
 
@@ -97,13 +101,31 @@ class Manifest:
         """{filesystem path: sha256} of a split's shards, as `read_binary_files` reports paths."""
         return {storage.parse_uri(u).path: s.sha256 for u, s in zip(self.shard_uris(split), self.split(split).shards)}
 
+    def decode_rules(self):
+        """The rules its images passed when it was written; a reader refuses nothing those kept (an older or
+        foreign set, which recorded none, is read as it is)."""
+        from pipeline.data.images import DecodeRules
+
+        return DecodeRules(
+            min_side=self.min_size or 1,
+            max_aspect=self.max_aspect or 1e9,
+            max_object_mb=self.max_object_mb or 1e9,
+        )
+
+    @property
+    def labeled(self) -> bool:
+        """An unlabeled set has no classes; its samples' label is -1."""
+        return bool(self.classes)
+
     def summary(self) -> str:
         n_shards = sum(len(s.shards) for s in self.splits.values())
         size = sum(e.bytes for s in self.splits.values() for e in s.shards)
         train, val = self.count("train"), self.count("val")
+        kinds = f"{len(self.classes)} classes" if self.labeled else "unlabeled"
+        skips = ", ".join(f"{n} {k}" for k, n in self.skip_counts.items())
         return (
-            f"{train + val} images ({train} train, {val} val), {len(self.classes)} classes, {n_shards} shards, "
-            f"{len(self.skipped)} skipped, {size / 1e6:.1f} MB"
+            f"{train + val} images ({train} train, {val} val), {kinds}, {n_shards} shards, "
+            f"{len(self.skipped)} skipped{f' ({skips})' if skips else ''}, {size / 1e6:.1f} MB"
         )
 
 

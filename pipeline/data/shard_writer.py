@@ -4,7 +4,7 @@ Every run writes a version folder of its own (`shard_reader` has the layout) and
 manifest.json at it: a job that loaded the previous manifest goes on reading the previous version's
 files, which nothing rewrites. `keep_versions` prunes the oldest complete versions (and incomplete
 ones a crashed run left a day ago). What goes in is exactly what the training stream and batch
-inference decode (`transforms.check_decodes`, the one set of decode rules); everything else is listed
+inference decode (`images.DecodeRules`, the one set of decode rules); everything else is listed
 in the manifest's `skipped` with its reason. The shard bytes are identical for the same inputs, seed
 and arguments (tar headers with mtime 0).
 
@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pipeline.core import storage
+from pipeline.data.images import DecodeRules, ImageDecodeError, shrink
 from pipeline.data.manifest import (
     IMAGE_MEMBER,
     MANIFEST,
@@ -43,11 +44,9 @@ from pipeline.data.manifest import (
     current_version,
     write_manifest,
 )
-from pipeline.data.sources import assign_shards, plan_digits, plan_source
-from pipeline.data.transforms import ImageDecodeError, check_decodes
+from pipeline.data.sources import assign_shards, plan_digits, plan_source, skip_counts, skip_examples
 
 log = logging.getLogger(__name__)
-DEFAULT_MIN_SIZE = 32  # the largest patch size of the offered variants: every kept image fits every model
 STALE_INCOMPLETE_S = 24 * 3600
 
 
@@ -59,15 +58,20 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _read_ahead(desc: dict, reads: int):
-    """(index, bytes or None, error or None) for each sample in order, at most `reads` GETs in flight."""
+def _read_ahead(desc: dict, reads: int, rules: DecodeRules):
+    """(index, bytes or None, error or None) for each sample in order, at most `reads` GETs in flight;
+    an object over the size cap is never read (memory: at most `reads` x the cap)."""
     inline = desc.get("data")
+    sizes = desc.get("sizes") or [None] * len(desc["keys"])
 
     def load(i):
         if inline is not None:
             return i, base64.b64decode(inline[i]), None
         try:
+            rules.check_object_size(sizes[i])
             return i, storage.read_bytes(desc["sources"][i]), None
+        except ImageDecodeError as e:
+            return i, None, str(e)
         except (storage.StorageError, OSError) as e:
             return i, None, f"cannot read ({e})"
 
@@ -140,7 +144,9 @@ class _ShardSink:
         return os.path.getsize(self.path), h.hexdigest()
 
 
-def write_shard(desc: dict, output: str, fmt: str, min_size: int, reads: int = 8) -> dict:
+def write_shard(
+    desc: dict, output: str, fmt: str, rules: DecodeRules, reads: int = 8, max_side: int | None = None
+) -> dict:
     """Read, check and pack one shard, then upload it to `output`/`desc["name"]`. Returns its manifest
     entry with per-class counts and the skipped samples; writes nothing when every sample was skipped."""
     t0 = time.time()
@@ -148,11 +154,13 @@ def write_shard(desc: dict, output: str, fmt: str, min_size: int, reads: int = 8
     with tempfile.TemporaryDirectory(prefix="vitray-shard-") as tmp:
         sink = _ShardSink(fmt, tmp)
         count = 0
-        for i, data, err in _read_ahead(desc, reads):
+        for i, data, err in _read_ahead(desc, reads, rules):
             source = desc["sources"][i]
             if err is None:
                 try:
-                    width, height, image_format = check_decodes(data, min_size)
+                    width, height, image_format = rules.check(data)
+                    if max_side and max(width, height) > max_side:  # stored at training size, aspect kept
+                        data, width, height, image_format = shrink(data, max_side)
                 except ImageDecodeError as e:
                     err = str(e)
             if err is not None:
@@ -179,9 +187,9 @@ def write_shard(desc: dict, output: str, fmt: str, min_size: int, reads: int = 8
     }
 
 
-def _write_rows(row: dict, output: str, fmt: str, min_size: int, reads: int) -> dict:
+def _write_rows(row: dict, output: str, fmt: str, rules: DecodeRules, reads: int, max_side: int | None) -> dict:
     """Ray Data `map` step: one shard descriptor (JSON) -> its manifest entry."""
-    return write_shard(json.loads(row["desc"]), output, fmt, min_size, reads)
+    return write_shard(json.loads(row["desc"]), output, fmt, rules, reads, max_side)
 
 
 # ---- the job ------------------------------------------------------------------------------------
@@ -218,7 +226,9 @@ def make_shards(
     seed: int = 0,
     shard_size: int = 256,
     fmt: str = "webdataset",
-    min_size: int = DEFAULT_MIN_SIZE,
+    rules: DecodeRules | None = None,
+    unlabeled: bool = False,
+    max_side: int | None = None,
     reads: int = 8,
     executor: str = "ray",
     keep_versions: int | None = None,
@@ -236,8 +246,9 @@ def make_shards(
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
-    if min_size < 1:
-        raise ValueError(f"--min-size must be at least 1, got {min_size}")
+    rules = rules or DecodeRules()
+    if max_side is not None and max_side < rules.min_side:
+        raise ValueError(f"--max-side {max_side} is below --min-size {rules.min_side}: no image could be stored")
     if keep_versions is not None and keep_versions < 1:
         raise ValueError(f"--keep-versions must be at least 1 (the version just written), got {keep_versions}")
     if executor not in ("ray", "local"):
@@ -252,7 +263,9 @@ def make_shards(
         storage.check_bucket(source)
         if labels:
             storage.check_bucket(labels)
-        classes, samples, skipped = plan_source(source, labels=labels, val_fraction=val_fraction, seed=seed)
+        classes, samples, skipped = plan_source(
+            source, labels=labels, val_fraction=val_fraction, seed=seed, unlabeled=unlabeled
+        )
     version = new_version()
     descs = assign_shards(samples, shard_size, seed, "parquet" if fmt == "parquet" else "tar", f"{VERSIONS}/{version}/")
     n_inputs = len(samples)
@@ -260,9 +273,9 @@ def make_shards(
 
     entries = []
     results = (
-        _run_ray(descs, out.uri, fmt, min_size, reads, progress)
+        _run_ray(descs, out.uri, fmt, rules, reads, max_side, progress)
         if executor == "ray"
-        else (write_shard(d, out.uri, fmt, min_size, reads) for d in descs)
+        else (write_shard(d, out.uri, fmt, rules, reads, max_side) for d in descs)
     )
     bar = _progress(len(descs), progress)
     for r in results:
@@ -280,25 +293,39 @@ def make_shards(
     splits = {}
     for split in SPLITS:
         mine = sorted((e for e in entries if e["split"] == split), key=lambda e: e["name"])
-        per_class = {c: 0 for c in classes}
+        per_class = {c: 0 for c in classes}  # {} in an unlabeled set
         for e in mine:
             for label, n in e["per_label"].items():
-                per_class[classes[int(label)]] += n
+                if int(label) >= 0:
+                    per_class[classes[int(label)]] += n
         shards = [ShardEntry(e["name"], e["count"], e["bytes"], e["sha256"]) for e in mine if e["count"]]
         splits[split] = Split(sum(e["count"] for e in mine), per_class, shards)
     for e in entries:
         skipped.extend(json.loads(e["skipped"]))
+    skipped.sort(key=lambda d: d["path"])
+    empty = [s for s in SPLITS if not splits[s].count and (s == "train" or val_fraction > 0)]
+    if empty:  # nothing is published: the version folder goes, manifest.json keeps naming the previous one
+        storage.delete(out.join(VERSIONS, version).uri, recursive=True)
+        what = "nothing usable" if not any(splits[s].count for s in SPLITS) else f"the {empty[0]} split is empty"
+        raise ValueError(
+            f"{what} in {source}: {n_inputs} inputs, {len(skipped)} skipped{skip_examples(skipped)}"
+            + ("" if what == "nothing usable" else "; lower --val-fraction to 0 or add images")
+        )
     manifest = Manifest(
         format=fmt,
         version=version,
         classes=classes,
         splits=splits,
-        skipped=sorted(skipped, key=lambda d: d["path"]),
+        skipped=skipped,
         source=source,
         seed=seed,
         shard_size=shard_size,
         val_fraction=val_fraction,
-        min_size=min_size,
+        min_size=rules.min_side,
+        max_aspect=rules.max_aspect,
+        max_object_mb=rules.max_object_mb,
+        max_side=max_side,
+        skip_counts=skip_counts(skipped),
         base=out.uri if out.scheme == "s3" else out.path,  # as load_manifest gives it
     )
     write_manifest(out.uri, manifest)
@@ -319,12 +346,15 @@ def _progress(total: int, on: bool):
     return tqdm(total=total, unit="shard", desc="make_shards", dynamic_ncols=True)
 
 
-def _run_ray(descs: list[dict], output: str, fmt: str, min_size: int, reads: int, progress: bool):
+def _run_ray(
+    descs: list[dict], output: str, fmt: str, rules: DecodeRules, reads: int, max_side: int | None, progress: bool
+):
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = progress
     ds = ray.data.from_items([{"desc": json.dumps(d)} for d in descs], override_num_blocks=max(1, len(descs)))
-    ds = ds.map(_write_rows, fn_kwargs={"output": output, "fmt": fmt, "min_size": min_size, "reads": reads}, num_cpus=1)
+    kwargs = {"output": output, "fmt": fmt, "rules": rules, "reads": reads, "max_side": max_side}
+    ds = ds.map(_write_rows, fn_kwargs=kwargs, num_cpus=1)
     return ds.iter_rows()
 
 

@@ -11,6 +11,7 @@ memory is bounded by Ray Data's streaming executor (object store budget, see `co
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -234,4 +235,6 @@ def split_stream(manifest_uri: str | Manifest, split: str, cfg: StreamConfig, *,
     """Manifest (URI, or one already loaded: a run keeps the version it started on) -> (patch dataset,
     manifest). The one entry point training and evaluation use."""
     manifest = manifest_uri if isinstance(manifest_uri, Manifest) else load_manifest(manifest_uri)
+    # the set was decided when it was written: its own rules, not today's defaults
+    cfg = dataclasses.replace(cfg, transform=dataclasses.replace(cfg.transform, rules=manifest.decode_rules()))
     return patch_stream(read_encoded(manifest, split, shuffle_seed=shuffle_seed, num_cpus=cfg.num_cpus), cfg), manifest

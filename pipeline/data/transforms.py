@@ -19,131 +19,31 @@ decode at 1/2, 1/4 or 1/8 scale whenever the crop will be shrunk that much anywa
 
 from __future__ import annotations
 
-import io
 import logging
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFile, ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 from pydantic import Field
 
 from pipeline.core.config import Section
+from pipeline.data.images import (
+    TRANSPOSED,
+    DecodeRules,
+    ImageDecodeError,
+    display_size,
+    open_image,
+    orientation,
+    to_rgb,
+    upright,
+)
 from vit_model import ViTConfig, check_patch_grid
 
 log = logging.getLogger(__name__)
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a grey half-image
-
-# The one set of decode rules for make_shards, the training stream and batch inference:
-#   formats   exactly these (Pillow's names); anything else is "not an allowed image format"
-#   size      Pillow's decompression-bomb limit (89.5 Mpx; VITRAY_MAX_IMAGE_PIXELS to change it), its
-#             warning an error: a skip with the reason, never a 1 GB decode in one task
-#   EXIF      orientation applied (phone photos come out upright)
-#   modes     16-bit -> 8-bit by the top byte (not clipped), alpha composited on white, palette,
-#             CMYK, LA, 1-bit, YCbCr ... -> 8-bit RGB
-ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "TGA", "ICO")  # JPEG covers phones' MPO
-MAX_IMAGE_PIXELS = int(os.environ.get("VITRAY_MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS or 89_478_485))
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-_TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 Box = tuple[float, float, float, float]
-
-
-class ImageDecodeError(ValueError):
-    """An input that is not a decodable image, or too small to cut one patch from."""
-
-
-def open_image(data: bytes) -> Image.Image:
-    """Open (header only) encoded bytes by the decode rules; raises ImageDecodeError with the reason."""
-    if not data:
-        raise ImageDecodeError("empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            if img.width * img.height > MAX_IMAGE_PIXELS:  # some decoders report their size late
-                raise Image.DecompressionBombError("")
-            return img
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise ImageDecodeError(
-            f"image larger than the decompression-bomb limit of {MAX_IMAGE_PIXELS} pixels "
-            "(VITRAY_MAX_IMAGE_PIXELS raises it)"
-        ) from None
-    except Exception as e:
-        try:  # say which format it is when Pillow knows it but it is not allowed
-            fmt = Image.open(io.BytesIO(data)).format
-        except Exception:
-            fmt = None
-        if fmt:
-            raise ImageDecodeError(
-                f"image format {fmt} is not one of the allowed formats {', '.join(ALLOWED_FORMATS)}"
-            ) from None
-        raise ImageDecodeError(f"not an image Pillow can read ({type(e).__name__}: {e})") from None
-
-
-def orientation(img: Image.Image) -> int:
-    try:
-        return int(img.getexif().get(0x0112, 1) or 1)
-    except Exception:
-        return 1
-
-
-def display_size(img: Image.Image) -> tuple[int, int]:
-    """(width, height) as the image is meant to be seen: EXIF orientation applied."""
-    w, h = img.size
-    return (h, w) if orientation(img) in _TRANSPOSED else (w, h)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any mode -> 8-bit RGB: 16/32-bit integer by the top byte, alpha over white, the rest by Pillow."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(img).astype(np.int64)
-        peak = 65535 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255
-        a = (np.clip(a, 0, peak) * 255 + peak // 2) // peak
-        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
-    if img.mode == "F":
-        a = np.asarray(img, np.float32)
-        scale = 255.0 if a.max(initial=0) <= 1.0 else 1.0
-        return Image.fromarray(np.clip(a * scale, 0, 255).round().astype(np.uint8), "L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def upright(img: Image.Image, orient: int) -> Image.Image:
-    return ImageOps.exif_transpose(img) if orient != 1 else img
-
-
-def decode_rgb(data: bytes) -> Image.Image:
-    """Fully decode by the rules: opened, loaded (catches truncation), upright, 8-bit RGB."""
-    img = open_image(data)
-    orient = orientation(img)
-    try:
-        img.load()
-        return to_rgb(upright(img, orient))
-    except Exception as e:
-        raise ImageDecodeError(f"does not decode ({type(e).__name__}: {e})") from None
-
-
-def check_decodes(data: bytes, min_size: int = 1) -> tuple[int, int, str]:
-    """What make_shards keeps: decodes by the rules and is at least `min_size` px on its shorter side.
-    Returns (width, height, format) as displayed."""
-    img = open_image(data)
-    w, h = display_size(img)
-    if min(w, h) < min_size:
-        raise ImageDecodeError(
-            f"image of {w}x{h} px is smaller than the minimum of {min_size} px per side "
-            "(one patch of the largest patch size)"
-        )
-    fmt = (img.format or "").lower()
-    decode_rgb(data)
-    return w, h, fmt
 
 
 def random_resized_crop_box(
@@ -208,7 +108,7 @@ def crop_resize(
     if interpolation not in ("bicubic", "bilinear"):
         raise ValueError(f"unknown interpolation {interpolation!r}: use 'bicubic' or 'bilinear'")
     orient = orientation(img)
-    swap = orient in _TRANSPOSED
+    swap = orient in TRANSPOSED
     w, h = img.size  # as stored; `box` is in displayed (upright) coordinates
     dw, dh = (h, w) if swap else (w, h)
     if draft and img.format in ("JPEG", "MPO"):
@@ -375,6 +275,7 @@ class ImageTransform:
     interpolation: str = "bicubic"  # resize and RandAugment's geometric ops
     fill: tuple[int, int, int] = (128, 128, 128)  # RandAugment's fill: the model's mean colour
     augment: Augment = field(default_factory=Augment)  # training only
+    rules: DecodeRules = field(default_factory=DecodeRules)  # shape limits (a shard set's own: `split_stream`)
     draft: bool = True  # JPEG draft decoding when the crop will be shrunk that much anyway
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
 
@@ -382,7 +283,9 @@ class ImageTransform:
         check_patch_grid(self.img_size, self.patch_size)
 
     @classmethod
-    def for_model(cls, mcfg: ViTConfig, train: bool, augment: Augment | None = None, **kw) -> ImageTransform:
+    def for_model(
+        cls, mcfg: ViTConfig, train: bool, augment: Augment | None = None, rules: DecodeRules | None = None, **kw
+    ) -> ImageTransform:
         """What a model of `mcfg` expects: its size, patch, eval crop, interpolation and mean colour."""
         return cls(
             mcfg.img_size,
@@ -392,6 +295,7 @@ class ImageTransform:
             interpolation=mcfg.interpolation,
             fill=tuple(round(255 * m) for m in mcfg.mean[:3]),
             augment=augment or Augment(),
+            rules=rules or DecodeRules(),
             **kw,
         )
 
@@ -400,6 +304,7 @@ class ImageTransform:
         w, h = display_size(img)
         if min(w, h) < self.patch_size:
             raise ImageDecodeError(f"image of {w}x{h} px is smaller than one {self.patch_size}x{self.patch_size} patch")
+        self.rules.check_shape(w, h)
         aug = self.augment
         if self.train:
             box = random_resized_crop_box(w, h, rng, (aug.scale_min, 1.0), self.ratio)

@@ -107,7 +107,7 @@ def predict_to_staging(cfg: InferConfig, pre: Preflight, inputs: Inputs, run_id:
     from ray.data import DataContext
 
     DataContext.get_current().op_resource_reservation_enabled = False
-    eval_transform = ImageTransform.for_model(pre.model_cfg, False)  # the export's crop, interpolation
+    eval_transform = ImageTransform.for_model(pre.model_cfg, False, rules=cfg.rules)  # the export's crop, ...
     if inputs.kind == "shards":
         manifest = load_manifest(cfg.input)
         splits = [s for s in manifest.splits if cfg.split in (None, s)]
@@ -128,7 +128,7 @@ def predict_to_staging(cfg: InferConfig, pre: Preflight, inputs: Inputs, run_id:
         # Images are small objects: one task per ~batch of them GETs them concurrently (a GET is mostly
         # waiting) and decodes them in the same task, so no encoded bytes pass through the object store.
         n_blocks = max(1, min(len(inputs.items) // cfg.batch_size, 2000))
-        items = [{"image_uri": u, "label_id": lab} for u, lab in inputs.items]
+        items = [{"image_uri": u, "label_id": lab, "size": -1 if n is None else n} for u, lab, n in inputs.items]
         ds = ray.data.from_items(items, override_num_blocks=n_blocks)
         ds = ds.map_batches(
             fetch_and_preprocess,
@@ -200,6 +200,7 @@ def run(cfg: InferConfig) -> dict:
         "accuracy_full": None,
         "model_sha256": pre.weights_sha256,
         "already_done": 0,
+        "skipped_inputs": 0,
     }
     with Lease(cfg.output, run_id, cfg.lease_ttl_s) as lease:
         with stages("recover"):
@@ -215,6 +216,9 @@ def run(cfg: InferConfig) -> dict:
                 connect(log_to_driver=True)
             inputs, done, listed_s = listing.result()
         stages.s["list"] = round(listed_s, 3)  # beside "connect", not after it
+        result["skipped_inputs"] = len(inputs.skipped)
+        for s in inputs.skipped[:20]:
+            log.warning("not an input: %s (%s)", s["path"], s["reason"])
         if cfg.since_last_run:
             before = len(inputs.items)
             inputs.items = [x for x in inputs.items if x[0] not in done]
@@ -259,6 +263,8 @@ def run(cfg: InferConfig) -> dict:
             model_uri=cfg.model,
             model_sha256=pre.weights_sha256,
             input=cfg.input,
+            not_inputs=inputs.skipped[:1000],  # left out by the naming rule (hidden names), with the reason
+            not_inputs_count=len(inputs.skipped),
             started_at=started.isoformat(),
             timings_s=stages.s,
             operator_s=staged.operator_s,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from pipeline.core.config import Section
+from pipeline.data import images
 
 
 class InferConfig(Section):
@@ -39,12 +40,22 @@ class InferConfig(Section):
         description="fail, publishing nothing, when more than this "
         "fraction of the inputs could not be predicted (default: off)",
     )
+    min_size: int = Field(images.DEFAULT_MIN_SIDE, ge=1, description="shorter side in px an input must have")
+    max_aspect: float = Field(images.DEFAULT_MAX_ASPECT, ge=1, description="longer side at most this x the shorter")
+    max_object_mb: float = Field(
+        images.DEFAULT_MAX_OBJECT_MB, gt=0, description="larger inputs are error rows by their listed size, never read"
+    )
     lease_ttl_s: float = Field(
         600.0,
         ge=3,
         description="the output's lease expires this long after its last renewal "
         "(a crashed run blocks the next one for at most this long)",
     )
+
+    @property
+    def rules(self) -> images.DecodeRules:
+        """The decode rules make_shards applies with the same values."""
+        return images.DecodeRules(self.min_size, self.max_aspect, self.max_object_mb)
 
     @field_validator("replicas", mode="before")
     @classmethod
@@ -72,4 +83,7 @@ ALIASES = {
     "retry-errors": "retry_errors",
     "max-error-rate": "max_error_rate",
     "lease-ttl": "lease_ttl_s",
+    "min-size": "min_size",
+    "max-aspect": "max_aspect",
+    "max-object-mb": "max_object_mb",
 }

@@ -9,25 +9,29 @@ shard_rows(): map_batches step, WebDataset/Parquet shard rows -> (image_uri, byt
 from __future__ import annotations
 
 import os
-import posixpath
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline.core import storage
+from pipeline.data.images import ImageDecodeError
 from pipeline.data.manifest import MANIFEST, load_manifest
+from pipeline.data.sources import name_rule
 from pipeline.data.streams import image_column, labels_of
+from pipeline.data.transforms import ImageTransform
 from pipeline.inference.infer_config import InferConfig
 from pipeline.inference.predictor import preprocess
 
 
 @dataclass
 class Inputs:
-    """The listed inputs of one run: [(image_uri, label id or -1)] and their kind."""
+    """The listed inputs of one run: [(image_uri, label id or -1, listed bytes or None)], their kind, and
+    what the naming rule (`sources.name_rule`, make_shards' own) left out, with the reason."""
 
-    items: list[tuple[str, int]]
+    items: list[tuple[str, int, int | None]]
     kind: str  # "images", "class-tree" or "shards"
+    skipped: list[dict] = field(default_factory=list)  # [{"path", "reason"}]
 
 
 def is_shards(uri: str) -> bool:
@@ -36,37 +40,50 @@ def is_shards(uri: str) -> bool:
 
 
 def list_inputs(cfg: InferConfig, class_names: list[str]) -> Inputs:
-    """Every input under --input (names starting with `.` or `_` are not inputs), sorted as listed."""
+    """Every input under --input by make_shards' naming rule (`_DSC0001.JPG` is an input, a hidden name a
+    listed skip, our own bookkeeping passed over), sorted as listed, keys exactly as the listing gave them."""
     loc = storage.parse_uri(cfg.input)
     if is_shards(loc.uri):
         manifest = load_manifest(loc.uri)
         uris = [u for split in manifest.splits if cfg.split in (None, split) for u in manifest.shard_uris(split)]
-        return Inputs([(u, -1) for u in uris], "shards")
-    files = [f for f in storage.list_files(loc.uri) if not posixpath.basename(f.path).startswith((".", "_"))]
+        return Inputs([(u, -1, None) for u in uris], "shards")
+    files, skipped = [], []
+    for f in storage.list_files(loc.uri):
+        rel = f.path[len(loc.path) :].lstrip("/" if loc.scheme == "s3" else os.sep).replace(os.sep, "/")
+        rule = name_rule(rel)
+        if rule:
+            skipped.append({"path": storage.to_uri(loc, f.path), "reason": rule})
+        elif rule is None:
+            files.append((f, rel))
     if not files:
-        raise storage.StorageError(f"no input files under {loc.uri}: check --input")
-    rels = [
-        posixpath.relpath(f.path, loc.path) if loc.scheme == "s3" else os.path.relpath(f.path, loc.path) for f in files
-    ]
+        raise storage.StorageError(
+            f"no input files under {loc.uri}: check --input" + (f" ({len(skipped)} hidden names)" if skipped else "")
+        )
     index = {c: i for i, c in enumerate(class_names)}
-    tree = all(r.count("/") == 1 for r in rels) and all(r.split("/")[0] in index for r in rels)
-    out = [(storage.to_uri(loc, f.path), index[r.split("/")[0]] if tree else -1) for f, r in zip(files, rels)]
-    return Inputs(out, "class-tree" if tree else "images")
+    tree = all(r.count("/") == 1 for _, r in files) and all(r.split("/")[0] in index for _, r in files)
+    out = [(storage.to_uri(loc, f.path), index[r.split("/")[0]] if tree else -1, f.size) for f, r in files]
+    return Inputs(out, "class-tree" if tree else "images", skipped)
 
 
-def fetch_and_preprocess(batch: dict, transform, reads: int) -> dict:
+def fetch_and_preprocess(batch: dict, transform: ImageTransform, reads: int) -> dict:
     """map_batches step: image URIs -> their bytes (`reads` GETs in flight) -> eval-transformed patches.
-    A file that cannot be read keeps its row, with the reason, as an undecodable one does."""
+    A file that cannot be read, or is over the size cap by its listed size (never read), keeps its row
+    with the reason, as an undecodable one does."""
     uris = list(batch["image_uri"])
+    sizes = list(batch["size"]) if "size" in batch else [None] * len(uris)
 
-    def get(uri):
+    def get(i):
         try:
-            return storage.read_bytes(uri), ""
+            size = sizes[i]
+            transform.rules.check_object_size(None if size is None or size < 0 else int(size))
+            return storage.read_bytes(uris[i]), ""
+        except ImageDecodeError as e:
+            return b"", str(e)
         except (storage.StorageError, OSError) as e:
             return b"", f"cannot read ({e})"
 
     with ThreadPoolExecutor(max(1, min(reads, len(uris)))) as pool:
-        got = list(pool.map(get, uris))
+        got = list(pool.map(get, range(len(uris))))
     out = preprocess(
         {
             "image_uri": batch["image_uri"],

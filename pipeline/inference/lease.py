@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 
-from pipeline.core import storage
+from pipeline.core import conditional, storage
 from pipeline.core.exits import EXIT_TEMPFAIL
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,11 @@ class Lease:
         for _ in range(3):  # the holder may release or renew between our two requests
             started = time.monotonic()
             try:
-                self.tag = storage.write_conditional(self.uri, self._body(self.acquired_at), if_absent=True)
+                self.tag = conditional.write_conditional(self.uri, self._body(self.acquired_at), if_absent=True)
                 break
-            except storage.PreconditionFailed:
+            except conditional.PreconditionFailed:
                 pass
-            current = storage.read_with_tag(self.uri)
+            current = conditional.read_with_tag(self.uri)
             if current is None:
                 continue
             data, tag = current
@@ -103,12 +103,12 @@ class Lease:
                 time.strftime("%H:%M:%SZ", time.gmtime(holder.get("expires_at", 0))),
             )
             try:
-                self.tag = storage.write_conditional(self.uri, self._body(self.acquired_at), if_match=tag)
+                self.tag = conditional.write_conditional(self.uri, self._body(self.acquired_at), if_match=tag)
                 break
-            except storage.PreconditionFailed:
+            except conditional.PreconditionFailed:
                 continue  # another successor won: read it again
         else:
-            current = storage.read_with_tag(self.uri)
+            current = conditional.read_with_tag(self.uri)
             raise LeaseHeld(self.output.uri, json.loads(current[0]) if current else {"run_id": "(unknown)"})
         self.renewed_at = started
         self._thread = threading.Thread(target=self._renew_loop, name="lease-renewal", daemon=True)
@@ -120,10 +120,10 @@ class Lease:
             started = time.monotonic()
             try:
                 with self._lock:
-                    self.tag = storage.write_conditional(self.uri, self._body(self.acquired_at), if_match=self.tag)
+                    self.tag = conditional.write_conditional(self.uri, self._body(self.acquired_at), if_match=self.tag)
                 self.renewed_at = started
                 self.renewals += 1
-            except storage.PreconditionFailed:
+            except conditional.PreconditionFailed:
                 self._lost = "the lease object was changed by another run"
                 log.error("lost the lease on %s: %s", self.output.uri, self._lost)
                 return
@@ -151,8 +151,8 @@ class Lease:
             return
         try:
             with self._lock:
-                storage.delete_conditional(self.uri, self.tag)
-        except storage.PreconditionFailed:
+                conditional.delete_conditional(self.uri, self.tag)
+        except conditional.PreconditionFailed:
             log.warning("the lease on %s was taken over before release", self.output.uri)
         except storage.StorageError as e:  # it expires by itself
             log.warning(

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.core import storage
+from pipeline.core import conditional, storage
 
 log = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS"
@@ -168,16 +168,16 @@ def update_ledger(layout: Layout, model_sha256: str, results: list[pa.Table], ru
     )
     new = new.append_column("run_id", pa.array([run_id] * new.num_rows, pa.string())).cast(LEDGER_SCHEMA)
     for _ in range(5):
-        current = storage.read_with_tag(uri)
+        current = conditional.read_with_tag(uri)
         if current is None:
             old, cond = LEDGER_SCHEMA.empty_table(), {"if_absent": True}
         else:
             old, cond = pq.read_table(io.BytesIO(current[0])), {"if_match": current[1]}
         kept = old.filter(pc.invert(pc.is_in(old["image_uri"], value_set=new["image_uri"])))
         try:
-            storage.write_conditional(uri, _parquet_bytes(pa.concat_tables([kept, new])), **cond)
+            conditional.write_conditional(uri, _parquet_bytes(pa.concat_tables([kept, new])), **cond)
             return
-        except storage.PreconditionFailed:
+        except conditional.PreconditionFailed:
             continue
     raise storage.StorageError(f"could not update {uri}: it kept changing under this run")
 
@@ -186,7 +186,7 @@ def read_ledger(layout: Layout, model_sha256: str) -> pa.Table:
     """The model's ledger (image_uri, error, run_id); rebuilt once from the committed runs when an
     output predates ledgers. One object per model: its read does not grow with the number of runs."""
     uri = layout.ledger(model_sha256).uri
-    current = storage.read_with_tag(uri)
+    current = conditional.read_with_tag(uri)
     if current is not None:
         return pq.read_table(io.BytesIO(current[0]))
     runs = [r for r in committed_runs(layout.output.uri) if r["model_sha256"] == model_sha256]

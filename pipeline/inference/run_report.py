@@ -122,6 +122,8 @@ def print_summary(r: dict) -> None:
         "s",
         f"predictions  {r['output'] or 'nothing new to predict'}",
     ]
+    if r.get("skipped_inputs"):
+        lines.append(f"not inputs   {r['skipped_inputs']} hidden names (listed in _SUCCESS `not_inputs`)")
     if r.get("already_done"):
         lines.append(f"skipped      {r['already_done']} inputs already predicted with this model")
     if r.get("recovered"):

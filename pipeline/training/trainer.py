@@ -50,9 +50,17 @@ def preflight(cfg: PretrainConfig) -> Preflight:
         raise JobError("no output: pass --output s3://bucket/runs or a local folder (train.output)")
     storage.check_bucket(cfg.train.output)
     manifest = pinned_manifest(cfg) or load_manifest(cfg.data.manifest)
+    if not manifest.labeled:
+        raise JobError(
+            f"{cfg.data.manifest} is an unlabeled shard set: supervised pretraining needs labels. Make shards "
+            "from class folders or with --labels; unlabeled sets are for batch inference and self-supervised "
+            "pretraining"
+        )
     if manifest.count(cfg.data.train_split) == 0:
+        why = ", ".join(f"{n} {k}" for k, n in manifest.skip_counts.items())
         raise JobError(
             f"the manifest {cfg.data.manifest} has 0 samples in split {cfg.data.train_split!r}: nothing to train on"
+            + (f" (make_shards skipped {len(manifest.skipped)} inputs: {why})" if manifest.skipped else "")
         )
     if cfg.data.val_split and manifest.count(cfg.data.val_split) == 0:
         raise JobError(
