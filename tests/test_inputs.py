@@ -272,3 +272,24 @@ def test_keys_pyarrow_cannot_address_go_through_boto3():
     assert storage._odd_key(storage.parse_uri("s3://b/in/cat/../dog/x.jpg"))
     assert not storage._odd_key(storage.parse_uri("s3://b/in/ünï #1?.jpg"))
     assert not storage._odd_key(storage.parse_uri("/tmp/a//b.jpg"))  # local paths: the OS decides
+
+
+def test_batch_inference_and_the_figures_read_an_unlabeled_set(ray_cluster, bucket):
+    for i in range(6):
+        storage.write_bytes(f"{bucket}/flat/IMG_{i:04d}.png", _png(40, 30, i))
+    m = shard_writer.make_shards(
+        f"{bucket}/flat", f"{bucket}/flat-shards", val_fraction=0.0, progress=False, executor="local"
+    ).manifest
+    assert not m.labeled and m.count("train") == 6
+    model = vit_model.create_model("vit_micro_patch4_32", num_classes=2)
+    w, c = vit_model.export_bytes(model, class_names=["a", "b"])
+    storage.write_bytes(f"{bucket}/um/model.safetensors", w)
+    storage.write_bytes(f"{bucket}/um/config.json", c)
+    result = inference.run(
+        InferConfig(model=f"{bucket}/um", input=f"{bucket}/flat-shards/manifest.json", output=f"{bucket}/u-out")
+    )
+    from pipeline.inference import figures, publish
+
+    rows = publish.read_published(f"{bucket}/u-out", columns=["label_id", "pred_id", "error"]).to_pylist()
+    assert result["rows"] == len(rows) == 6 and all(r["label_id"] is None and r["error"] is None for r in rows)
+    assert len(figures.resolve_images(f"{bucket}/flat-shards/manifest.json", 4)) == 4

@@ -110,7 +110,7 @@ def predict_to_staging(cfg: InferConfig, pre: Preflight, inputs: Inputs, run_id:
     eval_transform = ImageTransform.for_model(pre.model_cfg, False, rules=cfg.rules)  # the export's crop, ...
     if inputs.kind == "shards":
         manifest = load_manifest(cfg.input)
-        splits = [s for s in manifest.splits if cfg.split in (None, s)]
+        splits = [s for s in manifest.splits if cfg.split in (None, s) and manifest.splits[s].shards]  # none: empty
         ds = None
         for s in splits:
             part = read_encoded(manifest, s).map_batches(shard_rows, batch_format="numpy", batch_size=None)
