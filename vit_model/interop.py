@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load_bytes
-from safetensors.torch import save as st_save_bytes
 
 from .formats import (
     class_names_from_json,
@@ -147,7 +145,9 @@ def export_bytes(model: VisionTransformer, **metadata) -> tuple[bytes, bytes]:
     warning and in `timm_incompatible`, and the timm fields are then left out (timm would refuse).
     """
     cfg = model.cfg
-    weights = st_save_bytes(to_timm_state_dict(model), metadata={"format": "pt", "layout": "timm"})
+    from safetensors.torch import save  # imported where used: the model itself runs without it
+
+    weights = save(to_timm_state_dict(model), metadata={"format": "pt", "layout": "timm"})
     blockers, notes = timm_incompatibilities(cfg), timm_notes(cfg)
     for line in blockers:
         warnings.warn(f"export not loadable by timm: {line}", stacklevel=2)
@@ -168,7 +168,9 @@ def model_from_bytes(weights: bytes, config: bytes, **overrides) -> tuple[Vision
     meta = json.loads(config)
     base = config_from_json(meta)
     model = VisionTransformer(ViTConfig(**{**base.to_dict(), **overrides}))
-    load_weights(model, st_load_bytes(weights))
+    from safetensors.torch import load
+
+    load_weights(model, load(weights))
     meta["class_names"] = class_names_from_json(meta, model.cfg.num_classes)
     return model.eval(), meta
 
@@ -204,4 +206,6 @@ def load_pretrained(folder: str | Path, **overrides) -> tuple[VisionTransformer,
 
 
 def load_safetensors_bytes(data: bytes) -> dict[str, torch.Tensor]:
-    return st_load_bytes(data)
+    from safetensors.torch import load
+
+    return load(data)
