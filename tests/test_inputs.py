@@ -4,6 +4,7 @@ unlabeled folders make unlabeled shard sets."""
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -293,3 +294,24 @@ def test_batch_inference_and_the_figures_read_an_unlabeled_set(ray_cluster, buck
     rows = publish.read_published(f"{bucket}/u-out", columns=["label_id", "pred_id", "error"]).to_pylist()
     assert result["rows"] == len(rows) == 6 and all(r["label_id"] is None and r["error"] is None for r in rows)
     assert len(figures.resolve_images(f"{bucket}/flat-shards/manifest.json", 4)) == 4
+
+
+def test_a_killed_shard_task_leaves_nothing_behind_for_long(tmp_path, monkeypatch):
+    """A task killed with SIGKILL cannot remove its temporary folder: the next make_shards on the node removes
+    the folders of dead owners, never a live one's, and leaves none of its own."""
+    import tempfile
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = temp / f"{shard_writer.SHARD_TMP_PREFIX}{int(gone.stdout)}-abc"
+    live = temp / f"{shard_writer.SHARD_TMP_PREFIX}{os.getppid()}-def"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "shard").write_bytes(b"half a shard")
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    (src / "x.png").write_bytes(_png(32, 32))
+    _shards(src.parent, tmp_path / "out", val_fraction=0.0)
+    assert sorted(p.name for p in temp.iterdir()) == [live.name]

@@ -13,6 +13,8 @@ import hashlib
 import os
 import posixpath
 import re
+import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,3 +366,24 @@ def download_folder(uri: str | os.PathLike, local_dir: str | os.PathLike) -> Non
         )
     except Exception as e:
         raise explain(e, loc, "download") from None
+
+
+# ---- local temporary folders that a killed process cannot clean up --------------------------------
+def owned_temp_dir(prefix: str) -> str:
+    """A new temporary folder `{tmp}/{prefix}{pid}-XXXX`: the pid tells a later process whether its owner is
+    gone (`remove_dead_owners`). The caller removes it when done; SIGKILL leaves it to the next job."""
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
+
+
+def remove_dead_owners(prefix: str) -> list[str]:
+    """Remove `{tmp}/{prefix}<pid>-*` folders whose process is gone (never a live one's). Returns them."""
+    removed = []
+    for d in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        try:
+            os.kill(int(d.name[len(prefix) :].split("-", 1)[0]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+        except (ValueError, PermissionError):  # not one of ours, or another user's live process
+            continue
+    return removed

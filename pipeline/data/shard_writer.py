@@ -23,8 +23,8 @@ import logging
 import os
 import posixpath
 import resource
+import shutil
 import tarfile
-import tempfile
 import time
 import uuid
 from collections import deque
@@ -48,6 +48,7 @@ from pipeline.data.sources import assign_shards, plan_digits, plan_source, skip_
 
 log = logging.getLogger(__name__)
 STALE_INCOMPLETE_S = 24 * 3600
+SHARD_TMP_PREFIX = "vitray-shard-"
 
 
 # ---- one shard: read, check, write, upload ------------------------------------------------------
@@ -151,7 +152,9 @@ def write_shard(
     entry with per-class counts and the skipped samples; writes nothing when every sample was skipped."""
     t0 = time.time()
     skipped, per_label = [], {}
-    with tempfile.TemporaryDirectory(prefix="vitray-shard-") as tmp:
+    storage.remove_dead_owners(SHARD_TMP_PREFIX)  # what a task killed with SIGKILL left on this node
+    tmp = storage.owned_temp_dir(SHARD_TMP_PREFIX)
+    try:
         sink = _ShardSink(fmt, tmp)
         count = 0
         for i, data, err in _read_ahead(desc, reads, rules):
@@ -174,6 +177,8 @@ def write_shard(
         size, sha = sink.close()
         if count:
             storage.upload_file(sink.path, storage.parse_uri(output).join(desc["name"]).uri)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {
         "split": desc["split"],
         "name": desc["name"],

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import vit_model
-from pipeline.core import exported
+from pipeline.core import exported, storage
 from pipeline.core.runs import RunLayout
 from pipeline.training.checkpoints import resume, save_checkpoint
 from pipeline.training.mixing import Mixer
@@ -165,7 +165,7 @@ def checkpoint(run: Run, state: TrainState, metrics: dict) -> None:
     folder = None
     if run.session.rank == 0:
         t0 = run.clock()
-        folder = Path(tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}{os.getpid()}-"))
+        folder = Path(storage.owned_temp_dir(CKPT_PREFIX))
         save_checkpoint(
             folder, run.core, run.optimizer, asdict(state), run.ema.weights if run.ema else None, run.class_names
         )
@@ -239,18 +239,6 @@ def _epoch_line(m: dict) -> str:
     return ", ".join(parts)
 
 
-def remove_stale_checkpoint_dirs() -> None:
-    """Local checkpoint folders of worker processes that died before their upload (not ours: alive)."""
-    for d in Path(tempfile.gettempdir()).glob(f"{CKPT_PREFIX}*"):
-        try:
-            pid = int(d.name[len(CKPT_PREFIX) :].split("-", 1)[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-        except (ValueError, PermissionError):
-            continue
-
-
 # ---- the loop ------------------------------------------------------------------------------
 def train(
     cfg: PretrainConfig,
@@ -264,7 +252,7 @@ def train(
     """Train `cfg.train.epochs` epochs (or `max_steps`), resuming from the newest usable checkpoint.
 
     `clock` (seconds, monotonic) times everything the loop measures; `epoch_end_at` stays wall time."""
-    remove_stale_checkpoint_dirs()
+    storage.remove_dead_owners(CKPT_PREFIX)  # local checkpoints of workers that died before their upload
     run = build_run(cfg, session, num_classes, train_count, class_names or [])
     run.clock, run.t_start = clock, clock()
     saved, used, skipped = resume(
