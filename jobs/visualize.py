@@ -4,7 +4,8 @@
       --output s3://bucket/runs/digits/figures --run s3://bucket/runs/digits
 --images: comma-separated files, a folder or prefix, or a shards manifest (its val split).
 Figures: filters (embedding PCA), posemb (position-embedding similarity), distance (mean attention
-distance), attention (rollout + last-layer class-token attention), curves (needs --run).
+distance), attention (rollout + last-layer class-token attention), curves (needs --run), reconstruction
+(an MAE model: original | masked | reconstruction rows, as MAE's Figure 2; needs --images).
 For notebooks: pipeline.inference.figures.compute_all(model, patches) returns the arrays.
 """
 
@@ -43,7 +44,9 @@ def main(argv=None) -> int:
             f"score {g['score']:.2f} ({structure})"
         )
         for name, uri in result["figures"].items():
-            print(f"{name:10s} {uri}")
+            print(f"{name:14s} {uri}")
+        for name, why in result["skipped"].items():
+            print(f"{name:14s} skipped: {why}")
 
     return run_job("visualize", body)
 

@@ -192,6 +192,13 @@ def test_rand_augment_follows_timm_rand_m9_mstd05_inc1(monkeypatch):
     ramp = np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (4, 1, 3))
     post = np.asarray(T.RAND_AUGMENT_OPS["Posterize"](Image.fromarray(ramp), 9, None, True, Image.BICUBIC, (0, 0, 0)))
     assert len(np.unique(post)) == 2  # one bit kept
+    # m9 with mstd 0.5 reaches the clamp at 10: 0 bits, a black image (Pillow refuses bits < 1; seen stopping
+    # an epoch of real CIFAR photos), never an exception
+    black = np.asarray(T.RAND_AUGMENT_OPS["Posterize"](Image.fromarray(ramp), 10, None, True, Image.BICUBIC, (0,) * 3))
+    assert T.posterize_bits(10, True) == 0 and not black.any() and black.shape == ramp.shape
+    for seed in range(300):  # the whole op set at the clamp, every op drawn many times
+        out = T.rand_augment(ramp, 2, 10, np.random.default_rng(seed), mstd=0.5)
+        assert out.shape == ramp.shape and out.dtype == np.uint8
     # solarize (inc): threshold 256 - int(25.6 m); m=10 inverts nothing below 0 -> every pixel >= 0 inverted
     sol = np.asarray(T.RAND_AUGMENT_OPS["Solarize"](Image.fromarray(ramp), 10, None, True, Image.BICUBIC, (0, 0, 0)))
     assert np.array_equal(sol, 255 - ramp)

@@ -82,7 +82,8 @@ def test_figures_for_a_model_in_s3_and_bad_inputs(stack, bucket, tmp_path):
         text=True,
     )
     assert r.returncode == 0, r.stderr
-    for name in figures.FIGURES:
+    assert "reconstruction skipped: not an MAE model" in r.stdout  # a plain classifier has no decoder
+    for name in [f for f in figures.FIGURES if f != "reconstruction"]:
         data = storage.read_bytes(f"{bucket}/figs/{name}.png")
         img = Image.open(io.BytesIO(data))
         assert img.format == "PNG" and img.width > 200 and img.height > 150, name
@@ -119,3 +120,32 @@ def test_figures_for_a_model_in_s3_and_bad_inputs(stack, bucket, tmp_path):
         text=True,
     )
     assert r.returncode == 2 and "smaller than one 4x4 patch" in r.stderr
+
+
+def test_reconstruction_figure_of_an_mae_model(tmp_path):
+    """An MAE export (encoder + mae_decoder.safetensors) gets reconstruction.png: original | masked |
+    reconstruction rows; the visible patches come back exactly, the masked ones from the decoder. The same
+    figure is not offered for a plain classifier."""
+    from pipeline.core import exported
+    from vit_model.mae import DECODER_NAME, MAEConfig, create_mae, decoder_bytes
+
+    torch.manual_seed(0)
+    mae = create_mae(
+        vit_model.variant_config("vit_micro_patch4_32"), MAEConfig(decoder_depth=1, decoder_width=32, decoder_heads=2)
+    )
+    exported.write(str(tmp_path / "mae"), mae.encoder, class_names=[], extra_files={DECODER_NAME: decoder_bytes(mae)})
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(_png((32, 32), (60 * i, 90, 200 - 50 * i)))
+    images = [str(tmp_path / f"{i}.png") for i in range(3)]
+    out = figures.write_figures(str(tmp_path / "mae"), images, str(tmp_path / "figs"), ("reconstruction",))
+    assert (tmp_path / "figs" / "reconstruction.png").stat().st_size > 1000
+    patches, _, _ = figures.load_images(images, mae.encoder)
+    original, masked, recon = figures.reconstructions(mae, patches)
+    assert original.shape == recon.shape == (3, 32, 32, 3) and 0 <= recon.min() and recon.max() <= 1
+    same = np.isclose(recon, original, atol=1e-5).all(axis=-1)  # per pixel
+    assert 0.15 < same.mean() < 0.4  # the 25% visible come back as they were, the masked are predicted
+    assert out["arrays"]["reconstruction_mse"] > 0
+    plain = vit_model.create_model("vit_micro_patch4_32")
+    exported.write(str(tmp_path / "plain"), plain, class_names=[str(i) for i in range(10)])
+    out = figures.write_figures(str(tmp_path / "plain"), images, str(tmp_path / "figs2"), ("reconstruction",))
+    assert "reconstruction" not in out["figures"]

@@ -101,8 +101,14 @@ def adapt_state_dict(
         if dropped_pre_logits:
             sd = {k: v for k, v in sd.items() if not k.startswith("pre_logits.")}
         for k in ("head.weight", "head.bias"):
-            if k in own and (dropped_pre_logits or (k in sd and sd[k].shape != own[k].shape)):
-                sd[k] = own[k].clone()
+            if k in own and (dropped_pre_logits or k not in sd or sd[k].shape != own[k].shape):
+                sd[k] = own[k].clone()  # a new head: another class count, or weights without one (MAE's encoder)
+            elif k not in own:
+                sd.pop(k, None)  # a headless model (an MAE encoder) from a classifier
+        if "fc_norm.weight" in own and "fc_norm.weight" not in sd and "norm.weight" in sd and "norm.weight" not in own:
+            # MAE's fine-tuning with global pooling: the encoder's token norm goes, a fresh norm after the pool
+            sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
+            sd.update({k: v.clone() for k, v in own.items() if k.startswith("fc_norm.")})
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     if "norm.weight" in missing and "fc_norm.weight" in unexpected:

@@ -54,20 +54,36 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on weight matrices only; none on biases, norms, pos_embed, cls_token."""
-    decay, no_decay = [], []
+def layer_id(name: str, depth: int) -> int:
+    """Where a parameter sits for layer-wise lr decay (BEiT, MAE): 0 for the embeddings (patch, position,
+    class token), i + 1 for `blocks.i`, depth + 1 for everything after the blocks (norms, head)."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """AdamW groups: decay on weight matrices only; none on biases, norms, pos_embed, cls_token.
+
+    With `layer_decay` (MAE and BEiT fine-tuning use 0.65-0.75), each group also carries `lr_scale` =
+    layer_decay ** (depth + 1 - layer_id): the head keeps the full lr, block i gets decay^(depth - i), the
+    patch embedding decay^(depth + 1). The training step multiplies the scheduled lr by it.
+    """
+    depth = len(getattr(model, "blocks", ()))
+    groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name.endswith(("pos_embed", "cls_token")):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        no_decay = p.ndim < 2 or name.endswith(("pos_embed", "cls_token", "mask_token"))
+        lid = layer_id(name, depth) if layer_decay is not None else 0
+        g = groups.setdefault((lid, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay})
+        if layer_decay is not None:
+            g["lr_scale"] = layer_decay ** (depth + 1 - lid)
+            g["layer_id"] = lid
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1]))]
 
 
 def flops_per_image(cfg: ViTConfig, img_size: int | None = None, training: bool = False) -> float:

@@ -21,15 +21,22 @@ def write(
     class_names: list[str],
     metrics: dict | None = None,
     train_config: dict | None = None,
+    extra_files: dict[str, bytes] | None = None,
+    **metadata,
 ) -> str:
-    """Export `model` to the folder `dest`; config.json goes last, so its presence means complete."""
+    """Export `model` to the folder `dest`; config.json goes last, so its presence means complete.
+
+    `extra_files` (name -> bytes) go beside the weights (an MAE decoder); `metadata` into config.json."""
     loc = storage.parse_uri(dest)
     weights, config = vit_model.export_bytes(
         model,
         class_names=class_names,
         metrics={k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
         **({"train_config": train_config} if train_config else {}),
+        **metadata,
     )
+    for name, data in (extra_files or {}).items():
+        storage.write_bytes(loc.join(name).uri, data)
     storage.write_bytes(loc.join(WEIGHTS_NAME).uri, weights)
     storage.write_bytes(loc.join(CONFIG_NAME).uri, config)
     return loc.uri

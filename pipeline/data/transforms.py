@@ -186,6 +186,12 @@ def posterize_bits(m: float, increasing: bool) -> int:
     return 4 - int(m / 10 * 4) if increasing else int(m / 10 * 4)
 
 
+def _posterize(img: Image.Image, bits: int) -> Image.Image:
+    """Keep `bits` bits per channel. 0 bits (magnitude 10 on timm's increasing map, which m9 + noise reaches)
+    is a black image, as Pillow gave before it began refusing bits < 1 (which stopped an epoch)."""
+    return ImageOps.posterize(img, bits) if bits >= 1 else img.point([0] * 256 * len(img.getbands()))
+
+
 def _solarize_add(img: Image.Image, add: int, thresh: int = 128) -> Image.Image:
     lut = [min(255, i + add) if i < thresh else i for i in range(256)]
     return img.point(lut * len(img.getbands()))
@@ -200,7 +206,7 @@ RAND_AUGMENT_OPS = {  # name -> fn(img, magnitude, rng, increasing, resample, fi
     "Equalize": lambda img, m, rng, inc, rs, fill: ImageOps.equalize(img),
     "Invert": lambda img, m, rng, inc, rs, fill: ImageOps.invert(img),
     "Rotate": lambda img, m, rng, inc, rs, fill: img.rotate(_signed(m / 10 * 30, rng), resample=rs, fillcolor=fill),
-    "Posterize": lambda img, m, rng, inc, rs, fill: ImageOps.posterize(img, posterize_bits(m, inc)),
+    "Posterize": lambda img, m, rng, inc, rs, fill: _posterize(img, posterize_bits(m, inc)),
     "Solarize": lambda img, m, rng, inc, rs, fill: ImageOps.solarize(
         img, (256 - int(m / 10 * 256)) if inc else int(m / 10 * 256)
     ),

@@ -17,8 +17,9 @@ import vit_model
 from pipeline.core import storage
 from pipeline.data.transforms import ImageDecodeError, ImageTransform, unpatchify
 from vit_model import analysis
+from vit_model.mae import DECODER_NAME, mae_from_parts
 
-FIGURES = ("filters", "posemb", "distance", "attention", "curves")
+FIGURES = ("filters", "posemb", "distance", "attention", "curves", "reconstruction")
 GRID_THRESHOLD = 0.2  # grid_structure_score above this: the embeddings encode the 2-D layout
 
 
@@ -160,13 +161,60 @@ def fig_curves(lines: list[dict], uri: str) -> str:
     for ax, key, label in zip(
         axes, ("loss", "lr", "val_top1", "images_per_s"), ("train loss", "learning rate", "val top-1", "images/s")
     ):
+        if key == "val_top1" and not any(key in m for m in lines):  # an MAE run: its k-NN monitor
+            key, label = "knn_top1", "k-NN top-1"
         pts = [(m["step"], m[key]) for m in lines if key in m and "step" in m]
         if pts:
-            ax.plot(*zip(*pts), marker="." if key == "val_top1" else None)
+            ax.plot(*zip(*pts), marker="." if key.endswith("top1") else None)
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.set_title(label)
         ax.grid(alpha=0.3)
+    return _save(fig, uri)
+
+
+def reconstructions(mae, patches: torch.Tensor, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(original, masked, reconstruction) images (B, H, W, C) float in [0, 1] for MAE's Figure 2: masks drawn
+    from `seed`, the visible patches pasted into the reconstruction as the paper shows them."""
+    from vit_model.mae import random_masking
+
+    masking = random_masking(len(patches), patches.shape[1], mae.cfg.mask_ratio, torch.Generator().manual_seed(seed))
+    x = mae.encoder.normalize(patches)
+    masked, recon = mae.reconstruct(patches, masking)
+    c = mae.encoder.cfg
+    mean = torch.tensor(c.mean).repeat(c.patch_size**2)
+    std = torch.tensor(c.std).repeat(c.patch_size**2)
+    grey = (0.5 - mean) / std  # masked patches shown grey
+
+    def image(t: torch.Tensor) -> np.ndarray:
+        pix = vit_model.unpatchify((t * std + mean).clamp(0, 1), c.patch_size, c.in_chans)
+        return pix.permute(0, 2, 3, 1).numpy()
+
+    m = masking.mask[..., None]
+    return image(x), image(masked + grey * m), image(recon)
+
+
+def fig_reconstruction(
+    original: np.ndarray, masked: np.ndarray, recon: np.ndarray, uri: str, ratio: float, norm_pix: bool = True
+) -> str:
+    """Rows of original | masked | reconstruction (He et al. 2021, Figure 2). With norm-pix targets the decoder
+    predicts each patch's normalised pixels; its mean and variance come from the original, as in MAE's demo,
+    and the column title says so."""
+    plt = _plt()
+    b = len(original)
+    fig, axes = plt.subplots(b, 3, figsize=(3 * 1.6, b * 1.6), squeeze=False)
+    for i in range(b):
+        for j, (img, title) in enumerate(
+            (
+                (original, "original"),
+                (masked, f"masked {ratio:.0%}"),
+                (recon, "reconstruction" + ("\n(patch mean/var of the original)" if norm_pix else "")),
+            )
+        ):
+            axes[i, j].imshow(img[i], interpolation="nearest")
+            axes[i, j].axis("off")
+            if i == 0:
+                axes[i, j].set_title(title, fontsize=8)
     return _save(fig, uri)
 
 
@@ -179,7 +227,7 @@ def write_figures(
     model, _ = vit_model.model_from_bytes(*exported.read(model_uri))
     out = storage.parse_uri(output)
     patches = pixels = None
-    if image_uris and ({"distance", "attention"} & set(which)):
+    if image_uris and ({"distance", "attention", "reconstruction"} & set(which)):
         patches, pixels, image_uris = load_images(image_uris, model)
     arrays = compute_all(model, patches)
     written = {}
@@ -199,6 +247,19 @@ def write_figures(
             out.join("attention.png").uri,
             image_uris[:6],
         )
+    decoder_uri = storage.parse_uri(model_uri).join(DECODER_NAME).uri
+    skipped = {}
+    if "reconstruction" in which and not storage.exists(decoder_uri):
+        skipped["reconstruction"] = f"not an MAE model (no {DECODER_NAME} beside the weights)"
+    elif "reconstruction" in which and patches is None:
+        skipped["reconstruction"] = "needs --images"
+    elif "reconstruction" in which:
+        mae = mae_from_parts(model, storage.read_bytes(decoder_uri, large=True))
+        original, masked, recon = reconstructions(mae, patches[:8])
+        arrays["reconstruction_mse"] = float(((recon - original) ** 2).mean())
+        written["reconstruction"] = fig_reconstruction(
+            original, masked, recon, out.join("reconstruction.png").uri, mae.cfg.mask_ratio, mae.cfg.norm_pix_loss
+        )
     if "curves" in which and run_uri:
         uri = storage.parse_uri(run_uri).join("metrics.jsonl").uri
         lines = [json.loads(x) for x in storage.read_bytes(uri).decode().splitlines() if x.strip()]
@@ -210,11 +271,12 @@ def write_figures(
                 "figures": written,
                 "grid_structure": arrays["grid_structure"],
                 "mean_distance": arrays["mean_distance"].tolist() if "mean_distance" in arrays else None,
+                "reconstruction_mse": arrays.get("reconstruction_mse"),
             },
             indent=2,
         ).encode(),
     )
-    return {"figures": written, "arrays": arrays}
+    return {"figures": written, "arrays": arrays, "skipped": skipped}
 
 
 def resolve_images(spec: str, limit: int = 16) -> list[str]:

@@ -1,7 +1,8 @@
 """Training checkpoints as safetensors + JSON (never pickle): model, optimizer, EMA, RNG, position.
 
 A checkpoint folder:
-  model.safetensors, config.json     the model, loadable by `vit_model.load_pretrained`
+  model.safetensors, config.json     the model, loadable by `vit_model.load_pretrained` (for MAE: the encoder)
+  mae_decoder.safetensors            MAE runs: the decoder
   optimizer.safetensors              AdamW moments ("state.<param index>.<name>") and RNG tensors
   ema.safetensors                    EMA weights, if enabled
   trainer_state.json                 step, epoch, step_in_epoch, best val top-1, optimizer hyper-
@@ -28,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 import vit_model
 from pipeline.core import storage
+from vit_model.mae import DECODER_NAME, MaskedAutoencoder, decoder_bytes
 
 log = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.json"
@@ -58,7 +60,11 @@ def save_checkpoint(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     core = _unwrap(model)
-    vit_model.save_pretrained(core, folder, class_names=class_names or [])
+    if isinstance(core, MaskedAutoencoder):
+        vit_model.save_pretrained(core.encoder, folder, class_names=[])
+        (folder / DECODER_NAME).write_bytes(decoder_bytes(core))
+    else:
+        vit_model.save_pretrained(core, folder, class_names=class_names or [])
     opt_sd = optimizer.state_dict()
     tensors = {}
     for idx, st in opt_sd["state"].items():
@@ -158,7 +164,13 @@ def load_checkpoint(
     """Restore model, optimizer, EMA and RNG in place; returns the trainer state (step, epoch, ...)."""
     folder = Path(folder)
     core = _unwrap(model)
-    vit_model.load_weights(core, load_file(str(folder / "model.safetensors")))
+    if isinstance(core, MaskedAutoencoder):
+        if not (folder / DECODER_NAME).is_file():
+            raise CheckpointError(f"no {DECODER_NAME}: a checkpoint of a supervised run, and this run is MAE")
+        vit_model.load_weights(core.encoder, load_file(str(folder / "model.safetensors")))
+        core.load_state_dict({**core.state_dict(), **load_file(str(folder / DECODER_NAME))}, strict=True)
+    else:
+        vit_model.load_weights(core, load_file(str(folder / "model.safetensors")))
     state = json.loads((folder / STATE_NAME).read_text())
     tensors = load_file(str(folder / "optimizer.safetensors"))
     opt_state: dict[int, dict] = {}

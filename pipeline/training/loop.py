@@ -30,6 +30,7 @@ import torch
 import vit_model
 from pipeline.core import exported, storage
 from pipeline.core.runs import RunLayout
+from pipeline.training import selfsup
 from pipeline.training.checkpoints import resume, save_checkpoint
 from pipeline.training.mixing import Mixer
 from pipeline.training.sessions import Batches, Primed, RaySession, Session
@@ -45,6 +46,7 @@ from pipeline.training.step import (
 )
 from pipeline.training.train_config import PretrainConfig
 from vit_model import VisionTransformer
+from vit_model.mae import DECODER_NAME, MaskedAutoencoder, create_mae, decoder_bytes, mae_flops_per_image
 
 log = logging.getLogger(__name__)
 
@@ -69,27 +71,39 @@ def device_peak_flops(cfg: PretrainConfig, device: torch.device) -> float | None
     return None
 
 
-def build_model(cfg: PretrainConfig, num_classes: int) -> VisionTransformer:
+def build_model(cfg: PretrainConfig, num_classes: int) -> VisionTransformer | MaskedAutoencoder:
+    """The classifier, or for `objective: mae` the autoencoder around a headless encoder of the same ViT."""
     torch.manual_seed(cfg.train.seed)
+    if cfg.train.objective == "mae":
+        return create_mae(vit_model.variant_config(cfg.model.name, **cfg.model.overrides(0)), cfg.mae.autoencoder())
     return vit_model.create_model(cfg.model.name, **cfg.model.overrides(num_classes))
+
+
+def model_flops(core: VisionTransformer | MaskedAutoencoder) -> float:
+    """Training FLOPs per image (MFU): MAE's encoder sees a quarter of the tokens, its decoder all of them."""
+    if isinstance(core, MaskedAutoencoder):
+        return mae_flops_per_image(core.encoder.cfg, core.cfg, training=True)
+    return vit_model.flops_per_image(core.cfg, training=True)
 
 
 # ---- state ---------------------------------------------------------------------------------
 
 
-def build_run(cfg: PretrainConfig, session: Session, num_classes: int, train_count: int, class_names: list[str]) -> Run:
+def build_run(
+    cfg: PretrainConfig, session: Session, num_classes: int, train_count: int, class_names: list[str], knn: bool = False
+) -> Run:
     t = cfg.train
     device = session.device
     if device.type == "cpu" and session.cpu_threads:  # as many threads as the CPU slots this worker holds
         torch.set_num_threads(session.cpu_threads)
     core = build_model(cfg, num_classes)
-    if t.init_from:
-        exported.load_init_weights(core, t.init_from)
+    if t.init_from:  # an MAE run may continue from an encoder: the decoder starts fresh
+        exported.load_init_weights(core.encoder if isinstance(core, MaskedAutoencoder) else core, t.init_from)
     model = session.prepare(core)
     if t.compile:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(
-        vit_model.param_groups(core, cfg.optim.weight_decay),
+        vit_model.param_groups(core, cfg.optim.weight_decay, cfg.optim.layer_decay),
         lr=cfg.optim.lr,
         betas=cfg.optim.betas,
         fused=device.type == "cuda",
@@ -118,7 +132,8 @@ def build_run(cfg: PretrainConfig, session: Session, num_classes: int, train_cou
         min(warmup, max(total_steps - 1, 0)),
         class_names,
         device_peak_flops(cfg, device),
-        mixer=mixer if mixer.active else None,
+        mixer=mixer if mixer.active and t.objective == "supervised" else None,
+        knn=knn,
     )
 
 
@@ -147,7 +162,7 @@ def progress(run: Run, state: TrainState, window: Window, lr: float) -> dict:
         "torch_threads": torch.get_num_threads(),
     }
     if run.peak_flops:
-        m["mfu"] = vit_model.mfu(per_worker, run.core.cfg, run.peak_flops, training=True)
+        m["mfu"] = per_worker * model_flops(run.core) / run.peak_flops
     if run.session.rank == 0:
         eta = (run.total_steps - state.step) * run.cfg.train.batch_size / max(ips, 1e-9)
         mfu = f"{m['mfu'] * 100:.1f}%" if "mfu" in m else "n/a"
@@ -178,13 +193,25 @@ def export(run: Run, kind: str, metrics: dict) -> None:
     if run.session.rank != 0 or not run.cfg.train.output:
         return
     model = _with_weights(run.core, run.ema.weights) if run.ema else run.core
-    exported.write(
-        RunLayout.of(run.cfg.train.output, run.cfg.train.name).export(kind).uri,
-        model,
-        class_names=run.class_names,
-        metrics=metrics,
-        train_config=run.cfg.model_dump(mode="json"),
-    )
+    uri = RunLayout.of(run.cfg.train.output, run.cfg.train.name).export(kind).uri
+    train_config = run.cfg.model_dump(mode="json")
+    if isinstance(model, MaskedAutoencoder):  # the encoder as a plain ViT, the decoder in its own file
+        pretraining = {"objective": "mae", "mae": model.cfg.to_dict(), "data": run.cfg.data.manifest}
+        pretraining["note"] = (
+            "MAE encoder (He et al. 2021): no head; fine-tune with --init-from (a new head is added), "
+            f"reconstruction decoder in {DECODER_NAME}"
+        )
+        exported.write(
+            uri,
+            model.encoder,
+            class_names=[],
+            metrics=metrics,
+            train_config=train_config,
+            extra_files={DECODER_NAME: decoder_bytes(model)},
+            pretraining=pretraining,
+        )
+        return
+    exported.write(uri, model, class_names=run.class_names, metrics=metrics, train_config=train_config)
 
 
 def end_of_epoch(run: Run, state: TrainState, metrics: dict) -> None:
@@ -203,7 +230,11 @@ def end_of_epoch(run: Run, state: TrainState, metrics: dict) -> None:
         "first_batch_s": run.first_batch_s,
     }
     cfg = run.cfg
-    if cfg.data.val_split:
+    last = state.epoch >= cfg.train.epochs or state.step >= run.total_steps
+    due = last or state.epoch % cfg.train.eval_every_epochs == 0
+    if cfg.train.objective == "mae":
+        metrics.update(selfsup.evaluate(run, state.epoch, last))
+    elif cfg.data.val_split and due:
         model = _with_weights(run.core, run.ema.weights) if run.ema else run.model
         val = Batches(
             run.session.batches(cfg.data.val_split, cfg.train.micro_batch, state.epoch, False), run.session.device
@@ -234,6 +265,10 @@ def _epoch_line(m: dict) -> str:
             f"val top-1 {m['val_top1'] * 100:.2f}% top-5 {m['val_top5'] * 100:.2f}% loss {m['val_loss']:.4f} "
             f"({m['val_count']} images)"
         )
+    if "val_top1" not in m and "val_loss" in m:  # MAE: the reconstruction loss on masked val patches
+        parts.append(f"val reconstruction loss {m['val_loss']:.4f} ({m['val_count']} images)")
+    if "knn_top1" in m:
+        parts.append(f"k-NN top-1 {m['knn_top1'] * 100:.2f}% ({m['knn_count']} queries, {m['knn_bank']} in the bank)")
     if m.get("dropped_samples"):
         parts.append(f"{m['dropped_samples']} undecodable samples left out so far")
     return ", ".join(parts)
@@ -248,12 +283,13 @@ def train(
     train_count: int,
     class_names: list[str] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    knn: bool = False,
 ) -> dict:
     """Train `cfg.train.epochs` epochs (or `max_steps`), resuming from the newest usable checkpoint.
 
     `clock` (seconds, monotonic) times everything the loop measures; `epoch_end_at` stays wall time."""
     storage.remove_dead_owners(CKPT_PREFIX)  # local checkpoints of workers that died before their upload
-    run = build_run(cfg, session, num_classes, train_count, class_names or [])
+    run = build_run(cfg, session, num_classes, train_count, class_names or [], knn)
     run.clock, run.t_start = clock, clock()
     saved, used, skipped = resume(
         session.checkpoints(),
@@ -331,4 +367,5 @@ def train_loop_per_worker(config: dict) -> None:
         num_classes=config["num_classes"],
         train_count=config["train_count"],
         class_names=config["class_names"],
+        knn=config.get("knn", False),
     )

@@ -22,9 +22,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.training.mixing import Mixer, random_erase_, soft_target_cross_entropy
+from pipeline.training.selfsup import mask_generator
 from pipeline.training.sessions import Batches, Session
 from pipeline.training.train_config import PretrainConfig
 from vit_model import VisionTransformer
+from vit_model.mae import MaskedAutoencoder
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
@@ -101,7 +103,7 @@ class Run:
     cfg: PretrainConfig
     session: Session
     model: torch.nn.Module  # what runs forward/backward (DDP, compiled)
-    core: VisionTransformer  # the plain module: checkpoints and exports
+    core: VisionTransformer | MaskedAutoencoder  # the plain module: checkpoints and exports
     optimizer: torch.optim.Optimizer
     ema: EMA | None
     amp_dtype: torch.dtype | None
@@ -116,6 +118,7 @@ class Run:
     clock: Callable[[], float] = time.monotonic
     t_start: float = 0.0
     mixer: Mixer | None = None  # Mixup / CutMix (None: off)
+    knn: bool = False  # MAE: the session has the k-NN monitor's bank and query datasets
     progress_reports: int = 0  # progress reports sent (checkpoints and epoch ends not counted)
     epoch_t0: float = 0.0  # when this epoch asked for its first batch
     first_batch_s: float = 0.0  # how long that first batch took (the stream's start-up)
@@ -156,6 +159,21 @@ def batch_augment(
     return mixed.patches, mixed.targets
 
 
+def sample_losses(
+    run: Run, state: TrainState, micro: int, patches: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """The objective's loss per sample (B,), float32: cross-entropy on the (augmented, mixed) batch, or MAE's
+    reconstruction error with masks from this rank's generator for (seed, rank, step, micro-batch)."""
+    if run.cfg.train.objective == "mae":
+        gen = mask_generator(run.cfg.train.seed, run.session.rank, state.step, micro, run.session.device)
+        return run.model(patches, gen).float()
+    inputs, soft_targets = batch_augment(run, state, micro, patches, labels, valid)
+    logits = run.model(inputs).float()
+    if soft_targets is not None:
+        return soft_target_cross_entropy(logits, soft_targets)
+    return F.cross_entropy(logits, labels, reduction="none", label_smoothing=run.cfg.optim.label_smoothing)
+
+
 def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: Window) -> float:
     """`accum_steps` micro-batches (forward, masked loss, backward), clip, AdamW, EMA. Returns the lr.
 
@@ -166,7 +184,7 @@ def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: Windo
     cfg, t = run.cfg, run.cfg.train
     lr = lr_at(state.step, run.total_steps, run.warmup, cfg.optim.lr, cfg.optim.min_lr)
     for g in run.optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)  # layer-wise decay (fine-tuning) scales each group's share
     device = run.session.device
     for micro in range(t.accum_steps):
         waited = run.clock()
@@ -185,16 +203,11 @@ def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: Windo
             window.images += len(labels)
             continue
         last = micro == t.accum_steps - 1
-        inputs, soft_targets = batch_augment(run, state, micro, patches, labels, valid)
         with (
             run.model.no_sync() if not last and hasattr(run.model, "no_sync") else nullcontext(),
             torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None),
         ):
-            logits = run.model(inputs).float()
-        if soft_targets is not None:
-            per_sample = soft_target_cross_entropy(logits, soft_targets)
-        else:
-            per_sample = F.cross_entropy(logits, labels, reduction="none", label_smoothing=cfg.optim.label_smoothing)
+            per_sample = sample_losses(run, state, micro, patches, labels, valid)
         n_valid = valid.sum()
         loss = (per_sample * valid).sum() / n_valid.clamp(min=1) / t.accum_steps
         loss.backward()

@@ -14,6 +14,10 @@ class ModelSection(Section):
     name: str = Field("vit_micro_patch4_32", description="variant name (vit_model.list_models())")
     img_size: int | None = Field(None, description="input size in pixels; default: the variant's")
     patch_size: int | None = Field(None, description="patch size; default: the variant's")
+    embed_dim: int | None = Field(None, ge=1, description="width D; default: the variant's")
+    depth: int | None = Field(None, ge=1, description="encoder blocks L; default: the variant's")
+    num_heads: int | None = Field(None, ge=1, description="attention heads; default: the variant's")
+    mlp_ratio: float | None = Field(None, gt=0, description="MLP hidden width / D; default: the variant's (4)")
     global_pool: Literal["token", "avg"] | None = Field(None, description="token (class token) or avg (gap)")
     pos_embed: Literal["learn", "sincos2d"] | None = Field(None, description="learned or fixed 2-D sin-cos")
     fc_norm: bool | None = Field(
@@ -95,13 +99,57 @@ class OptimSection(Section):
     clip_grad: float | None = Field(1.0, gt=0, description="global gradient-norm clip (null: off)")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="cross-entropy label smoothing")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of weights, e.g. 0.9999 (null: off)")
+    base_lr: float | None = Field(
+        None, gt=0, description="lr per 256 images: lr = base_lr x batch_size / 256 (MAE's blr; overrides lr)"
+    )
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="layer-wise lr decay for fine-tuning: block i gets lr x decay^(depth - i) "
+        "(MAE/BEiT: 0.65-0.75; null: off)",
+    )
+
+
+class MaeSection(Section):
+    """Masked-autoencoder pretraining (train.objective: mae): He et al. 2021's masking, decoder and loss."""
+
+    mask_ratio: float = Field(0.75, ge=0, lt=1, description="fraction of patches masked per sample")
+    decoder_depth: int = Field(8, ge=1, description="decoder blocks (MAE's ViT-B: 8)")
+    decoder_width: int = Field(512, ge=4, description="decoder width (MAE's ViT-B: 512)")
+    decoder_heads: int = Field(16, ge=1, description="decoder attention heads")
+    norm_pix_loss: bool = Field(True, description="targets are per-patch normalised pixels (MAE's default)")
+    knn_data: str | None = Field(
+        None,
+        description="labelled shard set for the k-NN monitor: its train split is the bank, its val split the "
+        "queries (default: the training set itself when it has labels and a val split)",
+    )
+    knn_k: int = Field(20, ge=1, description="neighbours for the k-NN monitor (DINO's weighted vote)")
+    knn_every_epochs: int = Field(1, ge=0, description="run the k-NN monitor every N epochs (0: never)")
+
+    def autoencoder(self):
+        from vit_model.mae import MAEConfig
+
+        return MAEConfig(
+            mask_ratio=self.mask_ratio,
+            decoder_depth=self.decoder_depth,
+            decoder_width=self.decoder_width,
+            decoder_heads=self.decoder_heads,
+            norm_pix_loss=self.norm_pix_loss,
+        )
 
 
 class TrainSection(Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$", description="run name: same output + name resumes")
     output: str | None = Field(None, description="where runs go: s3://bucket/runs or a local folder")
+    objective: Literal["supervised", "mae"] = Field(
+        "supervised", description="supervised: cross-entropy on labels; mae: masked-autoencoder pretraining (mae.*)"
+    )
     epochs: int = Field(10, ge=1, description="training epochs")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (smoke tests)")
+    eval_every_epochs: int = Field(
+        1, ge=1, description="evaluate the val split every N epochs (and after the last): small sets train in seconds"
+    )
     batch_size: int = Field(256, ge=1, description="global batch size (all workers, after accumulation)")
     micro_batch_size: int | None = Field(
         None, ge=1, description="per-worker batch per forward; accumulation fills the rest"
@@ -187,6 +235,25 @@ class PretrainConfig(Section):
     data: DataSection = DataSection()
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
+    mae: MaeSection = MaeSection()
+
+    @model_validator(mode="after")
+    def _objective_fits(self):
+        if self.optim.base_lr is not None:
+            self.optim.lr = self.optim.base_lr * self.train.batch_size / 256
+        if self.train.objective == "mae":
+            d = self.data
+            mixing = {"data.mixup_alpha": d.mixup_alpha, "data.cutmix_alpha": d.cutmix_alpha}
+            on = [k for k, v in {**mixing, "data.random_erase": d.random_erase}.items() if v]
+            if on:
+                raise ValueError(
+                    f"train.objective mae reconstructs pixels: {', '.join(on)} would corrupt its targets; set "
+                    "them to 0 (MAE's augmentation is a random resized crop and a flip)"
+                )
+            if self.optim.layer_decay is not None:
+                raise ValueError("optim.layer_decay is for fine-tuning; MAE pretraining uses one lr for every layer")
+            self.mae.autoencoder()  # decoder width/heads checked here, before any cluster work
+        return self
 
 
 ALIASES = {
@@ -202,4 +269,5 @@ ALIASES = {
     "patch-size": "model.patch_size",
     "init-from": "train.init_from",
     "lr": "optim.lr",
+    "objective": "train.objective",
 }

@@ -20,6 +20,7 @@ from pipeline.core.exits import EXIT_BAD_INPUT
 from pipeline.core.runs import RunLayout
 from pipeline.data.manifest import Manifest, load_manifest
 from pipeline.training.train_config import PretrainConfig
+from vit_model.mae import encoder_config
 
 
 class JobError(RuntimeError):
@@ -40,6 +41,7 @@ class Preflight:
     num_classes: int
     train_count: int  # samples in the train split
     model_cfg: vit_model.ViTConfig
+    knn: Manifest | None = None  # MAE: the labelled set of the k-NN monitor (bank: train, queries: val)
 
 
 def preflight(cfg: PretrainConfig) -> Preflight:
@@ -50,11 +52,11 @@ def preflight(cfg: PretrainConfig) -> Preflight:
         raise JobError("no output: pass --output s3://bucket/runs or a local folder (train.output)")
     storage.check_bucket(cfg.train.output)
     manifest = pinned_manifest(cfg) or load_manifest(cfg.data.manifest)
-    if not manifest.labeled:
+    mae = cfg.train.objective == "mae"
+    if not manifest.labeled and not mae:
         raise JobError(
             f"{cfg.data.manifest} is an unlabeled shard set: supervised pretraining needs labels. Make shards "
-            "from class folders or with --labels; unlabeled sets are for batch inference and self-supervised "
-            "pretraining"
+            "from class folders or with --labels, or pretrain without labels: --objective mae"
         )
     if manifest.count(cfg.data.train_split) == 0:
         why = ", ".join(f"{n} {k}" for k, n in manifest.skip_counts.items())
@@ -72,11 +74,14 @@ def preflight(cfg: PretrainConfig) -> Preflight:
         raise JobError(
             f"{train_count} training samples do not fill one global batch of {cfg.train.batch_size}: lower --batch-size"
         )
-    num_classes = len(manifest.classes)
+    num_classes = 0 if mae else len(manifest.classes)
     # The architecture from the config alone catches img/patch mismatches; with --init-from, one CPU
     # copy of the model is built and loaded here, so bad weights fail before any cluster work.
     try:
         mcfg = vit_model.variant_config(cfg.model.name, **cfg.model.overrides(num_classes))
+        if mae:
+            mcfg = encoder_config(mcfg)
+            cfg.mae.autoencoder()
     except ValueError as e:
         raise JobError(f"model: {e}") from None
     if cfg.train.init_from:
@@ -84,7 +89,26 @@ def preflight(cfg: PretrainConfig) -> Preflight:
             exported.load_init_weights(vit_model.VisionTransformer(mcfg), cfg.train.init_from)
         except (ValueError, storage.StorageError) as e:
             raise JobError(f"--init-from {cfg.train.init_from}: {e}") from None
-    return Preflight(manifest, num_classes, train_count, mcfg)
+    return Preflight(manifest, num_classes, train_count, mcfg, knn_manifest(cfg, manifest) if mae else None)
+
+
+def knn_manifest(cfg: PretrainConfig, manifest: Manifest) -> Manifest | None:
+    """The k-NN monitor's labelled set: `mae.knn_data`, or the training set when it has labels and a val split."""
+    if not cfg.mae.knn_every_epochs:
+        return None
+    if not cfg.mae.knn_data:
+        return manifest if manifest.labeled and manifest.count("val") else None
+    try:
+        knn = load_manifest(cfg.mae.knn_data)
+    except storage.StorageError as e:
+        raise JobError(f"mae.knn_data {cfg.mae.knn_data}: {e}") from None
+    if not knn.labeled or not knn.count("train") or not knn.count("val"):
+        raise JobError(
+            f"mae.knn_data {cfg.mae.knn_data} needs labels and both a train split (the bank) and a val split (the "
+            f"queries); it has {knn.count('train')} train and {knn.count('val')} val samples"
+            + ("" if knn.labeled else " and no labels")
+        )
+    return knn
 
 
 def pinned_manifest(cfg: PretrainConfig) -> Manifest | None:
@@ -211,6 +235,7 @@ def run(cfg: PretrainConfig) -> dict:
     from pipeline.data.streams import StreamConfig, configure_ray_data, split_stream
     from pipeline.data.transforms import Augment
     from pipeline.training.loop import train_loop_per_worker
+    from pipeline.training.selfsup import KNN_BANK, KNN_QUERY
 
     check_cluster_fits(cfg)
     configure_ray_data(cfg.data.object_store_fraction)
@@ -226,6 +251,9 @@ def run(cfg: PretrainConfig) -> dict:
     datasets = {d.train_split: train_ds}
     if d.val_split:
         datasets[d.val_split], _ = split_stream(manifest, d.val_split, StreamConfig.for_model(mcfg, False, **common))
+    if pre.knn is not None:  # MAE's k-NN monitor: both splits of a labelled set, unaugmented
+        for name, split in ((KNN_BANK, "train"), (KNN_QUERY, "val")):
+            datasets[name], _ = split_stream(pre.knn, split, StreamConfig.for_model(mcfg, False, **common))
     storage_path, fs = storage.ray_storage_path(cfg.train.output)
     # Ray Train V2 propagates this from the driver to its controller; a user's own setting wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(cfg.train.controller_poll_s))
@@ -235,7 +263,8 @@ def run(cfg: PretrainConfig) -> dict:
             "cfg": cfg.model_dump_json(),
             "num_classes": pre.num_classes,
             "train_count": pre.train_count,
-            "class_names": pre.manifest.classes,
+            "class_names": [] if pre.num_classes == 0 else pre.manifest.classes,
+            "knn": pre.knn is not None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -265,11 +294,14 @@ def run(cfg: PretrainConfig) -> dict:
         "run": layout.uri,
         "best_val_top1": max((json.loads(l).get("val_top1", -1) for l in _metric_lines(layout)), default=None),
         "val_top1": m.get("val_top1"),
+        "objective": cfg.train.objective,
+        "knn_top1": m.get("knn_top1"),
+        "val_loss": m.get("val_loss"),
         "step": m.get("step"),
         "elapsed_s": elapsed,
         "images_per_s": m.get("images_per_s"),
         "model": layout.model.uri,
-        "best_model": layout.best.uri,
+        "best_model": layout.best.uri if cfg.train.objective != "mae" else "none (an MAE run exports model/ only)",
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
     }
     return summary
@@ -288,7 +320,9 @@ def print_summary(s: dict) -> None:
             [
                 "=" * 64,
                 f"run          {s['run']}",
-                f"best val top-1 {pct(s['best_val_top1'])}   last val top-1 {pct(s['val_top1'])}",
+                f"best val top-1 {pct(s['best_val_top1'])}   last val top-1 {pct(s['val_top1'])}"
+                if s.get("objective") != "mae"
+                else f"MAE: last k-NN top-1 {pct(s.get('knn_top1'))}   val reconstruction loss {s.get('val_loss')}",
                 f"steps        {s['step']}   time {s['elapsed_s'] / 60:.1f} min   images/s {ips}",
                 f"model        {s['model']}",
                 f"best model   {s['best_model']}",
