@@ -93,7 +93,12 @@ def test_two_worker_run_places_one_worker_per_node(worker_node, digits_shards, b
 
 @pytest.mark.multinode
 def test_losing_the_worker_node_restarts_from_the_latest_checkpoint(worker_node, digits_shards, bucket):
-    cfg = _cfg(digits_shards, f"{bucket}/runs", "fault", epochs=2, checkpoint_every_steps=5, max_failures=2)
+    # Each step lasts at least 0.6 s (a sleep in place of the compute): the 45 steps after the first checkpoint
+    # outlast the kill below by far on any machine. With compute-speed steps the run could end before the kill
+    # landed (seen once: no restart, `restarts` empty), and the test then depended on the machine's load.
+    cfg = _cfg(
+        digits_shards, f"{bucket}/runs", "fault", epochs=2, checkpoint_every_steps=5, max_failures=2, emulate_step_s=0.6
+    )
     result = {}
 
     def run():
