@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 import yaml
 
 import vit_model
-from vit_model.mae import MAEConfig, create_mae, mae_flops_per_image
+from pipeline.training.train_config import PretrainConfig
+from vit_model.mae import create_mae, mae_flops_per_image
 
 
 def timed(step, batch: int, repeats: int, sync) -> float:
@@ -46,23 +48,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    raw = yaml.safe_load(open(a.config))
-    model_args = {k: v for k, v in raw.get("model", {}).items() if k != "name"}
-    name = a.model or raw["model"]["name"]
-    if a.model:
-        model_args = {}
-    m = raw.get("mae", {})
-    mae_cfg = MAEConfig(
-        mask_ratio=m.get("mask_ratio", 0.75),
-        decoder_depth=m.get("decoder_depth", 8),
-        decoder_width=m.get("decoder_width", 512),
-        decoder_heads=m.get("decoder_heads", 16),
-    )
+    job = PretrainConfig.model_validate(yaml.safe_load(open(a.config)))  # the job's own schema and defaults
+    mae_cfg = job.mae.autoencoder()
     if a.decoder:
         depth, width = (int(v) for v in a.decoder.split("x"))
-        mae_cfg = MAEConfig(decoder_depth=depth, decoder_width=width, decoder_heads=max(1, width // 32))
+        mae_cfg = replace(mae_cfg, decoder_depth=depth, decoder_width=width, decoder_heads=max(1, width // 32))
+    name = a.model or job.model.name
+    cfg = vit_model.variant_config(name, **(job.model.overrides(10) if not a.model else {"num_classes": 10}))
     dev = torch.device(a.device)
-    cfg = vit_model.variant_config(name, **{**model_args, "num_classes": 10})
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     x = torch.randint(0, 256, (a.batch, cfg.num_patches, cfg.patch_dim), dtype=torch.uint8, device=dev)

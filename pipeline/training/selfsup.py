@@ -35,11 +35,6 @@ def mask_generator(seed: int, rank: int, step: int, micro: int, device: torch.de
     return g
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
 def gather_rows(x: torch.Tensor, world_size: int) -> torch.Tensor:
     """Concatenate every rank's rows (counts may differ) on every rank."""
     if world_size == 1 or not dist.is_initialized():
@@ -79,7 +74,7 @@ def knn_votes(
 def knn_top1(run, epoch: int, k: int) -> dict:
     """k-NN top-1 of the encoder over the `knn_query` rows against the `knn_bank` rows, exact across workers."""
     s, micro = run.session, run.cfg.train.micro_batch
-    encoder = unwrap(run.model).encoder
+    encoder = run.core.encoder  # the plain module: no DDP needed without gradients
     encoder.eval()
     feats, labels = [], []
     for patches, y, valid in Batches(s.batches(KNN_BANK, micro, epoch, False), s.device):
@@ -109,7 +104,7 @@ def knn_top1(run, epoch: int, k: int) -> dict:
 def reconstruction_loss(run, epoch: int) -> dict:
     """The MAE loss on the val split with masks fixed by (seed, rank, batch index): comparable across epochs."""
     s = run.session
-    model = unwrap(run.model)
+    model = run.core
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=s.device)
     split = run.cfg.data.val_split

@@ -81,7 +81,6 @@ def preflight(cfg: PretrainConfig) -> Preflight:
         mcfg = vit_model.variant_config(cfg.model.name, **cfg.model.overrides(num_classes))
         if mae:
             mcfg = encoder_config(mcfg)
-            cfg.mae.autoencoder()
     except ValueError as e:
         raise JobError(f"model: {e}") from None
     if cfg.train.init_from:
