@@ -244,7 +244,7 @@ def state_cost(args):
                 lease,
             )
             if r in (1, 10, 100):
-                ledger = timed(lambda: publish.done_inputs(layout, sha))
+                ledger = timed(lambda: publish.read_ledger(layout, sha))
                 everything = timed(
                     lambda: set(publish.read_published(out, sha).column("image_uri").to_pylist()), repeat=3
                 )

@@ -7,8 +7,9 @@ are known). pandas, pyarrow, duckdb and Spark read the output as a Hive-partitio
 Scheduled: see cluster/README.md. The job holds a lease on --output, so overlapping schedules are safe.
 
 Exit codes: 0 published, or nothing new to predict; 2 bad arguments or input, nothing written;
-3 more errors than --max-error-rate, nothing published; 75 another run holds the output's lease,
-nothing touched (try again later); 1 anything else (a crashed commit is finished by the next run).
+3 more errors than --max-error-rate, nothing published; 4 a commit or recovery stopped midway (glob
+readers may see part of a run until the next run finishes or rolls it back); 75 another run holds the
+output's lease, or this run lost it, nothing of this run published (try again later); 1 anything else.
 """
 
 import os

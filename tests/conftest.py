@@ -126,3 +126,29 @@ def trained_digits(ray_cluster, digits_shards):
     cfg["train"]["output"] = digits_shards.rsplit("/", 2)[0] + "/runs"
     summary = trainer.run(PretrainConfig.model_validate(cfg))
     return summary, digits_shards, cfg["train"]["output"]
+
+
+@pytest.fixture
+def model_uri(bucket):
+    """A tiny exported classifier in the test's bucket (cat, dog, eel), with non-default preprocessing."""
+    import torch
+
+    import vit_model
+    from pipeline.core import storage
+
+    torch.manual_seed(0)
+    # preprocessing other than the defaults (crop, interpolation, mean/std): inference must use the export's
+    m = vit_model.create_model(
+        "vit_micro_patch4_32",
+        num_classes=3,
+        crop_pct=0.6,
+        interpolation="bilinear",
+        mean=vit_model.IMAGENET_MEAN,
+        std=vit_model.IMAGENET_STD,
+    )
+    with torch.no_grad():
+        m.head.weight.normal_()
+    w, c = vit_model.export_bytes(m, class_names=["cat", "dog", "eel"])
+    storage.write_bytes(f"{bucket}/model/model.safetensors", w)
+    storage.write_bytes(f"{bucket}/model/config.json", c)
+    return f"{bucket}/model"

@@ -25,26 +25,6 @@ from pipeline.inference.batch import InferConfig
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def model_uri(bucket):
-    torch.manual_seed(0)
-    # preprocessing other than the defaults (crop, interpolation, mean/std): inference must use the export's
-    m = vit_model.create_model(
-        "vit_micro_patch4_32",
-        num_classes=3,
-        crop_pct=0.6,
-        interpolation="bilinear",
-        mean=vit_model.IMAGENET_MEAN,
-        std=vit_model.IMAGENET_STD,
-    )
-    with torch.no_grad():
-        m.head.weight.normal_()
-    w, c = vit_model.export_bytes(m, class_names=["cat", "dog", "eel"])
-    storage.write_bytes(f"{bucket}/model/model.safetensors", w)
-    storage.write_bytes(f"{bucket}/model/config.json", c)
-    return f"{bucket}/model"
-
-
 def _put_images(prefix, n, start=0, tree=False):
     rng = np.random.default_rng(start)
     uris = []
@@ -61,6 +41,11 @@ def _put_images(prefix, n, start=0, tree=False):
 
 def _run(**kw):
     return inference.run(InferConfig(**kw))
+
+
+def _released(output: str) -> bool:
+    """The job gave its lease back (kept as `released`, so the fencing token only grows)."""
+    return json.loads(storage.read_bytes(f"{output}/_lease.json"))["released"]
 
 
 def test_predictions_equal_the_model_in_a_plain_loop(ray_cluster, bucket, model_uri):
@@ -102,7 +87,7 @@ def test_predictions_equal_the_model_in_a_plain_loop(ray_cluster, bucket, model_
     assert {"connect", "list", "predict"} <= set(success["timings_s"])
     assert r["output"].split("/")[-2] == f"dt={dt.datetime.now(dt.timezone.utc):%Y-%m-%d}"
     assert not storage.list_files(f"{bucket}/out/_staging")  # staging cleaned after publish
-    assert not storage.exists(f"{bucket}/out/_lease.json")  # released
+    assert _released(f"{bucket}/out")
 
 
 def test_a_replica_computes_with_the_cpu_slots_it_holds(ray_cluster, model_uri):
@@ -168,8 +153,8 @@ def test_output_under_run_prefix_survives_crashes_and_reruns(ray_cluster, bucket
     # crash 2: in the middle of the commit, right after its first published part
     real_copy, copies = storage.copy, []
 
-    def copy_then_die(src, dst):
-        real_copy(src, dst)
+    def copy_then_die(src, dst, **kw):
+        real_copy(src, dst, **kw)
         copies.append(dst)
         raise KeyboardInterrupt
 
@@ -217,19 +202,24 @@ def test_failed_inputs_are_retried_and_the_error_gate_publishes_nothing(ray_clus
     r2 = _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True)
     assert r2["rows"] == 1 and r2["errors"] == 0
     assert _committed(out) == sorted(good + [f"{bucket}/in/late.jpg"])
-    # --no-retry-errors: an input known to be permanently bad is not tried again
+    # an unchanged input that does not decode fails for good: one error row, not one per scheduled run
     storage.write_bytes(f"{bucket}/in/broken.jpg", b"never an image")
-    assert (
-        _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True, retry_errors=False)["errors"] == 1
-    )
-    assert _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True, retry_errors=False)["rows"] == 0
+    assert _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True)["errors"] == 1
+    for retry in (True, False):
+        assert (
+            _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True, retry_errors=retry)["rows"]
+            == 0
+        )
+    rows = publish.read_published(out, columns=["image_uri", "error_kind"]).to_pylist()
+    assert [r["error_kind"] for r in rows if r["image_uri"].endswith("broken.jpg")] == ["permanent"]
     # a mostly broken input set: the run fails before its commit and leaves nothing behind
     for i in range(8):
         storage.write_bytes(f"{bucket}/junk/{i}.jpg", b"junk")
     _put_images(f"{bucket}/junk", 1)
     with pytest.raises(inference.ErrorRateExceeded, match="8 of 9 inputs could not be predicted"):
         _run(model=model_uri, input=f"{bucket}/junk", output=f"{bucket}/gated", max_error_rate=0.1)
-    assert not storage.list_files(f"{bucket}/gated")  # no run, no staging, lease released
+    assert [f.path.rsplit("/", 1)[1] for f in storage.list_files(f"{bucket}/gated")] == ["_lease.json"]
+    assert _released(f"{bucket}/gated")  # no run, no staging
 
 
 def test_replicas_use_the_weights_the_driver_read(ray_cluster, bucket, model_uri):
@@ -347,7 +337,7 @@ def test_clear_errors_before_cluster_work(stack, bucket, model_uri, monkeypatch)
         inference.preflight(InferConfig(model=f"{bucket}/nope", input=f"{bucket}/in", output=f"{bucket}/out"))
     with pytest.raises(storage.StorageError, match="no input files under"):
         inference.run(InferConfig(model=model_uri, input=f"{bucket}/empty", output=f"{bucket}/out"))
-    assert not storage.exists(f"{bucket}/out/_lease.json")  # released on the error path too
+    assert _released(f"{bucket}/out")  # on the error path too
     with pytest.raises(storage.StorageError, match="bucket does not exist"):
         inference.preflight(InferConfig(model=model_uri, input=f"{bucket}/in", output="s3://vitray-no-such-out/x"))
     r = subprocess.run(

@@ -127,9 +127,8 @@ def test_stale_private_ray_folders_are_removed_and_live_ones_kept(tmp_path):
 
 def test_a_job_without_ray_address_runs_the_smoke_config_on_a_private_ray(stack, digits_shards, bucket):
     """Two training workers on this 2-core machine (the local stack's sizing); the job's own Ray serves no
-    dashboard and reads a token file only its user can read; nothing of it is left afterwards. (Ray 2.60
-    replaces a loopback node address by the machine's and its gRPC servers listen on every interface, so
-    the listening sockets are only checked for a dashboard: the token is what guards the rest.)"""
+    dashboard, listens on loopback only (metrics exporter, agents, GCS, raylet, workers: every socket of
+    its process tree) and reads a token file only its user can read; nothing of it is left afterwards."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     stale = _killed_owner()  # an earlier job on this machine, killed with SIGKILL: its folder is in the temp dir
     live, live_folder = _owner()  # a job that is still running
@@ -154,7 +153,7 @@ def test_a_job_without_ray_address_runs_the_smoke_config_on_a_private_ray(stack,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        seen, token_modes, token_path, deadline = {}, set(), None, time.time() + 300
+        seen, token_modes, token_path, deadline, listening = {}, set(), None, time.time() + 300, set()
         while proc.poll() is None and time.time() < deadline:
             for p in psutil.Process(proc.pid).children(recursive=True):
                 try:
@@ -164,9 +163,9 @@ def test_a_job_without_ray_address_runs_the_smoke_config_on_a_private_ray(stack,
                     cmd = " ".join(p.cmdline())
                     if "raylet" in p.name():
                         seen["raylet"] = cmd
-                        for c in p.net_connections(kind="inet"):
-                            if c.status == "LISTEN" and c.laddr.port in (8265,):
-                                raise AssertionError(f"a dashboard listens on {c.laddr}")
+                    for c in p.net_connections(kind="inet"):
+                        if c.status == "LISTEN":
+                            listening.add((c.laddr.ip, c.laddr.port, p.name()))
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
             time.sleep(0.5)
@@ -178,6 +177,16 @@ def test_a_job_without_ray_address_runs_the_smoke_config_on_a_private_ray(stack,
         assert "starting a local Ray on 127.0.0.1" in out and "best val top-1" in out
         assert "raylet" in seen and "--temp_dir" not in seen["raylet"] or "vitray-local-ray-" in seen["raylet"], seen
         assert token_modes == {0o600}, token_modes
+        assert len({name for *_, name in listening}) >= 3, listening  # GCS, raylet, agents, workers were seen
+        # torch's TCPStore (the DDP rendezvous, in a train worker) binds every interface and torch 2.13 has no
+        # option to narrow it: it is torch's, not Ray's, and is left to the README's note
+        exposed = {
+            x
+            for x in listening
+            if x[0] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1") and x[2] != "ray::RayTrainWorker"
+        }
+        assert not exposed, f"listening beyond loopback: {exposed}"
+        assert not [x for x in listening if x[1] == 8265], "a dashboard listens"
         own = token_path.parent
         assert own.name.startswith("vitray-local-ray-") and own != live_folder
         assert not own.exists()  # its token and session files removed at exit

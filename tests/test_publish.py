@@ -37,7 +37,8 @@ def test_second_lease_is_refused_with_holder_and_expiry(base):
         assert e.value.holder["run_id"] == "night-1"
     with Lease(base, "night-2", ttl_s=60):  # released: the next one gets it at once
         pass
-    assert not storage.exists(storage.parse_uri(base).join("_lease.json").uri)
+    released = json.loads(storage.read_bytes(storage.parse_uri(base).join("_lease.json").uri))
+    assert released["released"] and released["generation"] == 2  # kept, so the fencing token only grows
 
 
 def test_lease_is_renewed_while_held_and_taken_over_after_a_crash(base):
@@ -106,10 +107,16 @@ def _stage(layout, run_id, uris, parts=2, error_every=0):
     return staged
 
 
+def _todo(layout, uris, retry_errors=True, versions=None):
+    listed = pa.table({"image_uri": uris, "input_version": versions or pa.nulls(len(uris), pa.string())})
+    mask = publish.todo(publish.read_ledger(layout, SHA), listed, retry_errors)
+    return sorted(listed.filter(mask)["image_uri"].to_pylist())
+
+
 def _run_once(layout, run_id, uris, lease):
     """A run of the job minus the model: recover, skip what the ledger has, stage the rest, commit."""
     publish.recover(layout, lease)
-    todo = sorted(set(uris) - publish.done_inputs(layout, SHA))
+    todo = _todo(layout, uris)
     if not todo:
         return None
     staged = _stage(layout, run_id, todo)
@@ -238,34 +245,269 @@ def test_a_crash_after_any_step_of_a_commit_leaves_readable_output_and_exactly_o
         assert storage.read_bytes(f"{base}/sibling-{n}.txt") == b"beside the output"
 
 
-def test_ledger_retries_errors_and_its_read_does_not_grow_with_runs(base):
+def _commit_rows(layout, lease, run_id, rows):
+    """Commit one run whose rows are given as (uri, error, error_kind, version)."""
+    schema = output_schema(2, None)
+    now = dt.datetime.now(dt.timezone.utc)
+    table = pa.Table.from_pylist(
+        [
+            {
+                "image_uri": u,
+                "pred_id": None if err else 1,
+                "error": err,
+                "error_kind": kind,
+                "input_version": ver,
+                "model_uri": "m",
+                "model_sha256": SHA,
+                "run_id": run_id,
+                "inferred_at": now,
+            }
+            for u, err, kind, ver in rows
+        ],
+        schema=schema,
+    )
+    uri = layout.staging(run_id).join(f"part-000000-x-0{publish.STAGED_SUFFIX}").uri
+    storage.write_bytes(uri, publish._parquet_bytes(table))
+    intent = publish.plan_commit(
+        layout,
+        run_id,
+        "2026-12-03",
+        [uri],
+        accuracy_report=None,
+        ledger=True,
+        fence=lease.generation,
+        rows=len(rows),
+        inputs=len(rows),
+        errors=0,
+        model_sha256=SHA,
+    )
+    publish.commit(layout, intent, lease)
+
+
+def test_ledger_retries_transient_errors_and_changed_objects_never_an_unchanged_broken_one(base, monkeypatch):
+    monkeypatch.setattr(publish, "COMPACT_AFTER", 3)
     layout = publish.Layout.of(base)
-    with Lease(base, "r0") as lease:
-        for r in range(3):
-            uris = [f"s3://in/r{r}-{i}.jpg" for i in range(6)]
-            staged = _stage(layout, f"r{r}", uris, error_every=3)
-            intent = publish.plan_commit(
-                layout,
-                f"r{r}",
-                "2026-11-28",
-                staged,
-                accuracy_report=None,
-                ledger=True,
-                rows=6,
-                inputs=6,
-                errors=2,
-                model_sha256=SHA,
-            )
-            publish.commit(layout, intent, lease)
-    failed = {r["image_uri"] for r in publish.read_published(base).to_pylist() if r["error"]}
-    done = publish.done_inputs(layout, SHA)
-    assert len(failed) == 6 and len(done) == 12 and not failed & done  # errors are retried
-    assert len(publish.done_inputs(layout, SHA, retry_errors=False)) == 18  # unless told otherwise
-    ledgers = [f.path.rsplit("/", 1)[1] for f in storage.list_files(layout.output.join("_ledger").uri)]
-    assert [n for n in ledgers if not n.startswith(".")] == [f"{SHA}.ledger"]  # one object per model (+ a local lock)
-    # an output written before ledgers existed: the ledger is rebuilt once from the committed runs
-    storage.delete(layout.ledger(SHA).uri)
-    assert publish.done_inputs(layout, SHA) == done
+    uris = ["s3://in/ok.jpg", "s3://in/timeout.jpg", "s3://in/truncated.jpg", "s3://in/fixed.jpg"]
+    v1 = ["10:1", "10:1", "10:1", "10:1"]
+    with Lease(base, "nightly") as lease:
+        _commit_rows(
+            layout,
+            lease,
+            "n1",
+            [
+                (uris[0], None, None, "10:1"),
+                (uris[1], "cannot read (timed out)", "transient", "10:1"),
+                (uris[2], "does not decode", "permanent", "10:1"),
+                (uris[3], "does not decode", "permanent", "10:1"),
+            ],
+        )
+        # unchanged objects: only the transient failure is tried again
+        assert _todo(layout, uris, versions=v1) == [uris[1]]
+        assert _todo(layout, uris, retry_errors=False, versions=v1) == []
+        # the broken file was replaced: a new version is a new input
+        v2 = ["10:1", "10:1", "10:1", "12:9"]
+        assert _todo(layout, uris, versions=v2) == sorted([uris[1], uris[3]])
+        for n in range(2, 7):  # nightly runs: the same two inputs each time until they succeed
+            todo = _todo(layout, uris, versions=v2)
+            if not todo:
+                break
+            _commit_rows(layout, lease, f"n{n}", [(u, None, None, v2[uris.index(u)]) for u in todo])
+        assert _todo(layout, uris, versions=v2) == []
+    published = publish.read_published(base).to_pylist()
+    per_input = {}
+    for r in published:
+        per_input.setdefault(r["image_uri"], []).append((r["input_version"], r["error_kind"]))
+    # one row per version of each object; the unchanged broken one has exactly one row
+    assert per_input[uris[2]] == [("10:1", "permanent")]
+    assert sorted(per_input[uris[3]]) == [("10:1", "permanent"), ("12:9", None)]
+    assert per_input[uris[1]] == [("10:1", "transient"), ("10:1", None)]
+    objects = [n for _, n in publish._files(layout.ledger_dir(SHA))]
+    assert all(n.endswith(".ledger") for n in objects) and len(objects) <= 4  # appended, compacted after 3
+    assert publish.read_ledger(layout, SHA).num_rows == 4
+
+
+def test_an_intent_that_landed_after_a_take_over_is_rolled_back_not_wedging_the_output(base):
+    """Run A staged and paused; run B took the output over and removed A's staging; A's intent PUT then
+    landed. The next run rolls that intent back (A's inputs stay unpredicted) instead of failing forever."""
+    layout = publish.Layout.of(base)
+    uris = [f"s3://in/img{i:02d}.jpg" for i in range(6)]
+    a = Lease(base, "A", ttl_s=60).acquire()
+    staged = _stage(layout, "A", uris)
+    intent = publish.plan_commit(
+        layout,
+        "A",
+        "2026-12-03",
+        staged,
+        accuracy_report=None,
+        ledger=True,
+        fence=a.generation,
+        rows=6,
+        inputs=6,
+        errors=0,
+        model_sha256=SHA,
+    )
+    a._stop.set()  # A is paused: no renewals
+    storage.write_bytes(a.uri, json.dumps({"run_id": "A", "expires_at": 0, "generation": 1}).encode())  # expired
+    with Lease(base, "B") as b:
+        assert b.generation == 2
+        publish.recover(layout, b)  # A's staging is gone
+        storage.write_bytes(layout.intent("A").uri, intent.to_json())  # A's late PUT lands
+        with pytest.raises(LeaseLost):
+            publish.commit(layout, intent, a)  # A itself is fenced off: it writes nothing more
+    with Lease(base, "C") as c:
+        rec = publish.recover(layout, c)
+        assert rec.rolled_back == ["A"] and not rec.finished
+        assert _todo(layout, uris) == sorted(uris)
+        _run_once(layout, "C", uris, c)
+    assert sorted(publish.read_published(base).column("image_uri").to_pylist()) == sorted(uris)
+    assert _readers_see(base) == {"pandas": 6, "pyarrow": 6, "duckdb": 6, "duckdb_committed": 6}
+    # a part that a stale holder copies in after the roll-back is removed by the next run
+    storage.write_bytes(intent.parts[0][1], b"late")
+    with Lease(base, "D") as d:
+        assert publish.recover(layout, d).removed == 1
+    assert not storage.exists(intent.parts[0][1])
+
+
+def test_a_superseded_holder_finds_out_at_its_fence(base):
+    a = Lease(base, "A", ttl_s=3).acquire()
+    a._stop.set()  # paused past its TTL
+    a._thread.join()
+    time.sleep(3.2)
+    with Lease(base, "B", ttl_s=60) as b:
+        assert b.generation == a.generation + 1
+        with pytest.raises(LeaseLost, match="not renewed"):  # its own clock tells it
+            a.fence()
+        a.renewed_at = time.monotonic()  # a clock that does not see the pause (skew): the store tells it
+        with pytest.raises(LeaseLost, match="changed by another run"):
+            a.fence()
+        assert json.loads(storage.read_bytes(b.uri))["run_id"] == "B"  # A's fence wrote nothing
+
+
+def test_a_retried_put_whose_first_attempt_landed_is_ours(base, monkeypatch):
+    """The reply to our conditional PUT was lost, the retry got 412: the lease recognises its own token."""
+    real = conditional.write_conditional
+    lost = {"n": 0}
+
+    def reply_lost(uri, data, **kw):
+        tag = real(uri, data, **kw)  # it lands ...
+        if uri.endswith("_lease.json") and lost["n"] < 2:
+            lost["n"] += 1
+            raise conditional.PreconditionFailed("412 on the retry")  # ... and the retry is refused
+        return tag
+
+    monkeypatch.setattr(conditional, "write_conditional", reply_lost)
+    lease = Lease(base, "mine", ttl_s=60).acquire()  # the acquiring PUT
+    assert lost["n"] == 1 and lease.tag == conditional.read_with_tag(lease.uri)[1]
+    lease.fence()  # a renewal, same story
+    assert lost["n"] == 2 and not lease.lost
+    monkeypatch.undo()
+    lease.release()
+    assert json.loads(storage.read_bytes(lease.uri))["released"]
+
+
+def test_409_conditional_request_conflict_is_a_lost_race():
+    from botocore.exceptions import ClientError
+
+    conflict = ClientError(
+        {"Error": {"Code": "ConditionalRequestConflict"}, "ResponseMetadata": {"HTTPStatusCode": 409}}, "PutObject"
+    )
+    assert conditional._is_precondition_failure(conflict)
+    other = ClientError({"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "PutObject")
+    assert not conditional._is_precondition_failure(other)
+
+
+def test_a_holder_without_progress_or_past_its_maximum_gives_the_output_up(base):
+    for kwargs, why in (({"stall_s": 0.5, "progress": lambda: 0}, "no progress"), ({"max_run_s": 0.5}, "max-run-s")):
+        gave_up = threading.Event()
+        lease = Lease(base, "hung", ttl_s=3, on_lost=gave_up.set, **kwargs).acquire()
+        assert gave_up.wait(30)
+        with pytest.raises(LeaseLost, match=why):
+            lease.check()
+        lease.release()  # still ours: released, so the next run need not wait a TTL
+        with Lease(base, "next", ttl_s=60):
+            pass
+
+
+def test_the_probe_passes_a_store_that_honours_conditional_writes(bucket):
+    conditional.probe(f"{bucket}/out", "t")
+    assert not storage.list_files(f"{bucket}/out")
+
+
+def test_the_probe_refuses_a_store_that_ignores_conditional_writes(bucket, monkeypatch):
+    """A tiny S3 look-alike that answers 200 to every PUT and DELETE, whatever the headers say."""
+    import http.server
+    import socketserver
+
+    objects = {}
+
+    class Ignoring(http.server.BaseHTTPRequestHandler):
+        def _send(self, code, body=b"", etag=None):
+            self.send_response(code)
+            if etag:
+                self.send_header("ETag", etag)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_PUT(self):
+            data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            objects[self.path] = data
+            self._send(200, etag=f'"{len(objects):032x}"')
+
+        def do_GET(self):
+            if self.path in objects:
+                self._send(200, objects[self.path], etag='"1"')
+            else:
+                self._send(404, b"<Error><Code>NoSuchKey</Code></Error>")
+
+        def do_DELETE(self):
+            objects.pop(self.path, None)
+            self._send(204)
+
+        def log_message(self, *a):
+            pass
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Ignoring)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(conditional.UnsafeStore, match="If-None-Match.*--unsafe-no-lease"):
+            conditional.probe("s3://any/out", "t")
+        assert not objects  # the scratch key is removed
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_local_writer_killed_mid_copy_leaves_nothing_a_reader_trips_on(tmp_path):
+    """A process killed between writing a part's bytes and renaming them: pandas and pyarrow read the
+    folder, and the next run's recovery removes the leftover."""
+    import subprocess
+    import sys
+    import textwrap
+
+    import pandas as pd
+
+    out = tmp_path / "preds"
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        import pyarrow as pa, pyarrow.parquet as pq
+        from pipeline.core import storage
+        os.makedirs("{out}/dt=1/run=a")
+        pq.write_table(pa.table({{"x": [1, 2]}}), "{out}/dt=1/run=a/part-00000.parquet")
+        os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)  # killed right before the rename
+        storage.write_bytes("{out}/dt=1/run=a/part-00001.parquet", b"PAR1 half a file")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert proc.returncode == -9
+    leftovers = list((out / "dt=1" / "run=a" / "_tmp").iterdir())
+    assert len(leftovers) == 1  # the half-written bytes, where no reader looks
+    assert len(pd.read_parquet(out)) == 2
+    assert pads.dataset(str(out), format="parquet", partitioning="hive").to_table().num_rows == 2
+    assert storage.remove_local_tmp(str(out / "dt=1" / "run=a")) == 1
+    assert not (out / "dt=1" / "run=a" / "_tmp").exists()
 
 
 def test_storage_keeps_every_legal_s3_key_verbatim(bucket):

@@ -1,7 +1,12 @@
 """Conditional operations: compare-and-swap on one object, what the output lease and the ledger stand on.
 
 S3: `If-None-Match: *` (create only), `If-Match: <ETag>` (replace or delete only what was read); a
-lost race is `PreconditionFailed`. Local folders: the same semantics under an flock, the tag a sha256.
+lost race is `PreconditionFailed`: 412, and AWS's 409 `ConditionalRequestConflict` for two conditional
+writes in flight at once. Local folders: the same semantics under an flock, the tag a sha256.
+
+`probe()`: a store that accepts the headers but does not honour them (SeaweedFS before about 3.97, a
+gateway that drops them) would give two writers a 200 each; the probe asks it, on one scratch key, before
+a job relies on it.
 """
 
 from __future__ import annotations
@@ -40,12 +45,61 @@ def _local_tag(path: str) -> str | None:
         return None
 
 
+class UnsafeStore(StorageError):
+    """The store does not honour conditional writes: a lease on it would not keep a second writer out."""
+
+    exit_code = 2  # nothing was written; the store (or --unsafe-no-lease) has to change
+
+
+_WRONG_TAG = '"' + "0" * 32 + '"'  # no object has it
+_LOST_RACE = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+
+
 def _is_precondition_failure(exc: BaseException) -> bool:
+    """412 (the condition did not hold) or 409 (AWS: another conditional write to the key is in flight):
+    either way this writer lost the race."""
     resp = getattr(exc, "response", None) or {}
-    return (
-        resp.get("Error", {}).get("Code") in ("PreconditionFailed", "412")
-        or resp.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
-    )
+    return resp.get("Error", {}).get("Code") in _LOST_RACE or resp.get("ResponseMetadata", {}).get(
+        "HTTPStatusCode"
+    ) in (409, 412)
+
+
+def probe(prefix: str | os.PathLike, name: str) -> None:
+    """Check, on the scratch key `{prefix}/_probe-{name}`, that the store refuses what a lease relies on it
+    refusing: a second create-only PUT, a PUT and a DELETE with a wrong ETag. Raises UnsafeStore naming
+    what was accepted; the scratch key is removed either way. Local folders always pass (O_EXCL + flock)."""
+    loc = parse_uri(prefix)
+    if loc.scheme == "file":
+        return
+    uri = loc.join(f"_probe-{name}").uri
+    accepted = []
+    try:
+        tag = write_conditional(uri, b"first", if_absent=True)
+        for what, attempt in (
+            ("a second PUT with If-None-Match: *", lambda: write_conditional(uri, b"second", if_absent=True)),
+            ("a PUT with If-Match on a wrong ETag", lambda: write_conditional(uri, b"third", if_match=_WRONG_TAG)),
+            ("a DELETE with If-Match on a wrong ETag", lambda: delete_conditional(uri, _WRONG_TAG)),
+        ):
+            try:
+                attempt()
+                accepted.append(what)
+            except PreconditionFailed:
+                pass
+        current = read_with_tag(uri)
+        if not accepted and (current is None or current[1] != tag):
+            accepted.append("nothing, yet the object changed")
+    finally:
+        loc_ = parse_uri(uri)
+        try:
+            s3_client().delete_object(Bucket=loc_.bucket, Key=loc_.key)
+        except Exception:  # noqa: BLE001 - a leftover scratch key is `_`-named, skipped by every reader
+            pass
+    if accepted:
+        raise UnsafeStore(
+            f"the store behind {loc.uri} accepted {', '.join(accepted)}: it ignores conditional writes, so the "
+            "output's lease cannot keep a second run out (SeaweedFS before 4.17 and some gateways do this). "
+            "Upgrade the store, or pass --unsafe-no-lease if only one run can ever write this output"
+        )
 
 
 def read_with_tag(uri: str | os.PathLike) -> tuple[bytes, str] | None:

@@ -4,6 +4,8 @@
     1   anything unexpected (a traceback; a crashed batch-inference commit is finished by the next run)
     2   bad arguments or input, found before anything was written
     3   batch inference: more errors than --max-error-rate, nothing published
+    4   batch inference: the output may hold part of a run (a commit or a recovery stopped midway); readers
+        that honour `_SUCCESS` see nothing of it, and the next run finishes it or rolls it back
     75  another run holds the output's lease, nothing touched: try again later (sysexits EX_TEMPFAIL)
 
 An exception says its own code with an `exit_code` attribute; a `ValueError` (bad value) counts as 2.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_ERROR_RATE, EXIT_TEMPFAIL = 0, 1, 2, 3, 75
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_ERROR_RATE, EXIT_PARTIAL, EXIT_TEMPFAIL = 0, 1, 2, 3, 4, 75
 
 
 def exit_code(exc: BaseException) -> int | None:

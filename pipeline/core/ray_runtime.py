@@ -6,9 +6,10 @@ own: node address 127.0.0.1, no dashboard, token auth with a token file that onl
 slots as the local stack gives (2 x cores, so Ray Data decodes beside the training workers). The folder
 holds `owner.lock`, locked by the job's process for as long as it lives: a job killed with SIGKILL
 cannot remove its folder, so the next job that starts a private Ray removes every folder whose lock
-nobody holds (`remove_stale_local_rays`), never one whose owner is alive. Ray 2.60's
-gRPC servers (GCS, raylet, workers) still listen on every interface whatever the node address: the
-token is what guards them.
+nobody holds (`remove_stale_local_rays`), never one whose owner is alive. Every server of it listens on
+loopback only: Ray 2.60 turns a node address of 127.0.0.1 into the machine's own (its metrics exporter
+then listens on 0.0.0.0 without authentication, its agents on the external address) unless
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, Ray's single-machine mode, which the job sets for its own Ray.
 
 `capacity()` and `check_fits()`: the job's CPU and GPU needs against what the cluster can grow to (the autoscaler's
 node types times their max workers, as Ray reports them), not what runs now, so a cluster that
@@ -55,7 +56,9 @@ def connect(log_to_driver: bool = True) -> None:
     fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token)
+    # read when ray is imported: a single-machine Ray resolves its node address to loopback, so the metrics
+    # exporter, the agents and the gRPC servers bind 127.0.0.1 (tests/test_cluster_runtime.py lists them)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     import ray
 
     print(

@@ -8,6 +8,7 @@ MinIO. Nothing here prints or logs a credential; errors name the endpoint, bucke
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -253,15 +254,30 @@ def read_bytes(uri: str | os.PathLike, large: bool = False) -> bytes:
         raise explain(e, loc, "read") from None
 
 
+LOCAL_TMP = "_tmp"  # beside a local file being written: `_`-named, so no reader (pyarrow, pandas, Spark) looks in
+
+
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
-    """Write a whole object. S3 PUTs are atomic; local files go through a temp name and a rename."""
+    """Write a whole object. S3 PUTs are atomic; a local file is written in the `_tmp/` folder beside it
+    and renamed into place, so a reader of the folder never meets a half-written file, even when the
+    writer is killed (what a kill leaves in `_tmp/` is skipped by readers and removed by `remove_local_tmp`)."""
     loc = parse_uri(uri)
     try:
         if loc.scheme == "file":
-            Path(loc.path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{loc.path}.tmp-{uuid.uuid4().hex[:8]}"
-            Path(tmp).write_bytes(data)
-            os.replace(tmp, loc.path)
+            target = Path(loc.path)
+            tmp_dir = target.parent / LOCAL_TMP
+            tmp = tmp_dir / f"{target.name}.{uuid.uuid4().hex[:8]}"
+            for attempt in range(5):  # a concurrent writer may remove the (then empty) folder in between
+                try:
+                    tmp_dir.mkdir(parents=True, exist_ok=True)
+                    tmp.write_bytes(data)
+                    break
+                except (FileNotFoundError, FileExistsError):
+                    if attempt == 4:
+                        raise
+            os.replace(tmp, target)
+            with contextlib.suppress(OSError):  # not empty: another writer's file is in it
+                tmp_dir.rmdir()
         elif _odd_key(loc):
             s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
         else:
@@ -310,17 +326,43 @@ def to_uri(loc_like: Location, fs_path: str) -> str:
     return f"s3://{fs_path}" if loc_like.scheme == "s3" else fs_path
 
 
-def copy(src: str, dst: str) -> None:
+def copy(src: str, dst: str, missing_ok: bool = False) -> bool:
+    """Copy one object (server-side on S3: one CopyObject up to 5 GB, a multipart copy above). With
+    `missing_ok`, a missing source returns False instead of raising."""
     s, d = parse_uri(src), parse_uri(dst)
     try:
         if s.scheme == d.scheme == "s3":
-            s3_client().copy({"Bucket": s.bucket, "Key": s.key}, d.bucket, d.key)
+            try:
+                s3_client().copy_object(CopySource={"Bucket": s.bucket, "Key": s.key}, Bucket=d.bucket, Key=d.key)
+            except Exception as e:
+                code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
+                if code in ("NoSuchKey", "404"):
+                    if missing_ok:
+                        return False
+                    raise
+                if code not in ("InvalidRequest", "EntityTooLarge"):
+                    raise
+                s3_client().copy({"Bucket": s.bucket, "Key": s.key}, d.bucket, d.key)  # over 5 GB: multipart
         else:
+            if missing_ok and not exists(src):
+                return False
             write_bytes(dst, read_bytes(src))
+        return True
     except StorageError:
         raise
     except Exception as e:
         raise explain(e, s, "copy") from None
+
+
+def remove_local_tmp(folder: str | os.PathLike) -> int:
+    """Remove what killed local writers left in `folder/_tmp/`; returns how many files went."""
+    loc = parse_uri(folder)
+    tmp = Path(loc.path) / LOCAL_TMP
+    if loc.scheme != "file" or not tmp.is_dir():
+        return 0
+    n = len(list(tmp.iterdir()))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return n
 
 
 def delete(uri: str | os.PathLike, recursive: bool = False) -> None:

@@ -23,18 +23,21 @@ from pipeline.core import storage
 from pipeline.data.manifest import SPLITS
 
 # Names, the one rule of both jobs (make_shards and batch inference):
-#   our own bookkeeping (the `_staging/`, `_commits/`, `_ledger/` folders, `_SUCCESS`, `_lease.json`,
-#     `_accuracy.json`) is passed over without a word: it is not anybody's data;
+#   our own bookkeeping (the `_staging/`, `_commits/`, `_rolled_back/`, `_runs/`, `_ledger/` folders, a
+#     `_tmp/` folder anywhere, `_SUCCESS`, `_lease.json`, `_accuracy.json`, `_probe-*`) is passed over
+#     without a word: it is not anybody's data;
 #   a hidden name (a path component beginning with `.`: `.DS_Store`, `.git/`) is a counted, listed skip;
 #   everything else is an input, `_DSC0001.JPG` and `_MG_1234.JPG` (what cameras write) included.
-BOOKKEEPING_FOLDERS = ("_staging", "_commits", "_ledger", "_timeline")
+BOOKKEEPING_FOLDERS = ("_staging", "_commits", "_rolled_back", "_runs", "_ledger", "_timeline")
 BOOKKEEPING_FILES = ("_SUCCESS", "_lease.json", "_accuracy.json")
 
 
 def name_rule(rel: str) -> str | None:
     """None for an input; "" for our own bookkeeping (silent); otherwise the reason of a listed skip."""
     parts = rel.split("/")
-    if parts[0] in BOOKKEEPING_FOLDERS or parts[-1] in BOOKKEEPING_FILES:
+    if parts[0] in BOOKKEEPING_FOLDERS or parts[-1] in BOOKKEEPING_FILES or storage.LOCAL_TMP in parts[:-1]:
+        return ""
+    if len(parts) == 1 and parts[0].startswith("_probe-"):
         return ""
     if ".." in parts:
         return "a '..' path component (read as a path it would name another folder)"

@@ -1,7 +1,8 @@
 """Batch inference with Ray Data: images in object storage -> predictions as committed Parquet runs.
 
-    lease on --output (one writer; `lease`) -> finish or drop what crashed runs left
-    list inputs (minus those already predicted, with --since-last-run: the model's ledger)
+    probe the store's conditional writes -> lease on --output (one writer; `lease`)
+      -> finish, roll back or drop what crashed and superseded runs left (`publish.recover`)
+    list inputs (minus those already predicted, with --since-last-run: the model's ledger, in Arrow)
       -> concurrent GETs + decode + eval crop + patchify, one task per ~batch   (CPU tasks)
       -> Predictor in an actor pool (weights read once by the driver, shipped through the object store;
          GPU + bf16 when asked)
@@ -12,6 +13,7 @@ The layout under --output, what each reader sees, and why a crash anywhere is sa
 
 from __future__ import annotations
 
+import _thread
 import datetime as dt
 import hashlib
 import json
@@ -21,13 +23,13 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pipeline.core import exported, storage
-from pipeline.core.exits import EXIT_ERROR_RATE
+from pipeline.core import conditional, exported, storage
+from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_ERROR_RATE, EXIT_PARTIAL
 from pipeline.data.manifest import load_manifest
 from pipeline.inference import publish
 from pipeline.inference.infer_config import ALIASES, InferConfig  # noqa: F401 - the job's schema, re-exported
 from pipeline.inference.inputs import Inputs, fetch_and_preprocess, is_shards, list_inputs, shard_rows
-from pipeline.inference.lease import Lease
+from pipeline.inference.lease import Lease, LeaseLost
 from pipeline.inference.predictor import Predictor, preprocess
 from pipeline.inference.run_report import (
     TIMELINE,
@@ -46,6 +48,17 @@ class ErrorRateExceeded(RuntimeError):
     """More inputs failed than --max-error-rate allows; nothing was published."""
 
     exit_code = EXIT_ERROR_RATE
+
+
+class PartialOutput(RuntimeError):
+    """A commit or a recovery stopped midway: the output may hold part of a run that no `_SUCCESS` names;
+    the next run finishes it or rolls it back."""
+
+    exit_code = EXIT_PARTIAL
+
+
+class RunIdTaken(ValueError):
+    exit_code = EXIT_BAD_INPUT
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -81,10 +94,23 @@ def preflight(cfg: InferConfig) -> Preflight:
     json.loads(config)  # a config.json that does not parse is refused here, before any cluster work
     storage.check_bucket(cfg.input)
     storage.check_bucket(cfg.output)
+    if _inside(cfg.output, cfg.input):
+        raise ValueError(
+            f"--output {cfg.output} is inside --input {cfg.input}: the published parts would be listed as inputs "
+            "by the next run. Put the output beside the input, e.g. s3://bucket/predictions next to s3://bucket/images"
+        )
     if cfg.since_last_run and is_shards(cfg.input):
         raise ValueError("--since-last-run works on image prefixes, not on shards (shards are immutable data sets)")
     model_cfg = exported.model_config(config)  # this project's export or a timm folder; preprocessing included
     return Preflight(weights, config, hashlib.sha256(weights).hexdigest(), model_cfg, exported.class_names(config))
+
+
+def _inside(child: str, parent: str) -> bool:
+    c, p = storage.parse_uri(child), storage.parse_uri(parent)
+    if c.scheme != p.scheme:
+        return False
+    cp, pp = c.path.rstrip("/"), p.path.rstrip("/")
+    return cp == pp or cp.startswith(pp + "/")
 
 
 def predict_to_staging(cfg: InferConfig, pre: Preflight, inputs: Inputs, run_id: str, started: dt.datetime) -> Staged:
@@ -127,9 +153,9 @@ def predict_to_staging(cfg: InferConfig, pre: Preflight, inputs: Inputs, run_id:
     else:
         # Images are small objects: one task per ~batch of them GETs them concurrently (a GET is mostly
         # waiting) and decodes them in the same task, so no encoded bytes pass through the object store.
-        n_blocks = max(1, min(len(inputs.items) // cfg.batch_size, 2000))
-        items = [{"image_uri": u, "label_id": lab, "size": -1 if n is None else n} for u, lab, n in inputs.items]
-        ds = ray.data.from_items(items, override_num_blocks=n_blocks)
+        n_blocks = max(1, min(len(inputs) // cfg.batch_size, 2000))
+        per = -(-len(inputs) // n_blocks)
+        ds = ray.data.from_arrow([inputs.table.slice(i, per) for i in range(0, len(inputs), per)])
         ds = ds.map_batches(
             fetch_and_preprocess,
             fn_kwargs={"transform": eval_transform, "reads": cfg.reads},
@@ -174,22 +200,91 @@ def predict_to_staging(cfg: InferConfig, pre: Preflight, inputs: Inputs, run_id:
 
 
 def _list_and_state(cfg: InferConfig, pre: Preflight, layout: publish.Layout):
-    """(inputs, inputs already done or None, seconds it took)."""
+    """(inputs, the model's ledger or None, seconds it took)."""
     t = time.time()
     inputs = list_inputs(cfg, pre.class_names)
-    done = publish.done_inputs(layout, pre.weights_sha256, cfg.retry_errors) if cfg.since_last_run else None
-    return inputs, done, time.time() - t
+    ledger = (
+        publish.read_ledger(layout, pre.weights_sha256, only=inputs.table["image_uri"]) if cfg.since_last_run else None
+    )
+    return inputs, ledger, time.time() - t
+
+
+class _NoLease:
+    """--unsafe-no-lease: the lease's interface, holding nothing (generation 0 marks the output's records)."""
+
+    generation, lost = 0, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def check(self):
+        pass
+
+    def fence(self):
+        pass
+
+
+def _lease(cfg: InferConfig, layout: publish.Layout, run_id: str, stages: Stages):
+    """The output's lease, after the store showed it honours conditional writes. Renewed while the run
+    makes progress (a stage starts or a staged file appears); when it is lost or given up the main thread
+    is interrupted and the run stops."""
+    if cfg.unsafe_no_lease:
+        log.warning(
+            "--unsafe-no-lease: writing %s without a lease; a second run at the same time corrupts it", cfg.output
+        )
+        return _NoLease()
+    conditional.probe(cfg.output, run_id)
+    staging = layout.staging(run_id).uri
+
+    def progress():
+        return len(stages.s), len(storage.list_files(staging))
+
+    return Lease(
+        cfg.output,
+        run_id,
+        cfg.lease_ttl_s,
+        max_run_s=cfg.max_run_s,
+        stall_s=cfg.stall_s,
+        progress=progress,
+        on_lost=_thread.interrupt_main,
+    )
+
+
+def _check_run_id(layout: publish.Layout, run_id: str) -> None:
+    if storage.exists(layout.run_record(run_id).uri) or (
+        not storage.list_files(layout.output.join(publish.RUNS).uri)
+        and any(r["run_id"] == run_id for r in publish.committed_runs(layout.output.uri))
+    ):
+        raise RunIdTaken(
+            f"--run-id {run_id}: a run with this id is already committed under {layout.output.uri}; "
+            "choose a new id (or leave it out: the default is the UTC time and a random suffix)"
+        )
 
 
 def run(cfg: InferConfig) -> dict:
-    """The whole job. Raises LeaseHeld (nothing touched), ErrorRateExceeded (nothing published),
-    StorageError / ValueError (bad input, before any prediction)."""
+    """The whole job. Raises LeaseHeld / LeaseLost (nothing of this run published), ErrorRateExceeded
+    (nothing published), PartialOutput (part of a run may be visible to plain glob readers until the next
+    run), StorageError / ValueError (bad input, before anything was written)."""
     stages = Stages()
     with stages("preflight"):
         pre = preflight(cfg)
     layout = publish.Layout.of(cfg.output)
     started = dt.datetime.now(dt.timezone.utc)
     run_id = cfg.run_id or f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+    lease = _lease(cfg, layout, run_id, stages)
+    try:
+        with lease:
+            return _run_held(cfg, pre, layout, lease, run_id, started, stages)
+    except KeyboardInterrupt:
+        if lease.lost:  # the renewal thread interrupted us: the run stops, the next one takes over
+            raise LeaseLost(f"run {run_id} stopped: {lease.lost}") from None
+        raise
+
+
+def _run_held(cfg, pre, layout, lease, run_id, started, stages) -> dict:
     result = {
         "run_id": run_id,
         "rows": 0,
@@ -202,77 +297,101 @@ def run(cfg: InferConfig) -> dict:
         "already_done": 0,
         "skipped_inputs": 0,
     }
-    with Lease(cfg.output, run_id, cfg.lease_ttl_s) as lease:
-        with stages("recover"):
-            result["recovered"] = publish.recover(layout, lease)
-        # Listing (and the --since-last-run state) runs in a thread while this one connects to Ray: on a large
-        # prefix the listing takes as long as the start-up. The weights go to the object store only when
-        # there is something to predict.
-        with ThreadPoolExecutor(1) as pool:
-            listing = pool.submit(_list_and_state, cfg, pre, layout)
-            with stages("connect"):
-                from pipeline.core.ray_runtime import connect
-
-                connect(log_to_driver=True)
-            inputs, done, listed_s = listing.result()
-        stages.s["list"] = round(listed_s, 3)  # beside "connect", not after it
-        result["skipped_inputs"] = len(inputs.skipped)
-        for s in inputs.skipped[:20]:
-            log.warning("not an input: %s (%s)", s["path"], s["reason"])
-        if cfg.since_last_run:
-            before = len(inputs.items)
-            inputs.items = [x for x in inputs.items if x[0] not in done]
-            result["already_done"] = before - len(inputs.items)
-            print(
-                f"since last run: {result['already_done']} of {before} inputs already predicted with this model",
-                flush=True,
-            )
-        if cfg.limit and inputs.kind != "shards":
-            inputs.items = inputs.items[: cfg.limit]
-        if not inputs.items:
-            return {**result, "elapsed_s": time.time() - stages.t0, "timings_s": stages.s}
+    if cfg.run_id:
+        _check_run_id(layout, run_id)
+    with stages("recover"):
         try:
-            with stages("predict"):
-                staged = predict_to_staging(cfg, pre, inputs, run_id, started)
-            summary = summarize_staged(staged.files, pre.class_names)
-            n_inputs = summary["rows"] if inputs.kind == "shards" else len(inputs.items)
-            if summary["rows"] != n_inputs:
-                raise RuntimeError(
-                    f"run {run_id} produced {summary['rows']} rows for {n_inputs} inputs: not publishing it"
-                )
-            if cfg.max_error_rate is not None and summary["errors"] > cfg.max_error_rate * n_inputs:
-                raise ErrorRateExceeded(
-                    f"{summary['errors']} of {n_inputs} inputs could not be predicted, more than "
-                    f"--max-error-rate {cfg.max_error_rate}: run {run_id} is not published "
-                    "(the error rows name each input and its reason in the job log)"
-                )
-        except BaseException:
-            storage.delete(layout.staging(run_id).uri, recursive=True)  # nothing of this run is committed
+            rec = publish.recover(layout, lease)
+        except (LeaseLost, KeyboardInterrupt):
             raise
-        acc = summary["accuracy"]
-        intent = publish.plan_commit(
-            layout,
-            run_id,
-            f"{started:%Y-%m-%d}",
-            staged.files,
-            accuracy_report=acc,
-            ledger=inputs.kind != "shards",
-            rows=summary["rows"],
-            inputs=n_inputs,
-            errors=summary["errors"],
-            model_uri=cfg.model,
-            model_sha256=pre.weights_sha256,
-            input=cfg.input,
-            not_inputs=inputs.skipped[:1000],  # left out by the naming rule (hidden names), with the reason
-            not_inputs_count=len(inputs.skipped),
-            started_at=started.isoformat(),
-            timings_s=stages.s,
-            operator_s=staged.operator_s,
-            startup_s=staged.startup_s,
-            accuracy=acc and {k: acc[k] for k in ("top1", "top5", "count")},
+        except Exception as e:
+            raise PartialOutput(
+                f"finishing what earlier runs left under {cfg.output} failed: {e}. Readers that honour _SUCCESS "
+                "are not affected; the next run tries again"
+            ) from e
+    result["recovered"], result["rolled_back"] = rec.finished, rec.rolled_back
+    # Listing (and the --since-last-run state) runs in a thread while this one connects to Ray: on a large
+    # prefix the listing takes as long as the start-up. The weights go to the object store only when
+    # there is something to predict.
+    with ThreadPoolExecutor(1) as pool:
+        listing = pool.submit(_list_and_state, cfg, pre, layout)
+        with stages("connect"):
+            from pipeline.core.ray_runtime import connect
+
+            connect(log_to_driver=True)
+        inputs, ledger, listed_s = listing.result()
+    stages.s["list"] = round(listed_s, 3)  # beside "connect", not after it
+    result["skipped_inputs"] = len(inputs.skipped)
+    for s in inputs.skipped[:20]:
+        log.warning("not an input: %s (%s)", s["path"], s["reason"])
+    if cfg.since_last_run:
+        before = len(inputs)
+        inputs.table = inputs.table.filter(publish.todo(ledger, inputs.table, cfg.retry_errors))
+        result["already_done"] = before - len(inputs)
+        print(
+            f"since last run: {result['already_done']} of {before} inputs need no new prediction with this model",
+            flush=True,
         )
-        with stages("publish"):
+    if cfg.limit and inputs.kind != "shards":
+        inputs.table = inputs.table.slice(0, cfg.limit)
+    if not len(inputs):
+        return {**result, "elapsed_s": time.time() - stages.t0, "timings_s": stages.s}
+    try:
+        with stages("predict"):
+            staged = predict_to_staging(cfg, pre, inputs, run_id, started)
+        summary = summarize_staged(staged.files, pre.class_names)
+        n_inputs = summary["rows"] if inputs.kind == "shards" else len(inputs)
+        if summary["rows"] != n_inputs:
+            raise RuntimeError(f"run {run_id} produced {summary['rows']} rows for {n_inputs} inputs: not publishing it")
+        if cfg.max_error_rate is not None and summary["errors"] > cfg.max_error_rate * n_inputs:
+            raise ErrorRateExceeded(
+                f"{summary['errors']} of {n_inputs} inputs could not be predicted, more than "
+                f"--max-error-rate {cfg.max_error_rate}: run {run_id} is not published "
+                "(the error rows name each input and its reason in the job log)"
+            )
+    except BaseException:
+        storage.delete(layout.staging(run_id).uri, recursive=True)  # nothing of this run is committed
+        raise
+    acc = summary["accuracy"]
+    intent = publish.plan_commit(
+        layout,
+        run_id,
+        f"{started:%Y-%m-%d}",
+        staged.files,
+        accuracy_report=acc,
+        ledger=inputs.kind != "shards",
+        fence=lease.generation,
+        rows=summary["rows"],
+        inputs=n_inputs,
+        errors=summary["errors"],
+        errors_transient=summary["errors_transient"],
+        model_uri=cfg.model,
+        model_sha256=pre.weights_sha256,
+        input=cfg.input,
+        not_inputs=inputs.skipped[:1000],  # left out by the naming rule (hidden names), with the reason
+        not_inputs_count=len(inputs.skipped),
+        started_at=started.isoformat(),
+        timings_s=stages.s,
+        operator_s=staged.operator_s,
+        startup_s=staged.startup_s,
+        accuracy=acc and {k: acc[k] for k in ("top1", "top5", "count")},
+    )
+    with stages("publish"):
+        try:
             publish.commit(layout, intent, lease)
+        except LeaseLost:
+            if storage.exists(layout.intent(run_id).uri):
+                raise PartialOutput(
+                    f"run {run_id} lost its lease while publishing; the new holder finishes it"
+                ) from None
+            raise
+        except (Exception, KeyboardInterrupt) as e:
+            if isinstance(e, KeyboardInterrupt) and not lease.lost:
+                raise
+            raise PartialOutput(
+                f"publishing run {run_id} stopped midway: {e}. Readers that honour _SUCCESS do not see it; "
+                "the next run finishes or rolls it back"
+            ) from e
     return {
         **result,
         **intent.success,

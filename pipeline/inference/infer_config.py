@@ -30,8 +30,9 @@ class InferConfig(Section):
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="run id (default: UTC time + random)")
     retry_errors: bool = Field(
         True,
-        description="with --since-last-run: inputs whose last attempt failed are tried "
-        "again (--no-retry-errors: count them as done, for inputs known to be permanently bad)",
+        description="with --since-last-run: inputs whose last attempt failed transiently (a read timeout) are "
+        "tried again, and any input whose object changed; an unchanged input that failed for good (does not "
+        "decode) is not (--no-retry-errors: no failed input is tried again until its object changes)",
     )
     max_error_rate: float | None = Field(
         None,
@@ -44,6 +45,23 @@ class InferConfig(Section):
     max_aspect: float = Field(images.DEFAULT_MAX_ASPECT, ge=1, description="longer side at most this x the shorter")
     max_object_mb: float = Field(
         images.DEFAULT_MAX_OBJECT_MB, gt=0, description="larger inputs are error rows by their listed size, never read"
+    )
+    max_run_s: float | None = Field(
+        None,
+        gt=0,
+        description="stop and give the output up after this many seconds (set it below the schedule's period; "
+        "default: no limit)",
+    )
+    stall_s: float = Field(
+        1800.0,
+        gt=0,
+        description="stop and give the output up when the run makes no progress (no stage, no new staged file) for "
+        "this long: a run waiting for GPUs that never come does not block the next ones",
+    )
+    unsafe_no_lease: bool = Field(
+        False,
+        description="write without the output's lease on a store that does not honour conditional writes (the "
+        "start-up probe refuses it otherwise): safe only when a single run can ever write --output",
     )
     lease_ttl_s: float = Field(
         600.0,
@@ -83,6 +101,10 @@ ALIASES = {
     "retry-errors": "retry_errors",
     "max-error-rate": "max_error_rate",
     "lease-ttl": "lease_ttl_s",
+    "max-run-s": "max_run_s",
+    "stall-s": "stall_s",
+    "unsafe-no-lease": "unsafe_no_lease",
+    "run-id": "run_id",
     "min-size": "min_size",
     "max-aspect": "max_aspect",
     "max-object-mb": "max_object_mb",

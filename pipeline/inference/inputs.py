@@ -1,7 +1,7 @@
 """What batch inference reads: the inputs listed, and each one's bytes fetched and turned into patches.
 
 list_inputs(): --input as shards (a manifest), a class tree (`<class>/<image>`, labels known) or a
-               plain prefix of images -> [(image_uri, label id or -1)]
+               plain prefix of images -> an Arrow table (image_uri, label_id, size, input_version)
 fetch_and_preprocess(): map_batches step, image URIs -> bytes (`reads` GETs in flight) -> eval patches
 shard_rows(): map_batches step, WebDataset/Parquet shard rows -> (image_uri, bytes, label_id)
 """
@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.core import storage
 from pipeline.data.images import ImageDecodeError
@@ -23,15 +24,29 @@ from pipeline.data.transforms import ImageTransform
 from pipeline.inference.infer_config import InferConfig
 from pipeline.inference.predictor import preprocess
 
+INPUT_SCHEMA = pa.schema(
+    [("image_uri", pa.string()), ("label_id", pa.int64()), ("size", pa.int64()), ("input_version", pa.string())]
+)
+TRANSIENT, PERMANENT = "transient", "permanent"  # error kinds: retried by a later run, or final for this version
+
 
 @dataclass
 class Inputs:
-    """The listed inputs of one run: [(image_uri, label id or -1, listed bytes or None)], their kind, and
-    what the naming rule (`sources.name_rule`, make_shards' own) left out, with the reason."""
+    """The listed inputs of one run as Arrow (image_uri, label_id or -1, listed size or -1, input_version:
+    `size:mtime`, what tells a changed object), their kind, and what the naming rule
+    (`sources.name_rule`, make_shards' own) left out, with the reason."""
 
-    items: list[tuple[str, int, int | None]]
+    table: pa.Table
     kind: str  # "images", "class-tree" or "shards"
     skipped: list[dict] = field(default_factory=list)  # [{"path", "reason"}]
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+
+def _version(f) -> str:
+    mtime = f.mtime.timestamp() if f.mtime is not None else 0
+    return f"{f.size}:{int(mtime)}"
 
 
 def is_shards(uri: str) -> bool:
@@ -46,7 +61,11 @@ def list_inputs(cfg: InferConfig, class_names: list[str]) -> Inputs:
     if is_shards(loc.uri):
         manifest = load_manifest(loc.uri)
         uris = [u for split in manifest.splits if cfg.split in (None, split) for u in manifest.shard_uris(split)]
-        return Inputs([(u, -1, None) for u in uris], "shards")
+        n = len(uris)
+        return Inputs(
+            pa.table([uris, [-1] * n, [-1] * n, pa.nulls(n, pa.string())], schema=INPUT_SCHEMA),
+            "shards",
+        )
     files, skipped = [], []
     for f in storage.list_files(loc.uri):
         rel = f.path[len(loc.path) :].lstrip("/" if loc.scheme == "s3" else os.sep).replace(os.sep, "/")
@@ -61,8 +80,16 @@ def list_inputs(cfg: InferConfig, class_names: list[str]) -> Inputs:
         )
     index = {c: i for i, c in enumerate(class_names)}
     tree = all(r.count("/") == 1 for _, r in files) and all(r.split("/")[0] in index for _, r in files)
-    out = [(storage.to_uri(loc, f.path), index[r.split("/")[0]] if tree else -1, f.size) for f, r in files]
-    return Inputs(out, "class-tree" if tree else "images", skipped)
+    table = pa.table(
+        [
+            [storage.to_uri(loc, f.path) for f, _ in files],
+            [index[r.split("/")[0]] if tree else -1 for _, r in files],
+            [f.size if f.size is not None else -1 for f, _ in files],
+            [_version(f) for f, _ in files],
+        ],
+        schema=INPUT_SCHEMA,
+    )
+    return Inputs(table, "class-tree" if tree else "images", skipped)
 
 
 def fetch_and_preprocess(batch: dict, transform: ImageTransform, reads: int) -> dict:
@@ -76,11 +103,11 @@ def fetch_and_preprocess(batch: dict, transform: ImageTransform, reads: int) -> 
         try:
             size = sizes[i]
             transform.rules.check_object_size(None if size is None or size < 0 else int(size))
-            return storage.read_bytes(uris[i]), ""
+            return storage.read_bytes(uris[i]), "", None
         except ImageDecodeError as e:
-            return b"", str(e)
+            return b"", str(e), PERMANENT  # over the size cap: final until the object changes
         except (storage.StorageError, OSError) as e:
-            return b"", f"cannot read ({e})"
+            return b"", f"cannot read ({e})", TRANSIENT  # a timeout, a refused or lost connection
 
     with ThreadPoolExecutor(max(1, min(reads, len(uris)))) as pool:
         got = list(pool.map(get, range(len(uris))))
@@ -88,13 +115,17 @@ def fetch_and_preprocess(batch: dict, transform: ImageTransform, reads: int) -> 
         {
             "image_uri": batch["image_uri"],
             "label_id": batch["label_id"],
-            "bytes": np.asarray([b for b, _ in got], dtype=object),
+            "bytes": np.asarray([b for b, _, _ in got], dtype=object),
         },
         transform,
     )
-    for i, (_, err) in enumerate(got):
+    kinds = np.asarray([PERMANENT if e else None for e in out["error"]], dtype=object)  # undecodable bytes
+    for i, (_, err, kind) in enumerate(got):
         if err:
-            out["error"][i] = err
+            out["error"][i], kinds[i] = err, kind
+    out["error_kind"] = kinds
+    if "input_version" in batch:
+        out["input_version"] = batch["input_version"]
     return out
 
 

@@ -1,13 +1,23 @@
-"""One writer per output prefix: a lease object taken with a conditional write and renewed while the run lives.
+"""One writer per output prefix: a lease object taken with a conditional write and renewed while the run
+makes progress.
 
-    {output}/_lease.json   {"run_id", "holder", "acquired_at", "renewed_at", "expires_at", "ttl_s"}
+    {output}/_lease.json   {"run_id", "holder", "token", "generation", "acquired_at", "renewed_at",
+                            "expires_at", "ttl_s", "released"}
 
-Taken with If-None-Match: * (O_EXCL for local folders), so of two runs started together exactly one
-gets it. Renewed every ttl/3 with If-Match on the tag the holder last wrote; a crashed holder stops
-renewing, and the next run may take the lease over once `expires_at` has passed (again with
-If-Match, so two successors cannot both take it). A run that finds a live lease touches nothing and
-exits with EXIT_LEASE_HELD, which a scheduler can tell apart from a failure.
-Expiry compares wall clocks: keep the nodes' clocks in sync (NTP), and the TTL well above any skew.
+Taken with If-None-Match: * the first time and If-Match on the tag read after that (O_EXCL / a
+compare-and-swap under flock for local folders), so of two runs started together exactly one gets it.
+`generation` grows by one at every take-over: it is the fencing token. The intent, the `_SUCCESS` record
+and the ledger of a run carry it, and the holder confirms it with a compare-and-swap on the lease
+(`fence()`) right before its point of no return and after each irreversible stage; a holder that was
+paused (SIGSTOP, a long GC, a partition) and superseded finds out there and stops, undoing its own
+intent. `token` is this holder's own: a retried PUT whose first attempt landed gets 412, and finding
+our token in the object tells that it was ours.
+
+Renewed every ttl/3 only while the run makes progress (`progress()` changes within `stall_s`) and for
+at most `max_run_s`: a hung holder stops renewing, is interrupted (`on_lost`), and the next run takes
+over after one TTL. A run that finds a live lease touches nothing and exits with EXIT_LEASE_HELD, which
+a scheduler can tell apart from a failure. Release writes `released: true` (keeping the generation).
+Expiry compares wall clocks: keep the nodes' clocks in sync (NTP) and the TTL well above any skew.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ import os
 import socket
 import threading
 import time
+import uuid
+from collections.abc import Callable
 
 from pipeline.core import conditional, storage
 from pipeline.core.exits import EXIT_TEMPFAIL
@@ -43,95 +55,178 @@ class LeaseHeld(RuntimeError):
 
 
 class LeaseLost(RuntimeError):
-    """The lease could not be renewed in time: another run may own the output now."""
+    """The lease is no longer certainly ours: another run may own the output now. Nothing more is written."""
+
+    exit_code = EXIT_LEASE_HELD  # the job raises PartialCommit instead once its intent is written
 
 
 class Lease:
-    """Context manager: `with Lease(output, run_id, ttl_s=600): ...` holds the output for the block."""
+    """Context manager: `with Lease(output, run_id, ttl_s=600): ...` holds the output for the block.
 
-    def __init__(self, output: str, run_id: str, ttl_s: float = 600.0):
+    progress: a callable whose value changes while the run makes progress (None: any time is progress);
+    stall_s: stop renewing after this long without a change; max_run_s: stop renewing after this long in
+    all; on_lost: called (from the renewal thread) when the lease is lost or given up."""
+
+    def __init__(
+        self,
+        output: str,
+        run_id: str,
+        ttl_s: float = 600.0,
+        *,
+        max_run_s: float | None = None,
+        stall_s: float | None = None,
+        progress: Callable[[], object] | None = None,
+        on_lost: Callable[[], None] | None = None,
+    ):
         if ttl_s < 3:
             raise ValueError(f"lease ttl_s must be at least 3 seconds, got {ttl_s}")
         self.output = storage.parse_uri(output)
         self.uri = self.output.join(LEASE).uri
         self.run_id, self.ttl_s = run_id, ttl_s
+        self.max_run_s, self.stall_s, self.progress, self.on_lost = max_run_s, stall_s, progress, on_lost
+        self.token = uuid.uuid4().hex
+        self.generation = 0
         self.tag: str | None = None
-        self.renewed_at = 0.0  # local monotonic time of the last successful write
+        self.renewed_at = 0.0  # local monotonic time at which the last successful write was sent
         self.renewals = 0
         self._lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def _body(self, acquired_at: float) -> bytes:
+    # ---- the object ----------------------------------------------------------------------------
+    def _body(self, released: bool = False) -> bytes:
         now = time.time()
         return json.dumps(
             {
                 "run_id": self.run_id,
                 "holder": f"{socket.gethostname()}:{os.getpid()}",
-                "acquired_at": acquired_at,
+                "token": self.token,
+                "generation": self.generation,
+                "acquired_at": self.acquired_at,
                 "renewed_at": now,
-                "expires_at": now + self.ttl_s,
+                "expires_at": 0 if released else now + self.ttl_s,
                 "ttl_s": self.ttl_s,
+                "released": released,
             }
         ).encode()
 
+    def _read(self) -> tuple[dict, str] | None:
+        current = conditional.read_with_tag(self.uri)
+        if current is None:
+            return None
+        try:
+            return json.loads(current[0]), current[1]
+        except ValueError:
+            return {"run_id": "(unreadable lease)", "expires_at": 0}, current[1]
+
+    def _ours(self) -> str | None:
+        """The object's tag if it is our own last write (a retried request that did land), else None."""
+        current = self._read()
+        if current and current[0].get("token") == self.token and current[0].get("generation") == self.generation:
+            return current[1]
+        return None
+
+    # ---- taking, keeping, giving back ----------------------------------------------------------
     def acquire(self) -> Lease:
         """Take the lease or raise LeaseHeld (naming the holder and its expiry)."""
-        self.acquired_at = time.time()
-        for _ in range(3):  # the holder may release or renew between our two requests
+        self.acquired_at, self._started = time.time(), time.monotonic()
+        holder: dict = {"run_id": "(unknown)"}
+        for _ in range(5):  # the holder may release or renew between our requests
             started = time.monotonic()
-            try:
-                self.tag = conditional.write_conditional(self.uri, self._body(self.acquired_at), if_absent=True)
-                break
-            except conditional.PreconditionFailed:
-                pass
-            current = conditional.read_with_tag(self.uri)
+            current = self._read()
             if current is None:
-                continue
-            data, tag = current
+                self.generation, cond = 1, {"if_absent": True}
+            else:
+                holder, tag = current
+                if not holder.get("released") and holder.get("expires_at", 0) > time.time():
+                    raise LeaseHeld(self.output.uri, holder)
+                if not holder.get("released"):
+                    log.warning(
+                        "taking over the expired lease of run %s on %s (it expired at %s)",
+                        holder.get("run_id"),
+                        self.output.uri,
+                        time.strftime("%H:%M:%SZ", time.gmtime(holder.get("expires_at", 0))),
+                    )
+                self.generation, cond = int(holder.get("generation") or 0) + 1, {"if_match": tag}
             try:
-                holder = json.loads(data)
-            except ValueError:
-                holder = {"run_id": "(unreadable lease)", "expires_at": 0}
-            if holder.get("expires_at", 0) > time.time():
-                raise LeaseHeld(self.output.uri, holder)
-            log.warning(
-                "taking over the expired lease of run %s on %s (it expired at %s)",
-                holder.get("run_id"),
-                self.output.uri,
-                time.strftime("%H:%M:%SZ", time.gmtime(holder.get("expires_at", 0))),
-            )
-            try:
-                self.tag = conditional.write_conditional(self.uri, self._body(self.acquired_at), if_match=tag)
+                self.tag = conditional.write_conditional(self.uri, self._body(), **cond)
                 break
             except conditional.PreconditionFailed:
-                continue  # another successor won: read it again
+                self.tag = self._ours()  # our PUT landed and its retry was refused: it is ours
+                if self.tag:
+                    break
         else:
-            current = conditional.read_with_tag(self.uri)
-            raise LeaseHeld(self.output.uri, json.loads(current[0]) if current else {"run_id": "(unknown)"})
+            raise LeaseHeld(self.output.uri, holder)
         self.renewed_at = started
+        self._progress_seen, self._progress_at = self._progress_value(), time.monotonic()
         self._thread = threading.Thread(target=self._renew_loop, name="lease-renewal", daemon=True)
         self._thread.start()
         return self
 
+    def _renew(self) -> None:
+        """One compare-and-swap of the lease; sets `_lost` when another run changed it."""
+        started = time.monotonic()
+        with self._lock:
+            if self._lost:
+                return
+            try:
+                self.tag = conditional.write_conditional(self.uri, self._body(), if_match=self.tag)
+            except conditional.PreconditionFailed:
+                tag = self._ours()
+                if tag is None:
+                    self._lose("the lease object was changed by another run")
+                    return
+                self.tag = tag
+            self.renewed_at = started
+            self.renewals += 1
+
+    def _progress_value(self):
+        if self.progress is None:
+            return None
+        try:
+            return self.progress()
+        except Exception as e:  # noqa: BLE001 - an unreadable progress is no progress
+            log.debug("progress probe failed: %s", e)
+            return self._progress_seen if hasattr(self, "_progress_seen") else None
+
+    def _give_up_reason(self) -> str | None:
+        now = time.monotonic()
+        if self.max_run_s and now - self._started > self.max_run_s:
+            return f"the run held the output for more than --max-run-s {self.max_run_s:.0f} s"
+        if self.progress is not None and self.stall_s:
+            value = self._progress_value()
+            if value != self._progress_seen:
+                self._progress_seen, self._progress_at = value, now
+            elif now - self._progress_at > self.stall_s:
+                return f"no progress for {now - self._progress_at:.0f} s (--stall-s {self.stall_s:.0f})"
+        return None
+
+    def _lose(self, why: str) -> None:
+        self._lost = why
+        log.error("lease on %s: %s; run %s stops", self.output.uri, why, self.run_id)
+        if self.on_lost:
+            self.on_lost()
+
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
-            started = time.monotonic()
-            try:
-                with self._lock:
-                    self.tag = conditional.write_conditional(self.uri, self._body(self.acquired_at), if_match=self.tag)
-                self.renewed_at = started
-                self.renewals += 1
-            except conditional.PreconditionFailed:
-                self._lost = "the lease object was changed by another run"
-                log.error("lost the lease on %s: %s", self.output.uri, self._lost)
+            reason = self._give_up_reason()
+            if reason:
+                self._lose(reason)
                 return
+            try:
+                self._renew()
             except storage.StorageError as e:  # transient: keep trying until the TTL runs out
                 log.warning("could not renew the lease on %s (will retry): %s", self.output.uri, e)
+            if self._lost:
+                return
+
+    @property
+    def lost(self) -> str | None:
+        return self._lost
 
     def check(self) -> None:
-        """Raise LeaseLost unless the lease is certainly still ours (call before each irreversible step)."""
+        """Raise LeaseLost unless the lease is certainly still ours (no request: call it often)."""
         if self._lost:
             raise LeaseLost(
                 f"lost the lease on {self.output.uri}: {self._lost}; nothing more is written by run {self.run_id}"
@@ -143,17 +238,29 @@ class Lease:
                 f"(TTL {self.ttl_s:.0f} s): another run may own the output; stopping run {self.run_id}"
             )
 
+    def fence(self) -> None:
+        """Confirm the fencing token with the store itself (a compare-and-swap that also renews): after it,
+        the lease is ours for a full TTL. Raises LeaseLost when another run has taken it."""
+        self.check()
+        try:
+            self._renew()
+        except storage.StorageError as e:
+            raise LeaseLost(f"cannot confirm the lease on {self.output.uri}: {e}") from None
+        self.check()
+
     def release(self) -> None:
+        """Mark the lease released (the next run takes it at once); never touches another run's lease."""
         self._stop.set()
-        if self._thread:
+        if self._thread and self._thread is not threading.current_thread():
             self._thread.join()
-        if self._lost or self.tag is None:
+        if self.tag is None:
             return
         try:
             with self._lock:
-                conditional.delete_conditional(self.uri, self.tag)
+                conditional.write_conditional(self.uri, self._body(released=True), if_match=self.tag)
         except conditional.PreconditionFailed:
-            log.warning("the lease on %s was taken over before release", self.output.uri)
+            if not self._ours():
+                log.warning("the lease on %s was taken over before release", self.output.uri)
         except storage.StorageError as e:  # it expires by itself
             log.warning(
                 "could not release the lease on %s (it expires within %.0f s): %s", self.output.uri, self.ttl_s, e

@@ -28,6 +28,8 @@ def output_schema(top_k: int, embedding_dim: int | None) -> pa.Schema:
         fields.append(pa.field("embedding", pa.list_(pa.float32())))
     fields += [
         pa.field("error", pa.string()),
+        pa.field("error_kind", pa.string()),  # "transient": a later run retries it; "permanent": not this version
+        pa.field("input_version", pa.string()),  # size:mtime of the object read (image inputs)
         pa.field("model_uri", pa.string(), nullable=False),
         pa.field("model_sha256", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
@@ -120,12 +122,18 @@ class Predictor:
         label_id = [int(v) if v >= 0 else None for v in batch["label_id"]]
         label = [self.class_names[v] if v is not None and v < len(self.class_names) else None for v in label_id]
         errors = [e if e else None for e in batch["error"]]
+        kinds = batch.get("error_kind")
+        kinds = [(k or "permanent") if e else None for e, k in zip(errors, kinds if kinds is not None else [None] * n)]
+        versions = batch.get("input_version")
+        versions = [v or None for v in versions] if versions is not None else [None] * n
         data = {
             "image_uri": list(batch["image_uri"]),
             "label_id": label_id,
             "label": label,
             **cols,
             "error": errors,
+            "error_kind": kinds,
+            "input_version": versions,
             "model_uri": [self.model_uri] * n,
             "model_sha256": [self.sha] * n,
             "run_id": [self.run_id] * n,

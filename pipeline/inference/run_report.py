@@ -10,6 +10,7 @@ import time
 from contextlib import contextmanager
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.core import storage
 from pipeline.inference import publish
@@ -69,35 +70,50 @@ def startup_seconds(timeline: str, t0: float) -> dict[str, float]:
 
 
 def summarize_staged(staged: list[str], class_names: list[str]) -> dict:
-    """Rows, error count and accuracy of a staged run, from its small columns only."""
-    tables = [publish.read_parquet(u, ["label_id", "pred_id", "topk_ids", "error"]) for u in staged]
-    rows = sum(t.num_rows for t in tables)
-    errors = sum(t.num_rows - t.column("error").null_count for t in tables)
+    """Rows, error counts and accuracy of a staged run, from its small columns only (pyarrow.compute)."""
+    cols = ["label_id", "pred_id", "topk_ids", "error", "error_kind"]
+    tables = []
+    for u in staged:
+        t = publish.read_parquet(u)
+        tables.append(t.select([c for c in cols if c in t.column_names]))
+    table = pa.concat_tables(tables, promote_options="default") if tables else None
+    if table is None or table.num_rows == 0:
+        return {"rows": 0, "errors": 0, "errors_transient": 0, "accuracy": None}
+    errors = table.num_rows - table["error"].null_count
+    transient = (
+        pc.sum(pc.equal(table["error_kind"], "transient")).as_py() or 0 if "error_kind" in table.column_names else 0
+    )
     return {
-        "rows": rows,
+        "rows": table.num_rows,
         "errors": errors,
-        "accuracy": accuracy_summary(pa.concat_tables(tables) if tables else None, class_names),
+        "errors_transient": transient,
+        "accuracy": accuracy_summary(table, class_names),
     }
 
 
 def accuracy_summary(table: pa.Table | None, class_names: list[str]) -> dict | None:
-    """Top-1, top-5 and per-class accuracy over the rows with a known label and a prediction."""
+    """Top-1, top-5 and per-class accuracy over the rows with a known label and a prediction, in Arrow: a
+    million rows never become Python objects."""
     if table is None:
         return None
-    d = table.to_pydict()
-    rows = [(l, p, k) for l, p, k in zip(d["label_id"], d["pred_id"], d["topk_ids"]) if l is not None and p is not None]
-    if not rows:
+    t = table.filter(pc.and_(pc.is_valid(table["label_id"]), pc.is_valid(table["pred_id"])))
+    n = t.num_rows
+    if not n:
         return None
-    per = {}
-    for l, p, _ in rows:
-        c = per.setdefault(class_names[l] if l < len(class_names) else str(l), [0, 0])
-        c[0] += int(l == p)
-        c[1] += 1
+    hit = pc.cast(pc.equal(t["label_id"], t["pred_id"]), pa.int64())
+    top5 = pc.list_slice(t["topk_ids"], 0, 5)
+    parents = pc.list_parent_indices(top5)
+    in_top5 = pc.equal(pc.list_flatten(top5), pc.take(t["label_id"], parents))
+    hits5 = pc.count_distinct(pc.filter(parents, in_top5)).as_py()
+    per = pa.table({"label": t["label_id"], "hit": hit}).group_by("label").aggregate([("hit", "sum"), ("hit", "count")])
+    per_class = {}
+    for label, a, c in zip(per["label"].to_pylist(), per["hit_sum"].to_pylist(), per["hit_count"].to_pylist()):
+        per_class[class_names[label] if label < len(class_names) else str(label)] = {"top1": a / c, "count": c}
     return {
-        "count": len(rows),
-        "top1": sum(l == p for l, p, _ in rows) / len(rows),
-        "top5": sum(l in k[:5] for l, _, k in rows) / len(rows),
-        "per_class": {c: {"top1": a / n, "count": n} for c, (a, n) in sorted(per.items())},
+        "count": n,
+        "top1": pc.sum(hit).as_py() / n,
+        "top5": hits5 / n,
+        "per_class": dict(sorted(per_class.items())),
     }
 
 
@@ -128,6 +144,8 @@ def print_summary(r: dict) -> None:
         lines.append(f"skipped      {r['already_done']} inputs already predicted with this model")
     if r.get("recovered"):
         lines.append(f"recovered    finished the commit of crashed run(s) {', '.join(r['recovered'])}")
+    if r.get("rolled_back"):
+        lines.append(f"rolled back  run(s) {', '.join(r['rolled_back'])}: their inputs are predicted again")
     acc = r.get("accuracy_full")
     if acc:
         lines.append(
