@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.core.runs import RunLayout
 from pipeline.training.loop import train
 from pipeline.training.sessions import LocalSession
 from pipeline.training.train_config import PretrainConfig
@@ -143,10 +144,7 @@ def cpu(args):
         clock = RoleClock().start()
         out = trainer.run(c)
         cpu = clock.stop()
-        lines = [
-            __import__("json").loads(x)
-            for x in storage.read_bytes(f"s3://{bucket}/runs/w{workers}/metrics.jsonl").decode().splitlines()
-        ]
+        lines = RunLayout.at(f"s3://{bucket}/runs/w{workers}").read_metrics()
         results[workers] = (
             *steady(lines),
             whole_epochs(lines, c.train.batch_size),
@@ -174,7 +172,6 @@ def emulate(args):
     the data stream, progress reports and asynchronous checkpoints run for real, under Ray Train with one
     worker. What Ray adds is the step time above the sleep: in steady state (every progress window but an
     epoch's first) and over whole epochs (epoch start-up included), against the same loop without Ray."""
-    import json
     import time
 
     import local_stack
@@ -236,7 +233,7 @@ def emulate(args):
     summary = trainer.run(PretrainConfig.model_validate(base))
     wall = time.perf_counter() - t0
     cpu = clock.stop()
-    lines = [json.loads(x) for x in storage.read_bytes(f"s3://{bucket}/runs/emu/metrics.jsonl").decode().splitlines()]
+    lines = RunLayout.at(f"s3://{bucket}/runs/emu").read_metrics()
     ray_step, wait = steady(lines)
     epochs_ = [m for m in lines if "epoch_s" in m]
     steps = summary["step"]
@@ -276,7 +273,6 @@ def checkpoint_cost(args):
 
     local_stack.env()
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # a report every step: let the controller keep up
-    import json
 
     import ray
 
@@ -311,9 +307,7 @@ def checkpoint_cost(args):
             }
         )
         trainer.run(cfg)
-        lines = [
-            json.loads(x) for x in storage.read_bytes(f"s3://{bucket}/runs/{mode}/metrics.jsonl").decode().splitlines()
-        ]
+        lines = RunLayout.at(f"s3://{bucket}/runs/{mode}").read_metrics()
         step_s = {
             m["step"]: batch / m["images_per_s_worker"] for m in lines if "images_per_s_worker" in m and m["step"] > 1
         }

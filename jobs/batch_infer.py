@@ -9,7 +9,8 @@ Scheduled: see cluster/README.md. The job holds a lease on --output, so overlapp
 Exit codes: 0 published, or nothing new to predict; 2 bad arguments or input, nothing written;
 3 more errors than --max-error-rate, nothing published; 4 a commit or recovery stopped midway (glob
 readers may see part of a run until the next run finishes or rolls it back); 75 another run holds the
-output's lease, or this run lost it, nothing of this run published (try again later); 1 anything else.
+output's lease, or this run lost it, nothing of this run published (try again later); 143 stopped by
+SIGTERM (a scheduler's timeout or cancel: staging removed, lease released); 1 anything else.
 """
 
 import os
@@ -18,11 +19,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.core.config import parse_job_args  # noqa: E402
-from pipeline.core.exits import run_job  # noqa: E402
+from pipeline.core.exits import run_job, unwind_on_sigterm  # noqa: E402
 from pipeline.inference.infer_config import ALIASES, InferConfig  # noqa: E402
 
 
 def main(argv=None) -> int:
+    unwind_on_sigterm()
     cfg = parse_job_args(InferConfig, ALIASES, __doc__, argv)
     from pipeline.inference import batch, run_report
 

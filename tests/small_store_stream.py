@@ -7,7 +7,9 @@ epoch, the patch bytes that went through, and whether Ray Data reports spilling 
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -22,7 +24,8 @@ from pipeline.data.transforms import ImageTransform  # noqa: E402
 
 def main():
     manifest, store = sys.argv[1], int(sys.argv[2])
-    ray.init(num_cpus=2, object_store_memory=store, include_dashboard=False, log_to_driver=False)
+    session_dir = tempfile.mkdtemp(prefix="vitray-test-ray-")  # not /tmp/ray: nothing is left behind
+    ray.init(num_cpus=2, object_store_memory=store, include_dashboard=False, log_to_driver=False, _temp_dir=session_dir)
     try:
         configure_ray_data(progress=False)
         ds, _ = split_stream(manifest, "train", StreamConfig(ImageTransform(224, 16, train=True)), shuffle_seed=0)
@@ -46,6 +49,7 @@ def main():
         )
     finally:
         ray.shutdown()
+        shutil.rmtree(session_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Checkpoints of a long run: verified on resume (a damaged one is skipped for the previous one),
 uploaded while training goes on, and nothing left in the temp folder."""
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 import yaml
 
 from pipeline.core import storage
+from pipeline.core.runs import RunLayout
 from pipeline.training import trainer
 from pipeline.training.checkpoints import CheckpointError
 from pipeline.training.loop import train
@@ -230,7 +230,7 @@ def test_ray_checkpoints_upload_async_leave_no_temp_files_and_resume_past_a_dama
         _smoke(digits_shards, f"{bucket}/runs", name="async", max_steps=8, checkpoint_every_steps=2, keep_checkpoints=3)
     )
     assert _leftovers() == before
-    metrics = [json.loads(x) for x in storage.read_bytes(f"{bucket}/runs/async/metrics.jsonl").decode().splitlines()]
+    metrics = RunLayout.at(f"{bucket}/runs/async").read_metrics()
     overlaps = [m["checkpoint_overlap_s"] for m in metrics if "checkpoint_overlap_s" in m]
     assert overlaps and all(o > 0 for o in overlaps), metrics  # training ran while each upload went on
     trainer.run(
@@ -243,7 +243,7 @@ def test_ray_checkpoints_upload_async_leave_no_temp_files_and_resume_past_a_dama
             checkpoint_upload="sync",
         )
     )
-    metrics = [json.loads(x) for x in storage.read_bytes(f"{bucket}/runs/sync/metrics.jsonl").decode().splitlines()]
+    metrics = RunLayout.at(f"{bucket}/runs/sync").read_metrics()
     assert [m["checkpoint_overlap_s"] for m in metrics if "checkpoint_overlap_s" in m] and all(
         m["checkpoint_overlap_s"] <= 0 for m in metrics if "checkpoint_overlap_s" in m
     )  # sync: the step waited
@@ -260,8 +260,159 @@ def test_ray_checkpoints_upload_async_leave_no_temp_files_and_resume_past_a_dama
             digits_shards, f"{bucket}/runs", name="async", max_steps=10, checkpoint_every_steps=2, keep_checkpoints=3
         )
     )
-    metrics = [json.loads(x) for x in storage.read_bytes(f"{bucket}/runs/async/metrics.jsonl").decode().splitlines()]
+    metrics = RunLayout.at(f"{bucket}/runs/async").read_metrics()
     steps = [m["step"] for m in metrics if "loss" in m]
-    resumed_at = steps[steps.index(8) + 1 :]  # the reports after the first run's last one
-    assert resumed_at[0] in (7, 8) and resumed_at[-1] == 10, steps  # from step 6, not 8 and not 0
+    assert steps == sorted(steps) and steps[-1] == 10, steps  # one curve: the first run's step 8 report is gone
+    assert {m["start_step"] for m in metrics if m["step"] > 6 and "start_step" in m} == {6}, metrics  # from 6
     assert _leftovers() == before
+
+
+def test_metrics_are_appended_and_a_resume_keeps_every_step_once(tmp_path, monkeypatch):
+    """One new object per flush (nothing rewritten while a run goes); a resumed attempt (start_step 25)
+    removes the rows its dead predecessor wrote after that checkpoint, touching only the newest objects."""
+    cfg = PretrainConfig.model_validate({"train": {"output": str(tmp_path), "name": "r"}})
+    layout = RunLayout.of(str(tmp_path), "r")
+    writes = []
+    real = storage.write_bytes
+
+    def counted(uri, data):
+        if "/metrics/" in str(uri):
+            writes.append(uri)
+        return real(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", counted)
+    sink = trainer.MetricsSink(cfg)
+    for step in range(1, 61):  # the first attempt dies at step 60; its last checkpoint was at step 25
+        sink.add({"step": step, "loss": 1.0 / step, "start_step": 0}, flush=step % 25 == 0)
+    sink.flush()
+    assert len(set(writes)) == len(writes) == len(layout.metric_objects())  # each object written once
+    first, before = len(writes), layout.metric_objects()
+    resumed = trainer.MetricsSink(cfg)  # a new controller: the job submitted again
+    for step in range(26, 41):
+        resumed.add({"step": step, "loss": 0.5, "start_step": 25}, flush=False)
+    resumed.flush()
+    rows = layout.read_metrics()
+    assert [r["step"] for r in rows] == list(range(1, 41))  # every step once
+    assert all(r["start_step"] == 25 for r in rows if r["step"] > 25)
+    assert not [u for u in writes[first:] if u in writes[:first]]  # objects split at 25: none rewritten
+    kept = [u for u in before if u in layout.metric_objects()]
+    assert kept == before[:2]  # steps 1-20 and 21-25 untouched; the dead attempt's 26-60 removed
+    again = trainer.MetricsSink(cfg)  # killed again at 40 with a checkpoint at 30: one object is cut in two
+    again.add({"step": 31, "loss": 0.4, "start_step": 30}, flush=True)
+    assert [r["step"] for r in layout.read_metrics()] == list(range(1, 32))
+
+
+def test_a_storage_outage_is_retried_and_never_a_fresh_start(tmp_path, monkeypatch):
+    """A transient read failure is retried with backoff (the sleeps come from an injected clock); a store that
+    keeps failing stops the resume, even with fresh_start_if_checkpoints_bad."""
+    from pipeline.training import checkpoints
+
+    _train(tmp_path, 4)
+    real, calls, slept = storage.download_folder, [], []
+
+    def flaky(uri, local):
+        calls.append(uri)
+        if len(calls) <= 2:
+            raise storage.StorageError(f"cannot download {uri}: SlowDown", transient=True)
+        return real(uri, local)
+
+    monkeypatch.setattr(storage, "download_folder", flaky)
+    candidates = RunLayout.at(str(tmp_path)).checkpoints()
+    uri, local, skipped = checkpoints.choose_checkpoint(candidates, allow_fresh_start=False, sleep=slept.append)
+    assert uri.endswith("checkpoint_000000004") and not skipped and slept == [1, 2]  # the newest, after 2 retries
+    __import__("shutil").rmtree(local)
+
+    def down(uri, local):
+        raise storage.StorageError(f"cannot download {uri}: the endpoint does not answer", transient=True)
+
+    monkeypatch.setattr(storage, "download_folder", down)
+    with pytest.raises(storage.StorageError, match="Not starting over"):
+        checkpoints.choose_checkpoint(candidates, allow_fresh_start=True, sleep=lambda s: None)
+
+
+RANK_SCRIPT = """
+import hashlib, json, os, sys
+import torch, torch.distributed as dist
+from pipeline.core import storage
+from pipeline.training import checkpoints
+from pipeline.training.loop import build_model
+from pipeline.training.train_config import PretrainConfig
+
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+if rank == 1:  # this rank's first read of a checkpoint fails as a flaky store would
+    real, seen = storage.download_folder, []
+    def flaky(uri, local):
+        seen.append(uri)
+        if len(seen) == 1:
+            raise storage.StorageError(f"cannot download {uri}: connection reset", transient=True)
+        return real(uri, local)
+    storage.download_folder = flaky
+cfg = PretrainConfig.model_validate(json.loads(sys.argv[2]))
+model = build_model(cfg, 10)
+torch.nn.init.zeros_(model.head.weight)  # differs from every checkpoint: loading must change it
+opt = torch.optim.AdamW(model.parameters())
+def broadcast(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+candidates = [os.path.join(sys.argv[1], n) for n in sorted(os.listdir(sys.argv[1]), reverse=True)]
+state, used, skipped = checkpoints.resume(
+    candidates if rank == 0 else [], model, opt, None, allow_fresh_start=False, rank=rank, broadcast=broadcast,
+    sleep=lambda s: None,
+)
+digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+print(json.dumps({"rank": rank, "used": used, "step": state["step"], "weights": digest, "skipped": len(skipped)}))
+dist.destroy_process_group()
+"""
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(tmp_path):
+    """Two ranks (torch.distributed, gloo): the newest checkpoint is damaged, so rank 0 falls back to the one
+    before; rank 1's first read fails transiently: it retries and loads that same one, not its own pick."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    _train(tmp_path, 6)
+    _flip_byte(tmp_path / "checkpoint_000000006" / "model.safetensors")
+    for extra in tmp_path.iterdir():
+        if not extra.name.startswith("checkpoint_"):
+            __import__("shutil").rmtree(extra) if extra.is_dir() else extra.unlink()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = json.dumps(_local_cfg(6).model_dump(mode="json"))
+    env = {**__import__("os").environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK_SCRIPT, str(tmp_path), cfg],
+            cwd=ROOT, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for r in range(2)
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    r0, r1 = (json.loads(o.strip().splitlines()[-1]) for o, _ in outs)
+    assert r0["used"] == r1["used"] and r0["used"].endswith("checkpoint_000000004") and r0["step"] == r1["step"] == 4
+    assert r0["weights"] == r1["weights"] and r0["skipped"] == r1["skipped"] == 1
+    assert "retrying" in outs[1][1]  # rank 1's transient failure was retried, not a reason to pick another
+
+
+def test_ranks_draw_different_drop_path_masks_and_the_same_ones_again_after_a_resume():
+    import vit_model
+    from pipeline.training.step import seed_step
+
+    model = vit_model.create_model("vit_micro_patch4_32", drop_path_rate=0.5).train()
+    x = torch.randn(8, 64, 48)
+
+    def forward(rank, step):
+        seed_step(seed=0, rank=rank, step=step)
+        with torch.no_grad():
+            return model.forward_features(x)  # the head starts at zero
+
+    rank0, rank1 = forward(0, 5), forward(1, 5)
+    assert not torch.equal(rank0, rank1)  # the two workers regularise differently
+    assert torch.equal(forward(0, 5), rank0) and torch.equal(forward(1, 5), rank1)  # a resume at step 5
+    assert not torch.equal(forward(0, 6), rank0)  # and each step its own masks

@@ -12,6 +12,7 @@ import yaml
 
 import vit_model
 from pipeline.core import exported, storage
+from pipeline.core.runs import RunLayout
 from pipeline.training import trainer
 from pipeline.training.loop import train
 from pipeline.training.selfsup import knn_votes, mask_generator
@@ -210,7 +211,7 @@ def test_two_worker_mae_run_resumes_and_reports_knn(ray_cluster, digits_shards, 
     base["train"]["max_steps"] = 6
     second = trainer.run(PretrainConfig.model_validate(base))
     assert second["step"] == 6
-    metrics = [json.loads(l) for l in storage.read_bytes(f"{bucket}/runs/mae/metrics.jsonl").decode().splitlines()]
+    metrics = RunLayout.at(f"{bucket}/runs/mae").read_metrics()
     starts = {m["start_step"] for m in metrics if "start_step" in m}
     assert starts == {0, 4}, starts  # the second attempt began at the checkpoint, not at 0
     files = [f.path for f in storage.list_files(f"{bucket}/runs/mae")]

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from pipeline.core import storage
+from pipeline.core.runs import RunLayout
 from pipeline.training import trainer
 from pipeline.training.train_config import PretrainConfig
 
@@ -138,7 +139,7 @@ def test_losing_the_worker_node_restarts_from_the_latest_checkpoint(worker_node,
     t.join(timeout=600)
     assert "error" not in result, result.get("error")
     assert result["summary"]["step"] == 2 * (1618 // 64)  # the run completed every step
-    metrics = [json.loads(x) for x in storage.read_bytes(f"{bucket}/runs/fault/metrics.jsonl").decode().splitlines()]
+    metrics = RunLayout.at(f"{bucket}/runs/fault").read_metrics()
     restarts = sorted({m["start_step"] for m in metrics if m.get("start_step")})
     assert checkpointed and restarts, (checkpointed, restarts)  # a restart happened, and from a checkpoint
     first_after_kill = min(m["step"] for m in metrics if m.get("start_step") == restarts[0] and "loss" in m)

@@ -2,7 +2,6 @@
 
 import dataclasses
 import io
-import json
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import yaml
 import vit_model
 from pipeline.core import storage
 from pipeline.core.config import ConfigError, build_parser, load_config
+from pipeline.core.runs import RunLayout
 from pipeline.data.manifest import Split, load_manifest
 from pipeline.training import trainer
 from pipeline.training.loop import train
@@ -180,7 +180,7 @@ def test_smoke_two_workers_checkpoints_and_exported_model_reproduces_val(ray_clu
     files = [f.path for f in storage.list_files(f"{bucket}/runs/smoke")]
     assert any("/checkpoint_" in p and p.endswith("optimizer.safetensors") for p in files)
     assert any(p.endswith("/model/model.safetensors") for p in files)
-    metrics = [json.loads(l) for l in storage.read_bytes(f"{bucket}/runs/smoke/metrics.jsonl").decode().splitlines()]
+    metrics = RunLayout.at(f"{bucket}/runs/smoke").read_metrics()
     assert [m["step"] for m in metrics if "loss" in m][:2] == [2, 3]
     reported = summary["val_top1"]
     # the exported model, loaded with vit_model alone, on the val images in a plain loop
@@ -215,7 +215,7 @@ def test_resume_continues_from_the_checkpoint_step(ray_cluster, digits_shards, b
     assert first["step"] == 3
     second = trainer.run(_smoke(digits_shards, f"{bucket}/runs", max_steps=6, **one))
     assert second["step"] == 6
-    metrics = [json.loads(l) for l in storage.read_bytes(f"{bucket}/runs/smoke/metrics.jsonl").decode().splitlines()]
+    metrics = RunLayout.at(f"{bucket}/runs/smoke").read_metrics()
     steps = [m["step"] for m in metrics if "loss" in m]
     assert steps == sorted(steps) and steps[-1] == 6 and 2 in steps and 4 in steps  # one curve, no reset
     assert {m["torch_threads"] for m in metrics if "torch_threads" in m} == {2}

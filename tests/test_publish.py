@@ -280,6 +280,7 @@ def _commit_rows(layout, lease, run_id, rows):
         inputs=len(rows),
         errors=0,
         model_sha256=SHA,
+        listed_through={"s3://in": max(u for u, *_ in rows)},
     )
     publish.commit(layout, intent, lease)
 
@@ -303,6 +304,7 @@ def test_ledger_retries_transient_errors_and_changed_objects_never_an_unchanged_
         )
         # unchanged objects: only the transient failure is tried again
         assert _todo(layout, uris, versions=v1) == [uris[1]]
+        assert publish.transient_failures(layout, SHA) == [uris[1]]
         assert _todo(layout, uris, retry_errors=False, versions=v1) == []
         # the broken file was replaced: a new version is a new input
         v2 = ["10:1", "10:1", "10:1", "12:9"]
@@ -324,6 +326,7 @@ def test_ledger_retries_transient_errors_and_changed_objects_never_an_unchanged_
     objects = [n for _, n in publish._files(layout.ledger_dir(SHA))]
     assert all(n.endswith(".ledger") for n in objects) and len(objects) <= 4  # appended, compacted after 3
     assert publish.read_ledger(layout, SHA).num_rows == 4
+    assert publish.high_water_marks(layout, SHA) == {"s3://in": max(uris)}  # kept through the compaction
 
 
 def test_an_intent_that_landed_after_a_take_over_is_rolled_back_not_wedging_the_output(base):

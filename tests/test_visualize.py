@@ -60,10 +60,10 @@ def test_figures_for_a_model_in_s3_and_bad_inputs(stack, bucket, tmp_path):
     storage.write_bytes(f"{bucket}/m/config.json", c)
     for i in range(3):
         storage.write_bytes(f"{bucket}/img/{i}.png", _png((40 + i, 36), (50 * i, 90, 20)))
+    # a run from before the metrics folder (metrics.jsonl), resumed by this version (metrics/*.jsonl)
+    storage.write_bytes(f"{bucket}/run/metrics.jsonl", b'{"step": 1, "loss": 2.3, "lr": 0.001, "images_per_s": 10}\n')
     storage.write_bytes(
-        f"{bucket}/run/metrics.jsonl",
-        b'{"step": 1, "loss": 2.3, "lr": 0.001, "images_per_s": 10}\n'
-        b'{"step": 2, "loss": 2.1, "lr": 0.001, "val_top1": 0.3}\n',
+        f"{bucket}/run/metrics/000000000002-1.jsonl", b'{"step": 2, "loss": 2.1, "lr": 0.001, "val_top1": 0.3}\n'
     )
     r = subprocess.run(
         [

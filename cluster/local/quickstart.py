@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.core.runs import RunLayout
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 PY = sys.executable
@@ -100,9 +102,7 @@ def main(argv=None) -> int:
     )
     train_s = time.time() - t_train
     run = f"{base}/runs/{args.name}"
-    metrics = [
-        json.loads(line) for line in storage.read_bytes(f"{run}/metrics.jsonl").decode().splitlines() if line.strip()
-    ]
+    metrics = RunLayout.at(run).read_metrics()
     val = [m["val_top1"] for m in metrics if "val_top1" in m]
     ips = [m["images_per_s"] for m in metrics if "images_per_s" in m]
 

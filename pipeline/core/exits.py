@@ -7,13 +7,16 @@
     4   batch inference: the output may hold part of a run (a commit or a recovery stopped midway); readers
         that honour `_SUCCESS` see nothing of it, and the next run finishes it or rolls it back
     75  another run holds the output's lease, nothing touched: try again later (sysexits EX_TEMPFAIL)
+    143 stopped by SIGTERM (a scheduler's timeout or cancel), after unwinding like an exception
 
 An exception says its own code with an `exit_code` attribute; a `ValueError` (bad value) counts as 2.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_ERROR_RATE, EXIT_PARTIAL, EXIT_TEMPFAIL = 0, 1, 2, 3, 4, 75
@@ -39,3 +42,15 @@ def run_job(prog: str, body: Callable[[], int | None]) -> int:
             raise
         print(f"{prog}: {e}" if code == EXIT_TEMPFAIL else f"{prog}: error: {e}", file=sys.stderr)
         return code
+
+
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def unwind_on_sigterm() -> None:
+    """Make SIGTERM unwind the job like an exception (exit 143): `finally` blocks run, so a run removes what
+    it staged and releases its lease. Ray's driver installs its own handler (it dumps and dies) when it
+    connects: call this again after `ray.init`."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)

@@ -5,13 +5,15 @@
   data.json          the shard version the run started on (a resume reads the same one)
   checkpoint_*/      Ray Train checkpoints (the last `train.keep_checkpoints`)
   model/, best/      exported models: the final weights and the best validation top-1 so far
-  metrics.jsonl      one line per report (loss, lr, images/s, val top-1, ...)
+  metrics/*.jsonl    one line per report (loss, lr, images/s, val top-1, ...), one object per flush:
+                     every step once, also after a resume (`read_metrics`; runs from before: metrics.jsonl)
   tensorboard/       TensorBoard event files
   figures/           what jobs/visualize.py writes by default
 """
 
 from __future__ import annotations
 
+import json
 import posixpath
 from dataclasses import dataclass
 
@@ -61,7 +63,23 @@ class RunLayout:
 
     @property
     def metrics(self) -> storage.Location:
+        """The single file of runs from before the metrics folder (read, never written)."""
         return self.root.join("metrics.jsonl")
+
+    @property
+    def metrics_dir(self) -> storage.Location:
+        return self.root.join("metrics")
+
+    def metric_objects(self) -> list[str]:
+        """URIs of the metrics objects in the order they were written (their names sort so)."""
+        files = [f for f in storage.list_files(self.metrics_dir.uri) if f.path.endswith(".jsonl")]
+        return [storage.to_uri(self.root, f.path) for f in sorted(files, key=lambda f: f.path)]
+
+    def read_metrics(self) -> list[dict]:
+        """Every report of the run as one table (a list of rows), oldest first. Other readers: duckdb
+        `read_json('<run>/metrics/*.jsonl')`, or pandas over the same objects."""
+        uris = ([self.metrics.uri] if storage.exists(self.metrics.uri) else []) + self.metric_objects()
+        return [json.loads(line) for u in uris for line in storage.read_bytes(u).decode().splitlines() if line.strip()]
 
     @property
     def tensorboard(self) -> storage.Location:

@@ -25,9 +25,15 @@ import pyarrow.fs as pafs
 
 
 class StorageError(RuntimeError):
-    """A storage failure with what to check; never carries a credential."""
+    """A storage failure with what to check; never carries a credential. `transient`: the store did not
+    answer or failed on its side (timeouts, 5xx, a reset connection): worth a retry; a missing object,
+    a missing bucket or refused credentials are not."""
 
     exit_code = 2  # EXIT_BAD_INPUT of `exits` (not imported: storage imports nothing of the project)
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -199,7 +205,8 @@ def explain(exc: BaseException, loc: Location, action: str) -> StorageError:
         ):
             return StorageError(
                 f"cannot {action} {target}: the endpoint does not answer. Check AWS_ENDPOINT_URL and that the "
-                "S3 server runs (locally: `make up`)"
+                "S3 server runs (locally: `make up`)",
+                transient=True,
             )
     if isinstance(exc, FileNotFoundError) or "NoSuchKey" in blob or "Not Found" in blob or "404" in blob:
         if loc.scheme == "s3":
@@ -208,8 +215,11 @@ def explain(exc: BaseException, loc: Location, action: str) -> StorageError:
             except StorageError as bucket_error:
                 return bucket_error
         return StorageError(f"cannot {action} {target}: no such object or file")
-    # Unknown: keep the first line of the original message (pyarrow/boto3 never include secrets).
-    return StorageError(f"cannot {action} {target}: {text.splitlines()[0] if text else type(exc).__name__}")
+    # Unknown (a 5xx, SlowDown, a timeout, a reset connection): keep the first line of the original message
+    # (pyarrow/boto3 never include secrets); worth a retry.
+    return StorageError(
+        f"cannot {action} {target}: {text.splitlines()[0] if text else type(exc).__name__}", transient=True
+    )
 
 
 def check_bucket(uri: str | os.PathLike) -> None:
@@ -295,24 +305,27 @@ def exists(uri: str | os.PathLike) -> bool:
         raise explain(e, loc, "look up") from None
 
 
-def list_files(uri: str | os.PathLike, recursive: bool = True) -> list[pafs.FileInfo]:
+def list_files(uri: str | os.PathLike, recursive: bool = True, start_after: str | None = None) -> list[pafs.FileInfo]:
     """Files under a prefix/folder, sorted by path; empty if it does not exist. On S3 (recursive) the keys
     come from the listing itself, exactly as stored: pyarrow's listing folds `a//b.jpg` into `a/b.jpg`, a
     key that does not exist."""
     loc = parse_uri(uri)
     try:
         if loc.scheme == "s3" and recursive:
-            return _list_s3(loc)
+            return _list_s3(loc, start_after)
         infos = loc.filesystem.get_file_info(pafs.FileSelector(loc.path, recursive=recursive, allow_not_found=True))
     except Exception as e:
         raise explain(e, loc, "list") from None
-    return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+    after = parse_uri(start_after).path if start_after else ""
+    return sorted((i for i in infos if i.type == pafs.FileType.File and i.path > after), key=lambda i: i.path)
 
 
-def _list_s3(loc: Location) -> list[pafs.FileInfo]:
+def _list_s3(loc: Location, start_after: str | None = None) -> list[pafs.FileInfo]:
+    """`start_after`: a URI; only keys after it (S3 lists in key order, so the store skips the rest)."""
     prefix = f"{loc.key.rstrip('/')}/" if loc.key else ""
     out = []
-    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
+    extra = {"StartAfter": parse_uri(start_after).key} if start_after else {}
+    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix, **extra):
         for o in page.get("Contents", []):
             if o["Key"].endswith("/"):  # a console-made "folder" marker, not a file
                 continue

@@ -23,8 +23,11 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from pipeline.core import conditional, exported, storage
-from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_ERROR_RATE, EXIT_PARTIAL
+from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_ERROR_RATE, EXIT_PARTIAL, unwind_on_sigterm
 from pipeline.data.manifest import load_manifest
 from pipeline.inference import publish
 from pipeline.inference.infer_config import ALIASES, InferConfig  # noqa: F401 - the job's schema, re-exported
@@ -99,6 +102,8 @@ def preflight(cfg: InferConfig) -> Preflight:
             f"--output {cfg.output} is inside --input {cfg.input}: the published parts would be listed as inputs "
             "by the next run. Put the output beside the input, e.g. s3://bucket/predictions next to s3://bucket/images"
         )
+    if cfg.input_append_only and not cfg.since_last_run:
+        raise ValueError("--input-append-only needs --since-last-run (it lists what came after the last run)")
     if cfg.since_last_run and is_shards(cfg.input):
         raise ValueError("--since-last-run works on image prefixes, not on shards (shards are immutable data sets)")
     model_cfg = exported.model_config(config)  # this project's export or a timm folder; preprocessing included
@@ -200,13 +205,28 @@ def predict_to_staging(cfg: InferConfig, pre: Preflight, inputs: Inputs, run_id:
 
 
 def _list_and_state(cfg: InferConfig, pre: Preflight, layout: publish.Layout):
-    """(inputs, the model's ledger or None, seconds it took)."""
+    """(inputs, the model's ledger or None, the listing's high-water mark, seconds it took). With
+    --input-append-only the listing starts after the last run's mark, and the inputs that failed
+    transiently below it are added back from the ledger."""
     t = time.time()
-    inputs = list_inputs(cfg, pre.class_names)
+    prefix = storage.parse_uri(cfg.input).uri
+    start_after = None
+    if cfg.since_last_run and cfg.input_append_only:
+        start_after = publish.high_water_marks(layout, pre.weights_sha256).get(prefix)
+    inputs = list_inputs(cfg, pre.class_names, start_after)
+    mark = None
+    if inputs.kind != "shards":
+        mark = pc.max(inputs.table["image_uri"]).as_py() if len(inputs) else start_after
+    if start_after:
+        again = [u for u in publish.transient_failures(layout, pre.weights_sha256) if u.startswith(prefix)]
+        if again:
+            n = len(again)
+            extra = pa.table([again, [-1] * n, [-1] * n, pa.nulls(n, pa.string())], schema=inputs.table.schema)
+            inputs.table = pa.concat_tables([inputs.table, extra])
     ledger = (
         publish.read_ledger(layout, pre.weights_sha256, only=inputs.table["image_uri"]) if cfg.since_last_run else None
     )
-    return inputs, ledger, time.time() - t
+    return inputs, ledger, ({prefix: mark} if mark else {}), time.time() - t
 
 
 class _NoLease:
@@ -319,7 +339,8 @@ def _run_held(cfg, pre, layout, lease, run_id, started, stages) -> dict:
             from pipeline.core.ray_runtime import connect
 
             connect(log_to_driver=True)
-        inputs, ledger, listed_s = listing.result()
+            unwind_on_sigterm()  # again: Ray's driver replaced the handler
+        inputs, ledger, listed_through, listed_s = listing.result()
     stages.s["list"] = round(listed_s, 3)  # beside "connect", not after it
     result["skipped_inputs"] = len(inputs.skipped)
     for s in inputs.skipped[:20]:
@@ -365,6 +386,7 @@ def _run_held(cfg, pre, layout, lease, run_id, started, stages) -> dict:
         inputs=n_inputs,
         errors=summary["errors"],
         errors_transient=summary["errors_transient"],
+        listed_through=listed_through,
         model_uri=cfg.model,
         model_sha256=pre.weights_sha256,
         input=cfg.input,

@@ -15,6 +15,7 @@ import torch
 
 import vit_model
 from pipeline.core import storage
+from pipeline.core.runs import RunLayout
 from pipeline.data.transforms import ImageDecodeError, ImageTransform, unpatchify
 from vit_model import analysis
 from vit_model.mae import DECODER_NAME, mae_from_parts
@@ -261,9 +262,7 @@ def write_figures(
             original, masked, recon, out.join("reconstruction.png").uri, mae.cfg.mask_ratio, mae.cfg.norm_pix_loss
         )
     if "curves" in which and run_uri:
-        uri = storage.parse_uri(run_uri).join("metrics.jsonl").uri
-        lines = [json.loads(x) for x in storage.read_bytes(uri).decode().splitlines() if x.strip()]
-        written["curves"] = fig_curves(lines, out.join("curves.png").uri)
+        written["curves"] = fig_curves(RunLayout.at(run_uri).read_metrics(), out.join("curves.png").uri)
     storage.write_bytes(
         out.join("summary.json").uri,
         json.dumps(

@@ -25,6 +25,12 @@ class InferConfig(Section):
     since_last_run: bool = Field(
         False, description="skip inputs that a published run already predicted with this model"
     )
+    input_append_only: bool = Field(
+        False,
+        description="with --since-last-run: the input prefix only gains keys that sort after the existing ones "
+        "(time-stamped names), so list only the keys after the last run's high-water mark (S3 StartAfter) plus "
+        "the inputs whose last attempt failed transiently; a late key that sorts earlier is never seen",
+    )
     limit: int | None = Field(None, ge=1, description="at most this many (new) inputs")
     split: str | None = Field(None, description="shards input: only this split (default: all)")
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="run id (default: UTC time + random)")
@@ -97,6 +103,7 @@ ALIASES = {
     "top-k": "top_k",
     "embeddings": "embeddings",
     "since-last-run": "since_last_run",
+    "input-append-only": "input_append_only",
     "limit": "limit",
     "retry-errors": "retry_errors",
     "max-error-rate": "max_error_rate",

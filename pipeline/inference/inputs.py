@@ -54,7 +54,7 @@ def is_shards(uri: str) -> bool:
     return loc.uri.endswith(".json") or storage.exists(loc.join(MANIFEST).uri)
 
 
-def list_inputs(cfg: InferConfig, class_names: list[str]) -> Inputs:
+def list_inputs(cfg: InferConfig, class_names: list[str], start_after: str | None = None) -> Inputs:
     """Every input under --input by make_shards' naming rule (`_DSC0001.JPG` is an input, a hidden name a
     listed skip, our own bookkeeping passed over), sorted as listed, keys exactly as the listing gave them."""
     loc = storage.parse_uri(cfg.input)
@@ -67,13 +67,15 @@ def list_inputs(cfg: InferConfig, class_names: list[str]) -> Inputs:
             "shards",
         )
     files, skipped = [], []
-    for f in storage.list_files(loc.uri):
+    for f in storage.list_files(loc.uri, start_after=start_after):
         rel = f.path[len(loc.path) :].lstrip("/" if loc.scheme == "s3" else os.sep).replace(os.sep, "/")
         rule = name_rule(rel)
         if rule:
             skipped.append({"path": storage.to_uri(loc, f.path), "reason": rule})
         elif rule is None:
             files.append((f, rel))
+    if not files and start_after:
+        return Inputs(INPUT_SCHEMA.empty_table(), "images", skipped)  # nothing new since the high-water mark
     if not files:
         raise storage.StorageError(
             f"no input files under {loc.uri}: check --input" + (f" ({len(skipped)} hidden names)" if skipped else "")

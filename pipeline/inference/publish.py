@@ -54,13 +54,14 @@ LEDGER_SCHEMA = pa.schema(
     ]
 )
 COMPACT_AFTER = 32  # ledger objects appended before they are merged into one
+HIGH_WATER = "vitray.listed_through"  # ledger object metadata: {input prefix: greatest key listed}
 BASE_ROW_GROUP = 16384  # rows per row group of a merged ledger: the unit a filtered read skips
 COPY_THREADS = 32  # concurrent part copies in a roll-forward (a copy is one request, mostly waiting)
 TOMBSTONE_DAYS = 30  # how long the folders of rolled-back runs are swept for a late write
 
 
-class Incomplete(storage.StorageError):
-    """An intent some of whose parts are neither staged nor published: it can only be rolled back."""
+class Incomplete(storage.StorageError):  # an intent with parts neither staged nor published: roll it back
+    pass
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,17 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns)
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def read_present(uri: str, columns: list[str]) -> pa.Table:
+    """Those of `columns` that the file has (older runs lack some), nothing else (not the embeddings)."""
+    f = pq.ParquetFile(io.BytesIO(storage.read_bytes(uri)))
+    return f.read(columns=[c for c in columns if c in f.schema_arrow.names])
+
+
+def _parquet_bytes(table: pa.Table, metadata: dict | None = None, **kw) -> bytes:
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, **kw)
     return buf.getvalue()
 
 
@@ -231,10 +240,10 @@ def roll_back(layout: Layout, intent: Intent, lease, why: str) -> None:
 
 
 @dataclass
-class Recovered:
-    finished: list[str] = field(default_factory=list)  # runs whose commit was rolled forward
+class Recovered:  # runs rolled forward, runs rolled back, staged / stray / temporary files deleted
+    finished: list[str] = field(default_factory=list)
     rolled_back: list[str] = field(default_factory=list)
-    removed: int = 0  # staged, stray and temporary files deleted
+    removed: int = 0
 
 
 def recover(layout: Layout, lease) -> Recovered:
@@ -294,19 +303,17 @@ def append_ledger(layout: Layout, intent: Intent) -> None:
     Idempotent: a roll-forward writes the same object again."""
     sha = intent.success["model_sha256"]
     cols = ["image_uri", "error", "error_kind", "input_version"]
-    tables = []
-    for _, uri in intent.parts:
-        t = read_parquet(uri)
-        tables.append(_ledger_rows(t.select([c for c in cols if c in t.column_names]), intent.run_id))
+    tables = [_ledger_rows(read_present(uri, cols), intent.run_id) for _, uri in intent.parts]
     rows = pa.concat_tables(tables) if tables else LEDGER_SCHEMA.empty_table()
-    storage.write_bytes(layout.ledger_delta(sha, intent.fence, intent.run_id).uri, _parquet_bytes(rows))
+    mark = {HIGH_WATER: json.dumps(intent.success.get("listed_through") or {})}
+    storage.write_bytes(layout.ledger_delta(sha, intent.fence, intent.run_id).uri, _parquet_bytes(rows, mark))
     base, deltas = _ledger_objects(layout, sha)
     if len(deltas) > COMPACT_AFTER:
         merged = read_ledger(layout, sha).sort_by("image_uri")  # sorted: a reader of a few inputs skips row groups
         name = "base-" + deltas[-1][1][2:]
-        buf = io.BytesIO()
-        pq.write_table(merged, buf, row_group_size=BASE_ROW_GROUP)
-        storage.write_bytes(layout.ledger_dir(sha).join(name).uri, buf.getvalue())
+        marks = json.dumps(high_water_marks(layout, sha))
+        data = _parquet_bytes(merged, {HIGH_WATER: marks}, row_group_size=BASE_ROW_GROUP)
+        storage.write_bytes(layout.ledger_dir(sha).join(name).uri, data)
         for uri, _ in deltas + ([base] if base else []):
             storage.delete(uri)
 
@@ -319,6 +326,24 @@ def _ledger_objects(layout: Layout, sha: str) -> tuple[tuple[str, str] | None, l
     after = base[1][len("base-") :] if base else ""
     deltas = sorted((x for x in files if x[1].startswith("d-") and x[1][2:] > after), key=lambda x: x[1])
     return base, deltas
+
+
+def high_water_marks(layout: Layout, sha: str) -> dict[str, str]:
+    """{input prefix: the greatest key a committed run of this model listed under it}, from the ledger
+    objects' metadata (--input-append-only lists only what comes after)."""
+    base, deltas = _ledger_objects(layout, sha)
+    marks: dict[str, str] = {}
+    for uri, _ in ([base] if base else []) + deltas:
+        meta = pq.read_schema(io.BytesIO(storage.read_bytes(uri, large=True))).metadata or {}
+        for prefix, key in json.loads(meta.get(HIGH_WATER.encode(), b"{}")).items():
+            marks[prefix] = max(marks.get(prefix, ""), key)
+    return marks
+
+
+def transient_failures(layout: Layout, sha: str) -> list[str]:
+    """Inputs whose last attempt failed transiently: an append-only listing no longer returns them."""
+    t = read_ledger(layout, sha)
+    return t.filter(pc.equal(pc.fill_null(t["error_kind"], ""), "transient"))["image_uri"].to_pylist()
 
 
 def latest_per_input(table: pa.Table) -> pa.Table:
@@ -365,12 +390,10 @@ def read_ledger(layout: Layout, model_sha256: str, only: pa.Array | None = None)
 
 def _as_ledger(t: pa.Table) -> pa.Table:
     """A ledger object of any version in today's schema (older ones lack error_kind and input_version)."""
-    run_ids = t["run_id"] if "run_id" in t.column_names else pa.nulls(t.num_rows, pa.string())
     cols = {
         f.name: t[f.name].cast(f.type) if f.name in t.column_names else pa.nulls(t.num_rows, f.type)
         for f in LEDGER_SCHEMA
     }
-    cols["run_id"] = run_ids
     return pa.table(cols, schema=LEDGER_SCHEMA)
 
 

@@ -10,7 +10,8 @@ A checkpoint folder:
   checksums.json                     sha256 of every file above, written last
 
 A resume verifies the checksums before it touches the model, and falls back to the previous
-checkpoint when the newest is damaged or incomplete (an upload cut short), saying which and why.
+checkpoint when the newest is damaged or incomplete (an upload cut short), saying which and why. Rank 0
+chooses, every other rank loads exactly its choice; a store that fails is retried, never a fall-back.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import logging
 import random
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -118,29 +121,54 @@ def verify_checkpoint(folder: str | Path) -> None:
             raise CheckpointError(f"{name} does not match its sha256 (damaged)")
 
 
-def resume(
-    candidates: list[str], model, optimizer: torch.optim.Optimizer, ema: dict | None, *, allow_fresh_start: bool
-) -> tuple[dict | None, str | None, list[tuple[str, str]]]:
-    """Restore from the newest usable checkpoint among `candidates` (URIs, newest first).
+def _fetch(uri: str, local: str, retries: int, sleep: Callable[[float], None]) -> None:
+    """Download and verify one checkpoint folder; a transient storage failure is retried with backoff
+    (1, 2, 4, ... s), anything else raised at once."""
+    for attempt in range(retries + 1):
+        shutil.rmtree(local, ignore_errors=True)
+        Path(local).mkdir(parents=True)
+        try:
+            storage.download_folder(uri, local)
+            verify_checkpoint(local)
+            return
+        except storage.StorageError as e:
+            if not e.transient or attempt == retries:
+                raise
+            log.warning("reading checkpoint %s failed (%s); retrying in %d s", uri, e, 2**attempt)
+            sleep(2**attempt)
 
-    Returns (trainer state or None for a fresh start, the URI used, [(skipped URI, why)]). Every
-    candidate is verified before the model is touched. Incomplete uploads are skipped as if they were
-    not there; when every checkpoint is damaged: a fresh start with `allow_fresh_start`, else
-    CheckpointError naming each one and its problem.
-    """
+
+def choose_checkpoint(
+    candidates: list[str], *, allow_fresh_start: bool, retries: int = 4, sleep: Callable[[float], None] = time.sleep
+) -> tuple[str | None, str | None, list[tuple[str, str]]]:
+    """The newest usable checkpoint among `candidates` (URIs, newest first): (URI, a local folder holding it,
+    verified, which the caller removes; [(skipped URI, why)]). Damaged or incomplete checkpoints are
+    skipped; a store that keeps failing (after `retries`) raises StorageError: an outage is never a
+    reason to start over. When every checkpoint is damaged: (None, None, skipped) with
+    `allow_fresh_start`, else CheckpointError naming each one and its problem."""
     skipped, damaged = [], False
     for uri in candidates:
-        tmp = tempfile.mkdtemp(prefix="vitray-resume-")
+        local = tempfile.mkdtemp(prefix="vitray-resume-")
         try:
-            storage.download_folder(uri, tmp)
-            verify_checkpoint(tmp)
-            return load_checkpoint(tmp, model, optimizer, ema), uri, skipped
-        except (CheckpointError, storage.StorageError) as e:
+            _fetch(uri, local, retries, sleep)
+            return uri, local, skipped
+        except storage.StorageError as e:
+            shutil.rmtree(local, ignore_errors=True)
+            if e.transient:
+                raise storage.StorageError(
+                    f"cannot read checkpoint {uri} after {retries + 1} attempts: {e}. Not starting over on a storage "
+                    "failure: the run fails and Ray Train retries it (train.max_failures)",
+                    transient=True,
+                ) from None
+            if "no such object" not in str(e):
+                raise  # refused credentials, a missing bucket: nothing a retry or a fallback fixes
+            log.warning("skipping checkpoint %s: %s", uri, e)
+            skipped.append((uri, f"incomplete: {e}"))  # deleted while we read it (Ray's num_to_keep)
+        except CheckpointError as e:
+            shutil.rmtree(local, ignore_errors=True)
             log.warning("skipping checkpoint %s: %s", uri, e)
             skipped.append((uri, str(e)))
             damaged |= not isinstance(e, IncompleteCheckpoint)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     if damaged and not allow_fresh_start:
         raise CheckpointError(
             "no usable checkpoint to resume from: "
@@ -148,6 +176,48 @@ def resume(
             + ". Delete or repair them, or set train.fresh_start_if_checkpoints_bad: true to start this run over"
         )
     return None, None, skipped
+
+
+def resume(
+    candidates: list[str],
+    model,
+    optimizer: torch.optim.Optimizer,
+    ema: dict | None,
+    *,
+    allow_fresh_start: bool,
+    rank: int = 0,
+    broadcast: Callable[[object], object] = lambda x: x,
+    retries: int = 4,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[dict | None, str | None, list[tuple[str, str]]]:
+    """Restore every rank from the same checkpoint: rank 0 chooses and verifies it (`choose_checkpoint`),
+    `broadcast` (rank 0's value to all ranks) tells the others which; each of them downloads that one,
+    verifies it (a mismatch fails loudly, never a fall-back to another) and loads it.
+
+    Returns (trainer state or None for a fresh start, the URI used, [(skipped URI, why)])."""
+    local = None
+    try:
+        if rank == 0:
+            uri, local, skipped = choose_checkpoint(
+                candidates, allow_fresh_start=allow_fresh_start, retries=retries, sleep=sleep
+            )
+            choice = broadcast({"uri": uri, "skipped": skipped})
+        else:
+            choice = broadcast(None)
+            uri, skipped = choice["uri"], [tuple(x) for x in choice["skipped"]]
+            if uri:
+                local = tempfile.mkdtemp(prefix="vitray-resume-")
+                try:
+                    _fetch(uri, local, retries, sleep)
+                except CheckpointError as e:
+                    why = f"rank {rank}: checkpoint {uri} (rank 0 verified it) is not here: {e}"
+                    raise CheckpointError(why) from None
+        if uri is None:
+            return None, None, skipped
+        return load_checkpoint(local, model, optimizer, ema), uri, skipped
+    finally:
+        if local:
+            shutil.rmtree(local, ignore_errors=True)
 
 
 def _jsonable(o):

@@ -292,11 +292,13 @@ def train(
     run = build_run(cfg, session, num_classes, train_count, class_names or [], knn)
     run.clock, run.t_start = clock, clock()
     saved, used, skipped = resume(
-        session.checkpoints(),
+        session.checkpoints() if session.rank == 0 else [],
         run.core,
         run.optimizer,
         run.ema.weights if run.ema else None,
         allow_fresh_start=cfg.train.fresh_start_if_checkpoints_bad,
+        rank=session.rank,
+        broadcast=session.broadcast,
     )
     state = TrainState.from_checkpoint(saved) if saved else TrainState()
     run.start_step = state.step

@@ -96,6 +96,16 @@ class Session:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)
 
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (small JSON-like values: which checkpoint to load)."""
+        if self.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)  # the worker group's process group (gloo on CPU, NCCL on GPU)
+        return box[0]
+
 
 class RaySession(Session):
     """Inside `TorchTrainer`: dataset shards, `ray.train.report`, checkpoints in the run's storage."""

@@ -174,6 +174,14 @@ def sample_losses(
     return F.cross_entropy(logits, labels, reduction="none", label_smoothing=run.cfg.optim.label_smoothing)
 
 
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed the global generators (CPU and every GPU) for this rank's step: dropout and drop-path masks
+    differ between ranks (identical masks would shrink their regularising effect as workers are added)
+    and are drawn again exactly after a resume at this step, on any number of workers, with no generator
+    state to save."""
+    torch.manual_seed(hash((seed, rank, step, -1)) & (2**63 - 1))
+
+
 def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: Window) -> float:
     """`accum_steps` micro-batches (forward, masked loss, backward), clip, AdamW, EMA. Returns the lr.
 
@@ -182,6 +190,7 @@ def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: Windo
     runs its backward, so DDP's gradient all-reduce stays in step.
     """
     cfg, t = run.cfg, run.cfg.train
+    seed_step(t.seed, run.session.rank, state.step)
     lr = lr_at(state.step, run.total_steps, run.warmup, cfg.optim.lr, cfg.optim.min_lr)
     for g in run.optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)  # layer-wise decay (fine-tuning) scales each group's share

@@ -151,25 +151,29 @@ def check_cluster_fits(cfg: PretrainConfig) -> None:
 
 
 class MetricsSink:
-    """metrics.jsonl and TensorBoard events under the run folder.
+    """The run's metrics (`metrics/*.jsonl`) and TensorBoard events under the run folder.
 
-    Lives in a Ray Train callback, which runs in the Train controller (any node): it writes straight
-    to the run's storage, appending to what an earlier attempt of the same run wrote. TensorBoard
-    events are written at each flush into a temporary folder that is uploaded and removed at once
-    (one small event file per flush; TensorBoard reads them as one run), so nothing stays on the node.
+    Lives in a Ray Train callback, which runs in the Train controller (any node): it writes straight to
+    the run's storage, one new object per flush (`<first step>-<ns>.jsonl`), never rewriting what is
+    there, so a 3-day run uploads each line once. A resumed run reports `start_step` S: rows of steps
+    after S, written by the attempt that died before its next checkpoint, are removed first (only the
+    newest objects hold them), so every step is in the table once. TensorBoard events are written at each
+    flush into a temporary folder that is uploaded and removed at once (one small event file per flush;
+    TensorBoard reads them as one run), so nothing stays on the node.
     """
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
-        self.uri = run_layout(cfg).metrics.uri
-        self.lines: list[str] | None = None
+        self.layout = run_layout(cfg)
         self.unflushed: list[dict] = []
+        self.rewound_to: int | None = None
         self.mlflow = None
 
     def add(self, metrics: dict, flush: bool) -> None:
-        if self.lines is None:  # resume: continue the curve
-            self.lines = storage.read_bytes(self.uri).decode().splitlines() if storage.exists(self.uri) else []
-        self.lines.append(json.dumps(metrics))
+        start = metrics.get("start_step")
+        if start is not None and start != self.rewound_to:
+            self._rewind(int(start))
+            self.rewound_to = start
         self.unflushed.append(metrics)
         if self.cfg.train.mlflow_tracking_uri:
             import mlflow
@@ -177,14 +181,29 @@ class MetricsSink:
             if self.mlflow is None:
                 mlflow.set_tracking_uri(self.cfg.train.mlflow_tracking_uri)
                 self.mlflow = mlflow.start_run(run_name=self.cfg.train.name)
-            mlflow.log_metrics(metrics, step=int(metrics.get("step", len(self.lines))))
+            mlflow.log_metrics(metrics, step=int(metrics.get("step", 0)))
         if flush or len(self.unflushed) >= 20:
             self.flush()
 
+    def _rewind(self, start: int) -> None:
+        """Drop reports of steps after `start` (the checkpoint this attempt resumed from)."""
+        self.unflushed = [m for m in self.unflushed if m.get("step", 0) <= start]
+        for uri in reversed(self.layout.metric_objects()):
+            rows = [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
+            keep = [r for r in rows if r.get("step", 0) <= start]
+            if len(keep) == len(rows):
+                break  # older objects hold earlier steps only
+            if keep:
+                storage.write_bytes(uri, "".join(json.dumps(r) + "\n" for r in keep).encode())
+            else:
+                storage.delete(uri)
+
     def flush(self) -> None:
-        if self.lines is None:
+        if not self.unflushed:
             return
-        storage.write_bytes(self.uri, "".join(line + "\n" for line in self.lines).encode())
+        name = f"{int(self.unflushed[0].get('step', 0)):012d}-{time.time_ns():020d}.jsonl"
+        data = "".join(json.dumps(m) + "\n" for m in self.unflushed).encode()
+        storage.write_bytes(self.layout.metrics_dir.join(name).uri, data)
         self._tensorboard(self.unflushed)
         self.unflushed = []
 
@@ -291,7 +310,7 @@ def run(cfg: PretrainConfig) -> dict:
     m = result.metrics or {}
     summary = {
         "run": layout.uri,
-        "best_val_top1": max((json.loads(l).get("val_top1", -1) for l in _metric_lines(layout)), default=None),
+        "best_val_top1": max((m.get("val_top1", -1) for m in layout.read_metrics()), default=None),
         "val_top1": m.get("val_top1"),
         "objective": cfg.train.objective,
         "knn_top1": m.get("knn_top1"),
@@ -304,11 +323,6 @@ def run(cfg: PretrainConfig) -> dict:
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
     }
     return summary
-
-
-def _metric_lines(layout: RunLayout) -> list[str]:
-    uri = layout.metrics.uri
-    return [l for l in storage.read_bytes(uri).decode().splitlines() if l.strip()] if storage.exists(uri) else []
 
 
 def print_summary(s: dict) -> None:
