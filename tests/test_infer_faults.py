@@ -98,7 +98,7 @@ def test_a_paused_holder_is_superseded_and_its_late_writes_are_refused(stack, bu
         os.killpg(paused.pid, signal.SIGCONT)
     text = paused.communicate(timeout=180)[0]
     assert paused.returncode in (EXIT_TEMPFAIL, EXIT_PARTIAL), text[-3000:]
-    assert "stopped" in text and "lease" in text and "Traceback" not in text
+    assert "another run" in text and "lease" in text and "Traceback" not in text
     assert publish.committed_runs(out) == published  # nothing of the stale holder landed
     assert _committed(out) == sorted(uris)
     assert json.loads(storage.read_bytes(f"{out}/_lease.json"))["generation"] == 2  # it did not take it back
@@ -139,10 +139,11 @@ def test_an_append_only_input_is_listed_from_the_last_runs_mark(ray_cluster, buc
 
 @pytest.mark.e2e
 def test_sigterm_from_a_scheduler_unwinds_the_run(stack, bucket, model_uri):
-    """A scheduler's timeout or cancel: the run stops with 143, removes what it staged and gives the lease
-    back, so the next run need not wait a TTL."""
+    """A scheduler's timeout or cancel while the run predicts: it stops with 143, removes what it staged and
+    gives the lease back, so the next run need not wait a TTL. (During a commit it would exit 4: partly
+    written, finished by the next run.)"""
     out = f"{bucket}/out"
-    _put_images(f"{bucket}/in", 24)
+    _put_images(f"{bucket}/in", 60)  # 15 batches, one replica: seconds of predicting after the first staged file
     job = _job(*_args(model_uri, bucket, out, ttl=600))
     deadline = time.time() + 120
     while time.time() < deadline and job.poll() is None and not storage.list_files(f"{out}/_staging"):
@@ -156,4 +157,4 @@ def test_sigterm_from_a_scheduler_unwinds_the_run(stack, bucket, model_uri):
     assert not _leftovers(out)
     nxt = _job(*_args(model_uri, bucket, out, ttl=600))
     assert nxt.wait(timeout=300) == 0  # at once: no TTL to wait out
-    assert len(_committed(out)) == 24
+    assert len(_committed(out)) == 60

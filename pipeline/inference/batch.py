@@ -356,6 +356,7 @@ def _run_held(cfg, pre, layout, lease, run_id, started, stages) -> dict:
     if cfg.limit and inputs.kind != "shards":
         inputs.table = inputs.table.slice(0, cfg.limit)
     if not len(inputs):
+        lease.check()  # "nothing new" is only an answer if the state it read was ours to read
         return {**result, "elapsed_s": time.time() - stages.t0, "timings_s": stages.s}
     try:
         with stages("predict"):
@@ -407,11 +408,12 @@ def _run_held(cfg, pre, layout, lease, run_id, started, stages) -> dict:
                     f"run {run_id} lost its lease while publishing; the new holder finishes it"
                 ) from None
             raise
-        except (Exception, KeyboardInterrupt) as e:
+        except (Exception, KeyboardInterrupt, SystemExit) as e:
             if isinstance(e, KeyboardInterrupt) and not lease.lost:
                 raise
+            why = "stopped by SIGTERM" if isinstance(e, SystemExit) else str(e)
             raise PartialOutput(
-                f"publishing run {run_id} stopped midway: {e}. Readers that honour _SUCCESS do not see it; "
+                f"publishing run {run_id} stopped midway: {why}. Readers that honour _SUCCESS do not see it; "
                 "the next run finishes or rolls it back"
             ) from e
     return {
