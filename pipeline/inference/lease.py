@@ -90,6 +90,7 @@ class Lease:
         self.renewed_at = 0.0  # local monotonic time at which the last successful write was sent
         self.renewals = 0
         self._lost: str | None = None
+        self._closing = False  # release() has begun: a loss found now interrupts nobody (the run is done)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -205,7 +206,7 @@ class Lease:
     def _lose(self, why: str) -> None:
         self._lost = why
         log.error("lease on %s: %s; run %s stops", self.output.uri, why, self.run_id)
-        if self.on_lost:
+        if self.on_lost and not self._closing:
             self.on_lost()
 
     def _renew_loop(self) -> None:
@@ -250,6 +251,7 @@ class Lease:
 
     def release(self) -> None:
         """Mark the lease released (the next run takes it at once); never touches another run's lease."""
+        self._closing = True
         self._stop.set()
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join()
