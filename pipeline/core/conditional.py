@@ -89,9 +89,9 @@ def probe(prefix: str | os.PathLike, name: str) -> None:
         if not accepted and (current is None or current[1] != tag):
             accepted.append("nothing, yet the object changed")
     finally:
-        loc_ = parse_uri(uri)
+        scratch = parse_uri(uri)
         try:
-            s3_client().delete_object(Bucket=loc_.bucket, Key=loc_.key)
+            s3_client().delete_object(Bucket=scratch.bucket, Key=scratch.key)
         except Exception:  # noqa: BLE001 - a leftover scratch key is `_`-named, skipped by every reader
             pass
     if accepted:

@@ -287,15 +287,11 @@ def recover(layout: Layout, lease) -> Recovered:
 
 # ---- the ledger: state for --since-last-run ----------------------------------------------------
 def _ledger_rows(table: pa.Table, run_id: str) -> pa.Table:
-    cols = {}
-    for f in LEDGER_SCHEMA:
-        if f.name == "run_id":
-            cols[f.name] = pa.array([run_id] * table.num_rows, pa.string())
-        elif f.name in table.column_names:
-            cols[f.name] = table[f.name].cast(f.type)
-        else:
-            cols[f.name] = pa.nulls(table.num_rows, f.type)
-    return pa.table(cols, schema=LEDGER_SCHEMA)
+    """A run's result rows as ledger rows of that run."""
+    rows = _as_ledger(table)
+    return rows.set_column(
+        rows.schema.get_field_index("run_id"), "run_id", pa.array([run_id] * rows.num_rows, pa.string())
+    )
 
 
 def append_ledger(layout: Layout, intent: Intent) -> None:
