@@ -13,7 +13,6 @@ The layout under --output, what each reader sees, and why a crash anywhere is sa
 
 from __future__ import annotations
 
-import _thread
 import datetime as dt
 import hashlib
 import json
@@ -27,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core import conditional, exported, storage
-from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_ERROR_RATE, EXIT_PARTIAL, unwind_on_sigterm
+from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_ERROR_RATE, EXIT_PARTIAL, in_job, interrupt_main, unwind_on_sigterm
 from pipeline.data.manifest import load_manifest
 from pipeline.inference import publish
 from pipeline.inference.infer_config import ALIASES, InferConfig  # noqa: F401 - the job's schema, re-exported
@@ -262,15 +261,9 @@ def _lease(cfg: InferConfig, layout: publish.Layout, run_id: str, stages: Stages
     def progress():
         return len(stages.s), len(storage.list_files(staging))
 
-    return Lease(
-        cfg.output,
-        run_id,
-        cfg.lease_ttl_s,
-        max_run_s=cfg.max_run_s,
-        stall_s=cfg.stall_s,
-        progress=progress,
-        on_lost=_thread.interrupt_main,
-    )
+    lease = Lease(cfg.output, run_id, cfg.lease_ttl_s, max_run_s=cfg.max_run_s, stall_s=cfg.stall_s, progress=progress)
+    lease.on_lost = lambda: interrupt_main(unwound=lease.closing)
+    return lease
 
 
 def _check_run_id(layout: publish.Layout, run_id: str) -> None:
@@ -371,7 +364,13 @@ def _run_held(cfg, pre, layout, lease, run_id, started, stages) -> dict:
                 f"--max-error-rate {cfg.max_error_rate}: run {run_id} is not published "
                 "(the error rows name each input and its reason in the job log)"
             )
-    except BaseException:
+    except BaseException as e:
+        if in_job() and isinstance(e, (SystemExit, KeyboardInterrupt)):
+            # The job stops: disconnecting ends its Ray tasks (a job-local Ray stops), so fewer of them write
+            # after the staging is removed. A write already in flight may still land: the next run sweeps it.
+            import ray
+
+            ray.shutdown()
         storage.delete(layout.staging(run_id).uri, recursive=True)  # nothing of this run is committed
         raise
     acc = summary["accuracy"]

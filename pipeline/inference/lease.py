@@ -65,7 +65,8 @@ class Lease:
 
     progress: a callable whose value changes while the run makes progress (None: any time is progress);
     stall_s: stop renewing after this long without a change; max_run_s: stop renewing after this long in
-    all; on_lost: called (from the renewal thread) when the lease is lost or given up."""
+    all; on_lost: called from the renewal thread, outside its lock, when the lease is lost or given up
+    (`closing` is set once the run has begun to release it: a callback may wait on it)."""
 
     def __init__(
         self,
@@ -90,7 +91,7 @@ class Lease:
         self.renewed_at = 0.0  # local monotonic time at which the last successful write was sent
         self.renewals = 0
         self._lost: str | None = None
-        self._closing = False  # release() has begun: a loss found now interrupts nobody (the run is done)
+        self.closing = threading.Event()  # release() has begun: a loss found now interrupts nobody
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -206,20 +207,20 @@ class Lease:
     def _lose(self, why: str) -> None:
         self._lost = why
         log.error("lease on %s: %s; run %s stops", self.output.uri, why, self.run_id)
-        if self.on_lost and not self._closing:
-            self.on_lost()
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             reason = self._give_up_reason()
             if reason:
                 self._lose(reason)
-                return
-            try:
-                self._renew()
-            except storage.StorageError as e:  # transient: keep trying until the TTL runs out
-                log.warning("could not renew the lease on %s (will retry): %s", self.output.uri, e)
+            else:
+                try:
+                    self._renew()
+                except storage.StorageError as e:  # transient: keep trying until the TTL runs out
+                    log.warning("could not renew the lease on %s (will retry): %s", self.output.uri, e)
             if self._lost:
+                if self.on_lost and not self.closing.is_set():
+                    self.on_lost()
                 return
 
     @property
@@ -251,7 +252,7 @@ class Lease:
 
     def release(self) -> None:
         """Mark the lease released (the next run takes it at once); never touches another run's lease."""
-        self._closing = True
+        self.closing.set()
         self._stop.set()
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join()
