@@ -7,6 +7,7 @@ batch; steady-state images/s is the median of the progress windows after the fir
   python bench/train.py --checkpoint-cost # step time of a checkpoint, sync against async upload (ViT-S/16)
   python bench/train.py --emulate 0.1     # GPU emulation: a step sleeps 100 ms; the fraction of step time Ray adds
   python bench/train.py --deit-step       # no Ray: Mixup/CutMix/erasing on patches against the image round trip
+  python bench/train.py --order           # 2 workers: exact order, and + train.deterministic, against the stream
 """
 
 import argparse
@@ -165,6 +166,54 @@ def cpu(args):
         )
         print("    CPU by role: " + per_image(cpu, images))
     storage.delete(f"s3://{bucket}", recursive=True)
+
+
+def order_cost(args):
+    """The exact, resumable order (each worker reads its part through Ray Data, order preserved) and
+    train.deterministic, against Ray Data's streaming_split + local shuffle (data.order stream), same run."""
+    import local_stack
+
+    local_stack.env()
+    import ray
+
+    from pipeline.core import storage
+    from pipeline.data import shard_writer
+    from pipeline.training import trainer
+
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    bucket = f"bench-{uuid.uuid4().hex[:6]}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    try:
+        shard_writer.make_shards("digits", f"s3://{bucket}/digits", progress=False, executor="local")
+        base = {
+            "model": {"name": "vit_micro_patch4_32"},
+            "data": {"manifest": f"s3://{bucket}/digits/manifest.json", "val_split": None},
+            "optim": {"warmup_steps": 2},
+            "train": {"output": f"s3://{bucket}/runs", "batch_size": args.cpu_batch, "epochs": 3, "num_workers": 2},
+        }
+        kinds = {
+            "stream": ({"order": "stream"}, {}),
+            "exact": ({"order": "exact"}, {}),
+            "exact + deterministic": ({"order": "exact"}, {"deterministic": True}),
+        }
+        rates = {}
+        for kind, (data, train_) in kinds.items():
+            name = kind.replace(" + ", "-")
+            c = PretrainConfig.model_validate(
+                {**base, "data": {**base["data"], **data}, "train": {**base["train"], **train_, "name": name}}
+            )
+            trainer.run(c)
+            lines = RunLayout.at(f"s3://{bucket}/runs/{name}").read_metrics()
+            ips, wait = steady(lines)
+            rates[kind] = (ips, whole_epochs(lines, c.train.batch_size)[1], wait)
+        s_ips, s_epochs, _ = rates["stream"]
+        for kind, (ips, later, wait) in rates.items():
+            print(
+                f"{kind:22s} {ips:7.1f} img/s median window, {later:7.1f} img/s over epochs 2+ (data wait "
+                f"{wait * 100:3.0f}%); ratio to stream {ips / s_ips:4.2f} by windows, {later / s_epochs:4.2f} by epochs"
+            )
+    finally:
+        storage.delete(f"s3://{bucket}", recursive=True)
 
 
 def emulate(args):
@@ -350,7 +399,10 @@ def main():
         help="GPU emulation: data.local_shuffle_buffer (rows "
         "a worker buffers before its first batch; default: the config's)",
     )
+    ap.add_argument("--order", action="store_true", help="the exact order and train.deterministic against the stream")
     args = ap.parse_args()
+    if args.order:
+        return order_cost(args)
     if args.checkpoint_cost:
         return checkpoint_cost(args)
     if args.emulate:

@@ -21,6 +21,25 @@ ROOT = Path(__file__).resolve().parents[1]
 STACK_SCRIPT = ROOT / "cluster" / "local" / "stack.py"
 
 
+def pytest_configure(config):
+    """Each session's tmp_path folders under a base of its own, removed at its end: pytest's shared
+    `pytest-of-<user>` base keeps only the newest sessions, so a second session on the machine (a CI run
+    beside a developer's) would delete the first one's folders under its running tests."""
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        import tempfile
+
+        config.option.basetemp = tempfile.mkdtemp(prefix="vitray-pytest-")
+        config._vitray_basetemp = config.option.basetemp
+
+
+def pytest_unconfigure(config):
+    base = getattr(config, "_vitray_basetemp", None)
+    if base:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def _stack_module():
     spec = importlib.util.spec_from_file_location("vitray_stack", STACK_SCRIPT)
     mod = importlib.util.module_from_spec(spec)

@@ -9,6 +9,9 @@
                      every step once, also after a resume (`read_metrics`; runs from before: metrics.jsonl)
   tensorboard/       TensorBoard event files
   figures/           what jobs/visualize.py writes by default
+  consumed/          train.record_keys: the sample keys each rank trained on, one object per checkpoint
+                     interval (e<epoch>-s<first step>-<last step>-r<rank>.json; a resumed attempt
+                     writes the same names again)
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ class RunLayout:
     def metrics(self) -> storage.Location:
         """The single file of runs from before the metrics folder (read, never written)."""
         return self.root.join("metrics.jsonl")
+
+    def consumed(self, epoch: int, first: int, last: int, rank: int) -> storage.Location:
+        return self.root.join(f"consumed/e{epoch:05d}-s{first:09d}-{last:09d}-r{rank:03d}.json")
 
     @property
     def metrics_dir(self) -> storage.Location:

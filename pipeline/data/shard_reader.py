@@ -21,11 +21,30 @@ import tarfile
 
 import numpy as np
 
+from pipeline.core import storage
 from pipeline.data.manifest import IMAGE_MEMBER
 
 
 class ShardIntegrityError(RuntimeError):
     """A shard's bytes differ from what its manifest recorded."""
+
+
+def check_shard(data: bytes, path: str, want: str | None) -> None:
+    got = hashlib.sha256(data).hexdigest()
+    if want and got != want:
+        raise ShardIntegrityError(
+            f"shard {path} does not match its manifest: sha256 {got} != {want}. The file changed after the "
+            "manifest was written (overwritten or damaged in storage); run make_shards again to write a new version"
+        )
+
+
+def read_shard(uri: str, want: str | None, fmt: str) -> list[tuple]:
+    """(key, image, label, format) of every sample of one shard file, read in one GET and checked first."""
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as f:
+        data = f.readall()
+    check_shard(data, path, want)
+    return list(_samples_of(data, fmt))
 
 
 def unpack_shards(batch: dict, digests: dict[str, str], fmt: str) -> dict:
@@ -34,13 +53,7 @@ def unpack_shards(batch: dict, digests: dict[str, str], fmt: str) -> dict:
     keys, images, labels, formats, urls = [], [], [], [], []
     for data, path in zip(batch["bytes"], batch["path"]):
         data = bytes(data)
-        want = digests.get(path)
-        got = hashlib.sha256(data).hexdigest()
-        if want and got != want:
-            raise ShardIntegrityError(
-                f"shard {path} does not match its manifest: sha256 {got} != {want}. The file changed after the "
-                "manifest was written (overwritten or damaged in storage); run make_shards again to write a new version"
-            )
+        check_shard(data, path, digests.get(path))
         for key, image, label, image_format in _samples_of(data, fmt):
             keys.append(key)
             images.append(image)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.core import storage
+from pipeline.data import order
 from pipeline.data.manifest import Manifest, load_manifest
-from pipeline.data.shard_reader import unpack_shards
+from pipeline.data.shard_reader import ShardIntegrityError, read_shard, unpack_shards
 from pipeline.data.transforms import Augment, ImageTransform, decode_to_patches
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,70 @@ def decode_patchify(batch: dict, cfg: StreamConfig) -> dict:
         "valid": valid,
         "key": np.asarray(keys if keys is not None else [""] * len(valid), dtype=object),
     }
+
+
+def read_window(batch: dict, seed: int, epoch: int, digests: dict[str, str], fmt: str, rows: int = 256):
+    """map_batches step on read items (`order.reads`): each item's window read (its shards checked against
+    the manifest) and permuted, and its positions lo..hi yielded in order, `rows` at a time (the decode
+    that follows works block by block), as {key, image, label, format, position}."""
+    for spec in batch["item"]:
+        r = json.loads(spec)
+        samples = []
+        for uri, count in zip(r["shards"], r["counts"]):
+            got = read_shard(uri, digests.get(storage.parse_uri(uri).path), fmt)
+            if len(got) != count:
+                raise ShardIntegrityError(f"shard {uri} holds {len(got)} samples, its manifest says {count}")
+            samples += got
+        w = order.Window(r["window"], r["start"], tuple(r["shards"]), tuple(r["counts"]))
+        perm = order.permutation(w, seed, epoch)
+        for lo in range(r["lo"], r["hi"], rows):
+            positions = np.arange(lo, min(lo + rows, r["hi"]), dtype=np.int64)
+            picked = [samples[perm[p - w.start]] for p in positions]
+            yield {
+                "key": np.asarray([s[0] for s in picked], dtype=object),
+                "image": np.asarray([s[1] for s in picked], dtype=object),
+                "label": np.asarray([s[2] for s in picked], dtype=np.int64),
+                "format": np.asarray([s[3] for s in picked], dtype=object),
+                "position": positions,
+            }
+
+
+def decode_positioned(batch: dict, cfg: StreamConfig, seed: int, epoch: int) -> dict:
+    """`decode_patchify` with each sample augmented from its own seed (seed, epoch, position)."""
+    rngs = [np.random.default_rng(order.sample_seed(seed, epoch, int(p))) for p in batch["position"]]
+    patches, valid, _ = decode_to_patches(image_column(batch), batch["key"], cfg.transform, rngs)
+    return {"patches": patches, "label": labels_of(batch), "valid": valid, "key": batch["key"]}
+
+
+def ordered_stream(manifest: Manifest, split: str, cfg: StreamConfig, *, seed, epoch, ranges, window_shards: int):
+    """One rank's part of an epoch (`ranges` of positions, `order.split`) as a Ray Data stream in exactly
+    that order: one task per (window, range) reads and decodes, and the output keeps the items' order."""
+    import ray.data
+    from ray.data import DataContext
+
+    sp = manifest.split(split)
+    shards = [(u, e.count) for u, e in zip(manifest.shard_uris(split), sp.shards)]
+    items = order.reads(ranges, order.windows(shards, seed, epoch, window_shards))
+    if not items:
+        raise ValueError(f"no positions to read in the {split!r} split for this worker")
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # this process's streams: the order is the point
+    cfg = dataclasses.replace(cfg, transform=dataclasses.replace(cfg.transform, rules=manifest.decode_rules()))
+    ds = ray.data.from_items([{"item": json.dumps(i)} for i in items], override_num_blocks=len(items))
+    ds = ds.map_batches(
+        read_window,
+        fn_kwargs={"seed": seed, "epoch": epoch, "digests": manifest.digests(split), "fmt": manifest.format},
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=cfg.num_cpus,
+    )
+    return ds.map_batches(
+        decode_positioned,
+        fn_kwargs={"cfg": cfg, "seed": seed, "epoch": epoch},
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=cfg.num_cpus,
+    )
 
 
 def shuffled_batches(source, batch_size: int, size: int, initial: int, rng: np.random.Generator, drop_last: bool):

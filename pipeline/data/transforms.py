@@ -337,8 +337,9 @@ class ImageTransform:
         return patchify(pixels, self.patch_size)
 
 
-def decode_to_patches(images: list, keys, transform: ImageTransform, rng: np.random.Generator | None):
-    """Encoded images -> ((B, N, P*P*C) uint8 patches, (B,) bool valid, [error or ""] per row).
+def decode_to_patches(images: list, keys, transform: ImageTransform, rng: np.random.Generator | list | None):
+    """Encoded images -> ((B, N, P*P*C) uint8 patches, (B,) bool valid, [error or ""] per row). `rng`: one
+    generator for the batch, or one per row (a sample's augmentation then depends on its own seed only).
 
     The one decode step of training, evaluation and batch inference: a sample that cannot be used
     keeps its row, marked invalid with the reason, and is logged with its key.
@@ -351,7 +352,7 @@ def decode_to_patches(images: list, keys, transform: ImageTransform, rng: np.ran
         try:
             if data is None:
                 raise ImageDecodeError("sample has no image member")
-            patches[i] = transform(bytes(data), rng)
+            patches[i] = transform(bytes(data), rng[i] if isinstance(rng, list) else rng)
             valid[i] = True
         except ImageDecodeError as e:
             errors[i] = str(e)

@@ -30,6 +30,7 @@ import torch
 import vit_model
 from pipeline.core import exported, storage
 from pipeline.core.runs import RunLayout
+from pipeline.data import order
 from pipeline.training import selfsup
 from pipeline.training.checkpoints import resume, save_checkpoint
 from pipeline.training.mixing import Mixer
@@ -40,8 +41,11 @@ from pipeline.training.step import (
     TrainState,
     Window,
     autocast_dtype,
+    epoch_todo,
     evaluate,
+    full_epoch,
     optimizer_step,
+    record_keys,
     report_is_due,
 )
 from pipeline.training.train_config import PretrainConfig
@@ -87,6 +91,14 @@ def model_flops(core: VisionTransformer | MaskedAutoencoder) -> float:
 
 
 # ---- state ---------------------------------------------------------------------------------
+def make_deterministic() -> None:
+    """train.deterministic: torch's deterministic kernels (an error names any op that has none), cuBLAS's
+    fixed workspace, cuDNN without autotuning. With data.order exact, per-sample augmentation seeds and
+    per-step dropout seeds, a run repeats bitwise on the same workers and threads (set by the session)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def build_run(
@@ -96,6 +108,8 @@ def build_run(
     device = session.device
     if device.type == "cpu" and session.cpu_threads:  # as many threads as the CPU slots this worker holds
         torch.set_num_threads(session.cpu_threads)
+    if t.deterministic:
+        make_deterministic()
     core = build_model(cfg, num_classes)
     if t.init_from:  # an MAE run may continue from an encoder: the decoder starts fresh
         exported.load_init_weights(core.encoder if isinstance(core, MaskedAutoencoder) else core, t.init_from)
@@ -308,17 +322,26 @@ def train(
         if used:
             say(f"resumed from {used} at step {state.step} (epoch {state.epoch}, {state.step_in_epoch} steps in)")
     run.model.train()
+    exact = session.exact_order
+    keys: list[str] | None = [] if cfg.train.record_keys and exact else None
 
-    def epoch_batches(epoch: int):
-        return Batches(session.batches(cfg.data.train_split, cfg.train.micro_batch, epoch, True), session.device)
+    def epoch_batches(epoch: int, todo):
+        ranges = order.split(todo, session.world_size)[session.rank] if exact else None
+        source = session.batches(cfg.data.train_split, cfg.train.micro_batch, epoch, True, ranges=ranges)
+        return Batches(source, session.device, keys)
+
+    def position():  # what is still to do once every rank has read its samples of this attempt's steps
+        return order.advance(todo, session.world_size, (state.step_in_epoch - began) * run.per_rank)
 
     primed = None
     try:
         while state.step < run.total_steps and state.epoch < cfg.train.epochs:
             steps = min(run.steps_per_epoch - state.step_in_epoch, run.total_steps - state.step)
+            todo = epoch_todo(run, state)
+            began = state.step_in_epoch  # this attempt's first step of the epoch: `todo` is as of it
             run.epoch_t0, run.first_batch_s = run.clock(), 0.0
-            batches = iter(primed or epoch_batches(state.epoch))
-            primed = None
+            batches = iter(primed or epoch_batches(state.epoch, todo))
+            primed, first_keyed = None, state.step
             window, last = Window.start(session.device, run.clock()), {}
             for _ in range(steps):
                 lr = optimizer_step(run, state, batches, window)
@@ -338,18 +361,32 @@ def train(
                 if epoch_ends:
                     break
                 if ckpt_due:
+                    if exact:  # where every rank stands: the checkpoint resumes at the next sample
+                        state.todo = position()
+                    first_keyed = record_keys(run, state, keys, first_keyed)
                     checkpoint(run, state, {**last, "step": state.step, "epoch": state.epoch})
                 elif report_due:
                     session.report({**last, "step": state.step, "epoch": state.epoch}, None)
                     run.progress_reports += 1
             if window.steps:  # a max_steps stop inside a window
                 last = progress(run, state, window, lr)
+            if exact and state.step_in_epoch >= run.steps_per_epoch:
+                leftover = next(batches, None)
+                if leftover is not None:  # every rank reads the same number of samples: none may be left
+                    raise RuntimeError(
+                        f"worker {session.rank} has samples left after the {run.steps_per_epoch} steps of epoch "
+                        f"{state.epoch}: its part of the order is longer than its steps"
+                    )
             # This epoch's stream ends here, before the next one starts: a Ray Data iterator left to the garbage
             # collector would end its split's execution later, whichever epoch that is by then.
             batches.close()
+            if exact:
+                state.todo = None if state.step_in_epoch >= run.steps_per_epoch else position()
+            record_keys(run, state, keys, first_keyed)
             next_epoch = state.epoch + (state.step_in_epoch >= run.steps_per_epoch)
             if cfg.data.prefetch_next_epoch and state.step < run.total_steps and next_epoch < cfg.train.epochs:
-                primed = Primed(lambda e=next_epoch: epoch_batches(e))  # starts while this epoch evaluates
+                # the next epoch's stream starts while this one evaluates and checkpoints
+                primed = Primed(lambda e=next_epoch: epoch_batches(e, full_epoch(run)))
             end_of_epoch(run, state, last)
     except BaseException:
         if session.rank == 0:  # not uploaded and never will be: leave nothing in the temp folder
@@ -365,7 +402,7 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = PretrainConfig.model_validate_json(config["cfg"])
     train(
         cfg,
-        RaySession(cfg),
+        RaySession(cfg, config.get("manifest"), config.get("train_stream")),
         num_classes=config["num_classes"],
         train_count=config["train_count"],
         class_names=config["class_names"],

@@ -31,10 +31,13 @@ class Batches:
 
     source: Iterable[dict]
     device: torch.device
+    keys: list | None = None  # when a list: each batch's sample keys are appended (train.record_keys)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         nb = self.device.type == "cuda"
         for b in self.source:
+            if self.keys is not None:
+                self.keys.extend(str(k) for k in b["key"])
             with warnings.catch_warnings():  # Ray's batches are read-only views; we never write to them
                 warnings.simplefilter("ignore", UserWarning)
                 patches = torch.as_tensor(b["patches"])
@@ -81,8 +84,10 @@ class Session:
     rank = 0
     device = torch.device("cpu")
     cpu_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
+    exact_order = False  # batches() reads `ranges` of the epoch's order exactly (data.order exact)
 
-    def batches(self, split: str, batch_size: int, epoch: int, train: bool) -> Iterable[dict]:
+    def batches(self, split: str, batch_size: int, epoch: int, train: bool, ranges=None) -> Iterable[dict]:
+        """One epoch of `split` in batches; `ranges`: this rank's positions of the epoch (exact order)."""
         raise NotImplementedError
 
     def checkpoints(self) -> list[str]:
@@ -110,7 +115,7 @@ class Session:
 class RaySession(Session):
     """Inside `TorchTrainer`: dataset shards, `ray.train.report`, checkpoints in the run's storage."""
 
-    def __init__(self, cfg: PretrainConfig):
+    def __init__(self, cfg: PretrainConfig, manifest=None, train_stream=None):
         import ray.train
         import ray.train.torch
 
@@ -118,19 +123,24 @@ class RaySession(Session):
         self.world_size, self.rank = ctx.get_world_size(), ctx.get_world_rank()
         self.device = ray.train.torch.get_device()
         self.cfg = cfg
+        self.manifest = manifest  # the version the run trains on: this worker reads its part of it
+        self.train_stream = train_stream  # a StreamConfig: decode, augment, patchify
+        self.exact_order = cfg.data.order == "exact" and manifest is not None
         # Ray sets OMP_NUM_THREADS=1 in a worker unless told otherwise; compute with the slots it holds.
         self.cpu_threads = max(1, int(cfg.train.cpus_per_worker))
         os.environ["OMP_NUM_THREADS"] = str(self.cpu_threads)
         self._uploads: list[dict] = []  # filled by the upload thread: {"dir", "start", "end"}
         self._returned: dict[str, float] = {}  # checkpoint dir -> when report() gave control back
 
-    def batches(self, split, batch_size, epoch, train):
+    def batches(self, split, batch_size, epoch, train, ranges=None):
         import ray.train
 
         from pipeline.data.streams import shuffled_batches
 
-        shard = ray.train.get_dataset_shard(split)
         d = self.cfg.data
+        if ranges is not None:
+            return self._ordered(split, batch_size, epoch, ranges)
+        shard = ray.train.get_dataset_shard(split)
         batches = shard.iter_batches(
             batch_size=batch_size,
             batch_format="numpy",
@@ -142,6 +152,25 @@ class RaySession(Session):
         rng = np.random.default_rng(self.cfg.train.seed * 1000 + epoch * 10 + self.rank)
         return shuffled_batches(
             batches, batch_size, d.local_shuffle_buffer, d.shuffle_initial or batch_size, rng, drop_last=True
+        )
+
+    def _ordered(self, split, batch_size, epoch, ranges):
+        """This rank's positions of the epoch, read and decoded by Ray Data tasks started from this worker."""
+        from pipeline.data.streams import configure_ray_data, ordered_stream
+
+        d = self.cfg.data
+        configure_ray_data(progress=False)
+        ds = ordered_stream(
+            self.manifest,
+            split,
+            self.train_stream,
+            seed=d.shuffle_seed,
+            epoch=epoch,
+            ranges=ranges,
+            window_shards=d.window_shards,
+        )
+        return ds.iter_batches(
+            batch_size=batch_size, batch_format="numpy", prefetch_batches=d.prefetch_batches, drop_last=False
         )
 
     def checkpoints(self):
@@ -206,7 +235,7 @@ class LocalSession(Session):
     reports: list = field(default_factory=list)
     keep: int = 2
 
-    def batches(self, split, batch_size, epoch, train):
+    def batches(self, split, batch_size, epoch, train, ranges=None):
         return self.batch_fn(split, batch_size, epoch, train)
 
     def checkpoints(self):

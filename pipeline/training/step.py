@@ -11,6 +11,7 @@ Times come from `Run.clock` (seconds), which tests replace with a clock they adv
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pipeline.core import storage
+from pipeline.core.runs import RunLayout
+from pipeline.data import order
 from pipeline.training.mixing import Mixer, random_erase_, soft_target_cross_entropy
 from pipeline.training.selfsup import mask_generator
 from pipeline.training.sessions import Batches, Session
@@ -71,6 +75,7 @@ class TrainState:
     images_seen: int = 0
     dropped_samples: int = 0  # undecodable samples left out of the loss
     skipped_batches: int = 0  # micro-batches without one valid sample
+    todo: list | None = None  # data.order exact, mid-epoch: the epoch's positions still to read (order.advance)
     history: list[dict] = field(default_factory=list)  # one entry per epoch
 
     @classmethod
@@ -122,6 +127,11 @@ class Run:
     progress_reports: int = 0  # progress reports sent (checkpoints and epoch ends not counted)
     epoch_t0: float = 0.0  # when this epoch asked for its first batch
     first_batch_s: float = 0.0  # how long that first batch took (the stream's start-up)
+
+    @property
+    def per_rank(self) -> int:
+        """Samples each rank reads per optimizer step (all its micro-batches)."""
+        return self.cfg.train.batch_size // self.session.world_size
 
 
 def report_is_due(run: Run, window: Window) -> bool:
@@ -270,3 +280,31 @@ def evaluate(model, batches: Batches, amp_dtype, world_size: int) -> dict:
         "val_top5": top5 / max(n, 1),
         "val_count": int(n),
     }
+
+
+# ---- the data position (data.order exact) -----------------------------------------------------
+def full_epoch(run: Run) -> list[list[int]]:
+    return [[0, run.steps_per_epoch * run.cfg.train.batch_size]]
+
+
+def epoch_todo(run: Run, state: TrainState) -> list[list[int]]:
+    """The epoch's positions still to read: all of them at its start, else what the checkpoint recorded (a
+    checkpoint without a record, from before exact order: its steps' share of the start of every part)."""
+    if state.step_in_epoch == 0:
+        return full_epoch(run)
+    if state.todo is not None:
+        return state.todo
+    return order.advance(full_epoch(run), run.session.world_size, state.step_in_epoch * run.per_rank)
+
+
+def record_keys(run: Run, state: TrainState, keys: list | None, first: int) -> int:
+    """train.record_keys: this rank's keys of steps first+1..state.step, then the next interval's start."""
+    if keys is None or state.step == first:
+        return first
+    n = (state.step - first) * run.per_rank
+    uri = RunLayout.of(run.cfg.train.output, run.cfg.train.name).consumed(
+        state.epoch, first + 1, state.step, run.session.rank
+    )
+    storage.write_bytes(uri.uri, json.dumps(keys[:n]).encode())
+    del keys[:n]
+    return state.step

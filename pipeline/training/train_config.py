@@ -61,8 +61,19 @@ class DataSection(Augment):
     manifest: str | None = Field(None, description="shards manifest URI (s3://.../manifest.json or a local path)")
     train_split: str = Field("train", description="split to train on")
     val_split: str | None = Field("val", description="split to evaluate every epoch (null: none)")
-    shuffle_seed: int = Field(0, description="file-order shuffle seed (reshuffled every epoch)")
-    local_shuffle_buffer: int = Field(1024, ge=0, description="rows in each worker's shuffle buffer (0: none)")
+    order: Literal["exact", "stream"] = Field(
+        "exact",
+        description="exact: each epoch's order a function of (shuffle_seed, epoch, shards, workers), every rank "
+        "the same number of samples, and a checkpoint resumes at the next sample (pipeline/data/order.py); "
+        "stream: Ray Data's streaming_split with a local shuffle buffer (a resume restarts the epoch's stream)",
+    )
+    window_shards: int = Field(
+        4, ge=1, description="order exact: shards whose samples are shuffled together (one read task's window)"
+    )
+    shuffle_seed: int = Field(0, description="the order's seed (shards and samples reshuffled every epoch)")
+    local_shuffle_buffer: int = Field(
+        1024, ge=0, description="order stream: rows in each worker's shuffle buffer (0: none)"
+    )
     shuffle_initial: int = Field(
         0,
         ge=0,
@@ -158,6 +169,15 @@ class TrainSection(Section):
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL, bf16 autocast")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPU slots each training worker reserves")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    deterministic: bool = Field(
+        False,
+        description="bitwise-repeatable training with the same config, data and workers, killed and resumed or "
+        "not: torch's deterministic algorithms, fixed threads, cuDNN/cuBLAS settings (costs speed; needs "
+        "data.order exact)",
+    )
+    record_keys: bool = Field(
+        False, description="audit: each rank writes the sample keys of its steps under {run}/consumed/ (order exact)"
+    )
     compile: bool = Field(False, description="torch.compile the model")
     seed: int = Field(0, description="initialisation and RNG seed")
     init_from: str | None = Field(
@@ -239,6 +259,10 @@ class PretrainConfig(Section):
 
     @model_validator(mode="after")
     def _objective_fits(self):
+        if self.data.order != "exact":
+            on = [k for k in ("deterministic", "record_keys") if getattr(self.train, k)]
+            if on:
+                raise ValueError(f"train.{' and train.'.join(on)} need data.order exact (got {self.data.order})")
         if self.optim.base_lr is not None:
             self.optim.lr = self.optim.base_lr * self.train.batch_size / 256
         if self.train.objective == "mae":

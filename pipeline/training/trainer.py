@@ -265,8 +265,9 @@ def run(cfg: PretrainConfig) -> dict:
     common = dict(batch_size=d.decode_batch_size, num_cpus=d.decode_cpus)
     train_stream = StreamConfig.for_model(mcfg, True, Augment.of(d), **common)
     manifest = pre.manifest  # the version this run started on (pinned in data.json), not re-read
-    train_ds, _ = split_stream(manifest, d.train_split, train_stream, shuffle_seed=d.shuffle_seed)
-    datasets = {d.train_split: train_ds}
+    datasets = {}
+    if d.order == "stream":  # else every worker reads its own part of each epoch (`order.split`)
+        datasets[d.train_split], _ = split_stream(manifest, d.train_split, train_stream, shuffle_seed=d.shuffle_seed)
     if d.val_split:
         datasets[d.val_split], _ = split_stream(manifest, d.val_split, StreamConfig.for_model(mcfg, False, **common))
     if pre.knn is not None:  # MAE's k-NN monitor: both splits of a labelled set, unaugmented
@@ -283,6 +284,8 @@ def run(cfg: PretrainConfig) -> dict:
             "train_count": pre.train_count,
             "class_names": [] if pre.num_classes == 0 else pre.manifest.classes,
             "knn": pre.knn is not None,
+            "manifest": manifest,
+            "train_stream": train_stream,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -291,7 +294,7 @@ def run(cfg: PretrainConfig) -> dict:
             placement_strategy="SPREAD" if not cfg.train.use_gpu else "PACK",
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        datasets=datasets,
+        datasets=datasets or None,
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
         run_config=ray.train.RunConfig(
             name=cfg.train.name,
