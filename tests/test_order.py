@@ -81,3 +81,20 @@ def test_reads_cut_ranges_at_window_edges():
     for i in items:  # each item lies inside its window
         w = wins[i["window"]]
         assert w.start <= i["lo"] < i["hi"] <= w.start + w.size and i["shards"] == w.shards
+
+
+def test_a_resume_with_another_batch_size_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from pipeline.training.step import TrainState, epoch_todo
+
+    def run(batch, world):
+        cfg = SimpleNamespace(train=SimpleNamespace(batch_size=batch))
+        session = SimpleNamespace(world_size=world)
+        return SimpleNamespace(cfg=cfg, steps_per_epoch=50, session=session, per_rank=batch // world)
+
+    saved = TrainState(step=20, step_in_epoch=20, todo=order.advance([[0, 50 * 32]], 2, 20 * 16))
+    assert order.total(epoch_todo(run(32, 4), saved)) == 30 * 32  # other workers: the same rest
+    with pytest.raises(ValueError, match="train.batch_size 64"):
+        epoch_todo(run(64, 2), saved)
+    assert epoch_todo(run(32, 2), TrainState()) == [[0, 50 * 32]]

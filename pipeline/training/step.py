@@ -292,9 +292,16 @@ def epoch_todo(run: Run, state: TrainState) -> list[list[int]]:
     checkpoint without a record, from before exact order: its steps' share of the start of every part)."""
     if state.step_in_epoch == 0:
         return full_epoch(run)
-    if state.todo is not None:
-        return state.todo
-    return order.advance(full_epoch(run), run.session.world_size, state.step_in_epoch * run.per_rank)
+    if state.todo is None:
+        return order.advance(full_epoch(run), run.session.world_size, state.step_in_epoch * run.per_rank)
+    want = (run.steps_per_epoch - state.step_in_epoch) * run.cfg.train.batch_size
+    if order.total(state.todo) != want:
+        raise ValueError(
+            f"the checkpoint's epoch {state.epoch} has {order.total(state.todo)} samples left, which are not the "
+            f"{run.steps_per_epoch - state.step_in_epoch} steps of train.batch_size {run.cfg.train.batch_size} this "
+            "run would take: resume with the batch size (and data) the run started with, or start a new --name"
+        )
+    return state.todo
 
 
 def record_keys(run: Run, state: TrainState, keys: list | None, first: int) -> int:
