@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -151,8 +152,10 @@ def _weed_up() -> None:
     p = S3_PORT
     args = [
         _tool("weed"),
+        "-logtostderr",  # into weed.log below, not glog files in /tmp
         "mini",
         f"-dir={data}",
+        f"-s3.localSocket={_s3_socket()}",
         "-ip=127.0.0.1",
         "-ip.bind=127.0.0.1",
         f"-s3.port={p}",
@@ -188,6 +191,12 @@ def _weed_up() -> None:
     sys.exit(
         f"stack: the S3 server did not answer on 127.0.0.1:{S3_PORT} within {WAIT_S:.0f}s; see {STATE / 'weed.log'}"
     )
+
+
+def _s3_socket() -> Path:
+    """The gateway's local socket: in the state folder (not /tmp) while the path fits a socket address."""
+    mine = STATE / "s3.sock"
+    return mine if len(str(mine)) < 100 else Path(tempfile.gettempdir()) / f"seaweedfs-s3-{S3_PORT}.sock"
 
 
 def _bucket_api_ready() -> bool:
@@ -342,6 +351,7 @@ def down() -> None:
     else:
         print("s3: not running")
     (STATE / "weed.pid").unlink(missing_ok=True)
+    _s3_socket().unlink(missing_ok=True)
 
 
 def status() -> int:
