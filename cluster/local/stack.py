@@ -331,6 +331,31 @@ def up() -> None:
     print(f"env: source {path}")
 
 
+def _remove_dead_pymp(since: float) -> None:
+    """Python's multiprocessing folders (`pymp-*`, a listener socket inside) that Ray's processes made and,
+    being stopped, never removed: only those made since the head started whose sockets nobody answers."""
+    for d in Path(tempfile.gettempdir()).glob("pymp-*"):
+        try:
+            if d.stat().st_mtime < since or not d.is_dir():
+                continue
+            entries = list(d.iterdir())
+            if any(not e.is_socket() or _socket_answers(e) for e in entries):
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def _socket_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        try:
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
 def down() -> None:
     ray_pids = _ray_pids()
     _stop(ray_pids, "ray")
@@ -339,6 +364,8 @@ def down() -> None:
     deadline = time.time() + 10  # the GCS may still hold its port a moment after its process is gone
     while time.time() < deadline and (_ray_pids() or _port_open(RAY_PORT)):
         time.sleep(0.2)
+    if not _ray_pids() and (STATE / "ray.sid").exists():
+        _remove_dead_pymp(since=(STATE / "ray.sid").stat().st_mtime)
     if not _ray_pids() and not _port_open(RAY_PORT) and _ray_tmpdir().exists():
         # Ray's session files (logs, sockets, spilled objects) of the runs this stack served: hundreds of MB
         # after a day of runs. Copy what you need from /tmp/vitray-ray-<port>/session_latest/logs first.
