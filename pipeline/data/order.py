@@ -18,7 +18,6 @@ with Ray Data kept for the reads and decodes.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,8 +112,3 @@ def reads(ranges: Ranges, wins: list[Window]) -> list[dict]:
             out.append({"window": w.index, "start": w.start, "lo": a, "hi": hi, "shards": w.shards, "counts": w.counts})
             a = hi
     return out
-
-
-def fingerprint(shards: list[tuple[str, int]]) -> str:
-    """Names the shard set an order was computed on (a resume on other shards would read other samples)."""
-    return hashlib.sha256(repr(shards).encode()).hexdigest()[:16]

@@ -42,6 +42,10 @@ class StreamConfig:
     batch_size: int | None = None
     num_cpus: float = 1.0  # per decode task
 
+    def under_rules_of(self, manifest: Manifest) -> StreamConfig:
+        """The decode rules a shard set was written with: its own rules, not today's defaults."""
+        return dataclasses.replace(self, transform=dataclasses.replace(self.transform, rules=manifest.decode_rules()))
+
     @classmethod
     def for_model(cls, mcfg, train: bool, augment: Augment | None = None, **kwargs) -> StreamConfig:
         """The stream a model of ViTConfig `mcfg` expects (`ImageTransform.for_model`)."""
@@ -93,10 +97,15 @@ def labels_of(batch: dict) -> np.ndarray:
     return np.array([int(v.decode() if isinstance(v, (bytes, bytearray)) else v) for v in raw], dtype=np.int64)
 
 
-def decode_patchify(batch: dict, cfg: StreamConfig) -> dict:
-    """map_batches step: encoded images -> patches. Bad samples: valid=False and a logged key."""
+def decode_patchify(batch: dict, cfg: StreamConfig, seed: int | None = None, epoch: int = 0) -> dict:
+    """map_batches step: encoded images -> patches. Bad samples: valid=False and a logged key. Rows with a
+    `position` (the exact order) and a `seed` are augmented from their own seeds (seed, epoch, position),
+    the same whichever task decodes them; others from fresh randomness."""
     transform = cfg.transform
-    rng = np.random.default_rng()  # fresh crops every epoch; the seed fixes the file order
+    if seed is not None and "position" in batch:
+        rng = [np.random.default_rng(order.sample_seed(seed, epoch, int(p))) for p in batch["position"]]
+    else:
+        rng = np.random.default_rng()  # fresh crops every epoch; the seed fixes the file order
     if "label" not in batch:
         batch["label"] = batch["cls"]
     keys = batch.get("__key__", batch.get("key"))
@@ -135,13 +144,6 @@ def read_window(batch: dict, seed: int, epoch: int, digests: dict[str, str], fmt
             }
 
 
-def decode_positioned(batch: dict, cfg: StreamConfig, seed: int, epoch: int) -> dict:
-    """`decode_patchify` with each sample augmented from its own seed (seed, epoch, position)."""
-    rngs = [np.random.default_rng(order.sample_seed(seed, epoch, int(p))) for p in batch["position"]]
-    patches, valid, _ = decode_to_patches(image_column(batch), batch["key"], cfg.transform, rngs)
-    return {"patches": patches, "label": labels_of(batch), "valid": valid, "key": batch["key"]}
-
-
 def ordered_stream(manifest: Manifest, split: str, cfg: StreamConfig, *, seed, epoch, ranges, window_shards: int):
     """One rank's part of an epoch (`ranges` of positions, `order.split`) as a Ray Data stream in exactly
     that order: one task per (window, range) reads and decodes, and the output keeps the items' order."""
@@ -155,7 +157,7 @@ def ordered_stream(manifest: Manifest, split: str, cfg: StreamConfig, *, seed, e
         raise ValueError(f"no positions to read in the {split!r} split for this worker")
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True  # this process's streams: the order is the point
-    cfg = dataclasses.replace(cfg, transform=dataclasses.replace(cfg.transform, rules=manifest.decode_rules()))
+    cfg = cfg.under_rules_of(manifest)
     ds = ray.data.from_items([{"item": json.dumps(i)} for i in items], override_num_blocks=len(items))
     ds = ds.map_batches(
         read_window,
@@ -165,7 +167,7 @@ def ordered_stream(manifest: Manifest, split: str, cfg: StreamConfig, *, seed, e
         num_cpus=cfg.num_cpus,
     )
     return ds.map_batches(
-        decode_positioned,
+        decode_patchify,
         fn_kwargs={"cfg": cfg, "seed": seed, "epoch": epoch},
         batch_size=None,
         batch_format="numpy",
@@ -302,5 +304,5 @@ def split_stream(manifest_uri: str | Manifest, split: str, cfg: StreamConfig, *,
     manifest). The one entry point training and evaluation use."""
     manifest = manifest_uri if isinstance(manifest_uri, Manifest) else load_manifest(manifest_uri)
     # the set was decided when it was written: its own rules, not today's defaults
-    cfg = dataclasses.replace(cfg, transform=dataclasses.replace(cfg.transform, rules=manifest.decode_rules()))
+    cfg = cfg.under_rules_of(manifest)
     return patch_stream(read_encoded(manifest, split, shuffle_seed=shuffle_seed, num_cpus=cfg.num_cpus), cfg), manifest
