@@ -58,6 +58,9 @@ def test_config_overrides_aliases_and_errors():
         False,
         "2024",
     )
+    # an optional text set to null on the command line, as the errors tell users to (not the string "null")
+    assert _cfg(["--data.val_split", "null"]).data.val_split is None
+    assert _cfg(["--data.val_split", "val2"]).data.val_split == "val2"
     with pytest.raises(ConfigError, match="train: .*batch_size 64 is not divisible by num_workers 3"):
         _cfg(["--batch-size", "64", "--num-workers", "3"])
     with pytest.raises(ConfigError, match="optim.lr"):

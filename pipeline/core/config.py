@@ -105,6 +105,8 @@ def load_config(schema: type[BaseModel], args: argparse.Namespace, aliases: dict
             continue
         ann = fields[dotted][1]
         textual = ann is str or (_is_optional(ann) and str in typing.get_args(ann))
+        if textual and _is_optional(ann) and value in ("null", "~"):  # as YAML reads it: the help says "null"
+            value = None
         _set(data, dotted, _parse_value(value) if isinstance(value, str) and not textual else value)
     try:
         return schema.model_validate(data)
