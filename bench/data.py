@@ -74,7 +74,8 @@ def ray_stream_rate(folder: Path, bucket: str, shard_size: int, epochs: int = 2)
     import psutil
 
     from pipeline.data import shard_writer
-    from pipeline.data.streams import StreamConfig, configure_ray_data, split_stream
+    from pipeline.data.manifest import load_manifest
+    from pipeline.data.streams import StreamConfig, configure_ray_data, patch_stream
 
     shard_writer.make_shards(
         str(folder),
@@ -91,9 +92,8 @@ def ray_stream_rate(folder: Path, bucket: str, shard_size: int, epochs: int = 2)
 
     ctx = DataContext.get_current()
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=float(os.cpu_count()))
-    ds, m = split_stream(
-        f"s3://{bucket}/{folder.name}", "train", StreamConfig(ImageTransform(224, 16, train=True)), shuffle_seed=0
-    )
+    m = load_manifest(f"s3://{bucket}/{folder.name}")
+    ds = patch_stream(m, "train", StreamConfig(ImageTransform(224, 16, train=True)))
     peak = [0]
     stop = threading.Event()
 

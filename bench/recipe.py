@@ -1,32 +1,34 @@
-"""Recipe search for small images, without Ray: accuracy against minutes of one model + schedule on this machine.
+"""Recipe search for small images, without Ray: accuracy against minutes of one config on this machine.
 
     PYTHONPATH=. python bench/recipe.py --data ../shared/data/cifar10_dev --config configs/cifar10_vit.yaml \
         [--minutes 12] [--set model.embed_dim=192 optim.lr=2e-3 ...] [--train-limit 1500] [--init-from DIR]
 
-The images go through the project's own preprocessing (`ImageTransform.for_model` with the config's
-augmentation) and the project's model, optimizer groups, schedule and loss; what is left out is Ray (one
-process, 2 threads), so a scan of several recipes fits in the time of a few pipeline runs. Prints val top-1
-after every epoch with the minutes so far; the winning recipe is then run through `jobs/pretrain.py`.
+It runs the training loop every job runs (`loop.train` with a `LocalSession`): the config's objective,
+augmentation, Mixup/CutMix, EMA, accumulation, schedule and monitor, with the images decoded in this process
+by the project's preprocessing (`ImageTransform.for_model`). What is left out is Ray (one process, 2
+threads), so a scan of several recipes fits in the time of a few pipeline runs. Prints the val metrics after
+every epoch with the minutes so far; the winning recipe is then run through `jobs/pretrain.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
-import vit_model
-from pipeline.core import exported
 from pipeline.data.transforms import Augment, ImageTransform
-from pipeline.training.loop import build_model
-from pipeline.training.step import lr_at
+from pipeline.training.loop import train
+from pipeline.training.objectives import objective_for
+from pipeline.training.sessions import LocalSession
 from pipeline.training.train_config import PretrainConfig
+
+
+class OutOfMinutes(Exception):
+    """--minutes passed at an epoch's start: the recipe has had its time."""
 
 
 def load_split(root: Path, split: str, limit: int | None) -> tuple[list[bytes], np.ndarray]:
@@ -38,10 +40,6 @@ def load_split(root: Path, split: str, limit: int | None) -> tuple[list[bytes], 
             data.append(f.read_bytes())
             labels.append(i)
     return data, np.array(labels)
-
-
-def patches(data: list[bytes], idx: np.ndarray, t: ImageTransform, rng) -> torch.Tensor:
-    return torch.from_numpy(np.stack([t(data[i], rng) for i in idx]))
 
 
 def main() -> None:
@@ -60,60 +58,54 @@ def main() -> None:
         key, value = kv.split("=", 1)
         section, field = key.split(".")
         raw.setdefault(section, {})[field] = yaml.safe_load(value)
+    raw.setdefault("train", {}).update(output=None, report_every_s=1e9, checkpoint_every_steps=None)
     if a.init_from:
-        raw.setdefault("train", {})["init_from"] = a.init_from
+        raw["train"]["init_from"] = a.init_from
     cfg = PretrainConfig.model_validate(raw)
     root = Path(a.data)
-    train, ytr = load_split(root, "train", a.train_limit)
-    val, yva = load_split(root, "val", None)
-    model = build_model(cfg, 10)
-    if cfg.train.init_from:
-        exported.load_init_weights(model, cfg.train.init_from)
-    mcfg = model.cfg
-    t_train = ImageTransform.for_model(mcfg, True, Augment.of(cfg.data))
-    t_val = ImageTransform.for_model(mcfg, False)
-    opt = torch.optim.AdamW(
-        vit_model.param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay),
-        lr=cfg.optim.lr,
-        betas=cfg.optim.betas,
-    )
-    bs = cfg.train.batch_size
-    steps_per_epoch = len(train) // bs
-    total = steps_per_epoch * cfg.train.epochs
-    warmup = (
-        cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else int(cfg.optim.warmup_epochs * steps_per_epoch)
-    )
+    splits = {
+        "train": load_split(root, "train", a.train_limit),
+        cfg.data.val_split or "val": load_split(root, "val", None),
+    }
+    mcfg = objective_for(cfg).model_config(10)
+    transforms = {
+        True: ImageTransform.for_model(mcfg, True, Augment.of(cfg.data)),
+        False: ImageTransform.for_model(mcfg, False),
+    }
     rng = np.random.default_rng(cfg.train.seed)
-    x_val = patches(val, np.arange(len(val)), t_val, None)
-    print(
-        f"{vit_model.count_parameters(model) / 1e6:.2f}M params, {len(train)} train, "
-        f"{steps_per_epoch} steps/epoch, lr {cfg.optim.lr:.2e}"
-    )
-    t0, step = time.perf_counter(), 0
-    for epoch in range(cfg.train.epochs):
-        model.train()
-        order = rng.permutation(len(train))
-        for i in range(steps_per_epoch):
-            lr = lr_at(step, total, warmup, cfg.optim.lr, cfg.optim.min_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
-            idx = order[i * bs : (i + 1) * bs]
-            x = patches(train, idx, t_train, rng)
-            loss = F.cross_entropy(model(x), torch.from_numpy(ytr[idx]), label_smoothing=cfg.optim.label_smoothing)
-            loss.backward()
-            if cfg.optim.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-        model.eval()
-        with torch.no_grad():
-            pred = torch.cat([model(x_val[j : j + 500]).argmax(-1) for j in range(0, len(x_val), 500)])
-        acc = (pred.numpy() == yva).mean()
-        minutes = (time.perf_counter() - t0) / 60
-        print(f"epoch {epoch + 1} val top-1 {acc * 100:.2f}% at {minutes:.2f} min (loss {loss.item():.3f})", flush=True)
-        if a.minutes and minutes >= a.minutes or math.isnan(loss.item()):
-            break
+    t0 = time.perf_counter()
+
+    def batches(split: str, bs: int, epoch: int, is_train: bool):
+        if is_train and epoch and a.minutes and (time.perf_counter() - t0) / 60 >= a.minutes:
+            raise OutOfMinutes
+        data, labels = splits[split]
+        t = transforms[is_train]
+        idx = rng.permutation(len(data)) if is_train else np.arange(len(data))
+        if is_train:  # exactly the epoch's steps, as the loop asserts
+            idx = idx[: len(data) // cfg.train.batch_size * cfg.train.batch_size]
+        for i in range(0, len(idx), bs):
+            part = idx[i : i + bs]
+            yield {
+                "patches": np.stack([t(data[j], rng) for j in part]),
+                "label": labels[part].astype(np.int64),
+                "valid": np.ones(len(part), bool),
+            }
+
+    class Printing(LocalSession):
+        def report(self, metrics, checkpoint_dir):
+            if "epoch_s" in metrics:  # an epoch's end
+                vals = {k: v for k, v in metrics.items() if k.startswith(("val_", "knn_"))}
+                shown = " ".join(f"{k} {v * 100:.2f}%" if "top" in k else f"{k} {v:.4f}" for k, v in vals.items())
+                minutes = (time.perf_counter() - t0) / 60
+                print(f"epoch {metrics['epoch']} {shown} at {minutes:.2f} min (loss {metrics.get('loss', 0):.3f})")
+            super().report(metrics, checkpoint_dir)
+
+    n_train = len(splits["train"][0])
+    print(f"{n_train} train images, {n_train // cfg.train.batch_size} steps/epoch, lr {cfg.optim.lr:.2e}")
+    try:
+        train(cfg, Printing(batches, None, device=torch.device("cpu")), num_classes=10, train_count=n_train)
+    except OutOfMinutes:
+        print(f"stopped: {a.minutes} min passed")
 
 
 if __name__ == "__main__":

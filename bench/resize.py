@@ -22,7 +22,7 @@ from data import rates
 from PIL import Image
 
 from pipeline.data import shard_writer
-from pipeline.data.shard_reader import unpack_shards
+from pipeline.data.shard_reader import read_shard
 from pipeline.data.transforms import ImageTransform
 from pipeline.training.loop import train
 from pipeline.training.sessions import LocalSession
@@ -47,9 +47,9 @@ def upscale(src: Path, dst: Path, side: int) -> int:
 def samples(m, split: str) -> tuple[list[bytes], np.ndarray]:
     data, labels = [], []
     for uri in m.shard_uris(split):
-        rows = unpack_shards({"bytes": [Path(uri).read_bytes()], "path": ["x"]}, {}, "webdataset")
-        data += [bytes(b) for b in rows["image"]]
-        labels += [int(x) for x in rows["label"]]
+        rows = read_shard(uri, None, "webdataset")
+        data += [bytes(s.image) for s in rows]
+        labels += [s.label for s in rows]
     return data, np.asarray(labels)
 
 

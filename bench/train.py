@@ -7,7 +7,7 @@ batch; steady-state images/s is the median of the progress windows after the fir
   python bench/train.py --checkpoint-cost # step time of a checkpoint, sync against async upload (ViT-S/16)
   python bench/train.py --emulate 0.1     # GPU emulation: a step sleeps 100 ms; the fraction of step time Ray adds
   python bench/train.py --deit-step       # no Ray: Mixup/CutMix/erasing on patches against the image round trip
-  python bench/train.py --order           # 2 workers: exact order, and + train.deterministic, against the stream
+  python bench/train.py --order           # 2 workers: train.deterministic against the default (the same order)
 """
 
 import argparse
@@ -114,11 +114,10 @@ def cpu(args):
     # (a) the plain loop: same shards, decoded in the loop's own process, no Ray
     m = load_manifest(manifest)
     samples = []
-    for path, digest in m.digests("train").items():
-        rows = shard_reader.unpack_shards(
-            {"bytes": [storage.read_bytes(f"s3://{path}")], "path": [path]}, {path: digest}, m.format
-        )
-        samples += [(bytes(img), int(lab)) for img, lab in zip(rows["image"], rows["label"])]
+    digests = m.digests("train")
+    for uri in m.shard_uris("train"):
+        rows = shard_reader.read_shard(uri, digests.get(storage.parse_uri(uri).path), m.format)
+        samples += [(bytes(s.image), s.label) for s in rows]
     t = ImageTransform(32, 4, train=True, augment=Augment(scale_min=0.08, hflip=0.0))
     rng = np.random.default_rng(0)
 
@@ -169,8 +168,8 @@ def cpu(args):
 
 
 def order_cost(args):
-    """The exact, resumable order (each worker reads its part through Ray Data, order preserved) and
-    train.deterministic, against Ray Data's streaming_split + local shuffle (data.order stream), same run."""
+    """train.deterministic (deterministic kernels, fixed threads) against the default, both on the exact order
+    (each worker reads its part through Ray Data, order preserved), same run."""
     import local_stack
 
     local_stack.env()
@@ -192,9 +191,8 @@ def order_cost(args):
             "train": {"output": f"s3://{bucket}/runs", "batch_size": args.cpu_batch, "epochs": 3, "num_workers": 2},
         }
         kinds = {
-            "stream": ({"order": "stream"}, {}),
-            "exact": ({"order": "exact"}, {}),
-            "exact + deterministic": ({"order": "exact"}, {"deterministic": True}),
+            "default": ({}, {}),
+            "deterministic": ({}, {"deterministic": True}),
         }
         rates = {}
         for kind, (data, train_) in kinds.items():
@@ -206,11 +204,12 @@ def order_cost(args):
             lines = RunLayout.at(f"s3://{bucket}/runs/{name}").read_metrics()
             ips, wait = steady(lines)
             rates[kind] = (ips, whole_epochs(lines, c.train.batch_size)[1], wait)
-        s_ips, s_epochs, _ = rates["stream"]
+        s_ips, s_epochs, _ = rates["default"]
         for kind, (ips, later, wait) in rates.items():
             print(
                 f"{kind:22s} {ips:7.1f} img/s median window, {later:7.1f} img/s over epochs 2+ (data wait "
-                f"{wait * 100:3.0f}%); ratio to stream {ips / s_ips:4.2f} by windows, {later / s_epochs:4.2f} by epochs"
+                f"{wait * 100:3.0f}%); ratio to default {ips / s_ips:4.2f} by windows, "
+                f"{later / s_epochs:4.2f} by epochs"
             )
     finally:
         storage.delete(f"s3://{bucket}", recursive=True)
@@ -244,7 +243,6 @@ def emulate(args):
             "manifest": f"s3://{bucket}/digits/manifest.json",
             "val_split": None,
             "hflip": 0.0,
-            **({"local_shuffle_buffer": args.shuffle_buffer} if args.shuffle_buffer is not None else {}),
         },
         "optim": {"warmup_steps": 2},
         "train": {
@@ -392,14 +390,7 @@ def main():
     ap.add_argument(
         "--deit-step", action="store_true", help="the DeiT-style step before and after (bench/deit_step.py)"
     )
-    ap.add_argument(
-        "--shuffle-buffer",
-        type=int,
-        default=None,
-        help="GPU emulation: data.local_shuffle_buffer (rows "
-        "a worker buffers before its first batch; default: the config's)",
-    )
-    ap.add_argument("--order", action="store_true", help="the exact order and train.deterministic against the stream")
+    ap.add_argument("--order", action="store_true", help="train.deterministic against the default")
     args = ap.parse_args()
     if args.order:
         return order_cost(args)

@@ -18,7 +18,7 @@ for var in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):  # a new clu
 
 import ray  # noqa: E402
 
-from pipeline.data.streams import StreamConfig, configure_ray_data, split_stream  # noqa: E402
+from pipeline.data.streams import StreamConfig, configure_ray_data, patch_stream  # noqa: E402
 from pipeline.data.transforms import ImageTransform  # noqa: E402
 
 
@@ -28,7 +28,7 @@ def main():
     ray.init(num_cpus=2, object_store_memory=store, include_dashboard=False, log_to_driver=False, _temp_dir=session_dir)
     try:
         configure_ray_data(progress=False)
-        ds, _ = split_stream(manifest, "train", StreamConfig(ImageTransform(224, 16, train=True)), shuffle_seed=0)
+        ds = patch_stream(manifest, "train", StreamConfig(ImageTransform(224, 16, train=True)))
         epochs, patch_bytes = [], 0
         for _ in range(2):
             keys = []

@@ -335,7 +335,7 @@ import hashlib, json, os, sys
 import torch, torch.distributed as dist
 from pipeline.core import storage
 from pipeline.training import checkpoints
-from pipeline.training.loop import build_model
+from pipeline.training.objectives import objective_for
 from pipeline.training.train_config import PretrainConfig
 
 rank = int(os.environ["RANK"])
@@ -349,7 +349,8 @@ if rank == 1:  # this rank's first read of a checkpoint fails as a flaky store w
         return real(uri, local)
     storage.download_folder = flaky
 cfg = PretrainConfig.model_validate(json.loads(sys.argv[2]))
-model = build_model(cfg, 10)
+objective = objective_for(cfg)
+model = objective.build(10)
 torch.nn.init.zeros_(model.head.weight)  # differs from every checkpoint: loading must change it
 opt = torch.optim.AdamW(model.parameters())
 def broadcast(obj):
@@ -358,7 +359,8 @@ def broadcast(obj):
     return box[0]
 candidates = [os.path.join(sys.argv[1], n) for n in sorted(os.listdir(sys.argv[1]), reverse=True)]
 state, used, skipped = checkpoints.resume(
-    candidates if rank == 0 else [], model, opt, None, allow_fresh_start=False, rank=rank, broadcast=broadcast,
+    candidates if rank == 0 else [], lambda folder: objective.load(model, folder), opt, None,
+    allow_fresh_start=False, rank=rank, broadcast=broadcast,
     sleep=lambda s: None,
 )
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()

@@ -139,15 +139,14 @@ def test_a_flat_folder_without_labels_is_an_unlabeled_set(tmp_path):
     cfg = PretrainConfig.model_validate(
         {"data": {"manifest": str(tmp_path / "out"), "val_split": None}, "train": {"output": str(tmp_path / "runs")}}
     )
-    with pytest.raises(trainer.JobError, match="unlabeled shard set: supervised pretraining needs labels"):
+    with pytest.raises(trainer.JobError, match="unlabeled shard set: train.objective supervised needs labels"):
         trainer.preflight(cfg)
 
 
 def _labels_in(shard: str) -> list[int]:
-    from pipeline.data.shard_reader import unpack_shards
+    from pipeline.data.shard_reader import read_shard
 
-    rows = unpack_shards({"bytes": [storage.read_bytes(shard)], "path": ["x"]}, {}, "webdataset")
-    return [int(x) for x in rows["label"]]
+    return [s.label for s in read_shard(shard, None, "webdataset")]
 
 
 def test_an_empty_train_split_says_why(tmp_path):
@@ -226,12 +225,11 @@ def test_shard_time_resizing_stores_training_size_images(tmp_path):
     (src / "a" / "small.png").write_bytes(small)
     m = _shards(src, tmp_path / "out", val_fraction=0.0, max_side=256).manifest
     assert m.max_side == 256 and m.count("train") == 3
-    from pipeline.data.shard_reader import unpack_shards
+    from pipeline.data.shard_reader import read_shard
 
     stored = {}
     for s in m.shard_uris("train"):
-        rows = unpack_shards({"bytes": [storage.read_bytes(s)], "path": ["x"]}, {}, "webdataset")
-        stored.update({k: (bytes(img), f) for k, img, f in zip(rows["key"], rows["image"], rows["format"])})
+        stored.update({r.key: (bytes(r.image), r.format) for r in read_shard(s, None, "webdataset")})
     by_size = {Image.open(io.BytesIO(b)).size: (b, f) for b, f in stored.values()}
     assert set(by_size) == {(256, 171), (256, 192), (100, 80)}  # longer side 256, aspect kept; small unchanged
     assert by_size[(256, 171)][1] == "jpeg" and Image.open(io.BytesIO(by_size[(256, 171)][0])).format == "JPEG"

@@ -142,3 +142,35 @@ def test_every_room_says_what_it_owns():
         assert len(doc.split()) >= 30 and "import" in doc, (
             f"{init.relative_to(ROOT)}: say what the room owns and imports"
         )
+
+
+def test_no_objective_branch_outside_the_objectives_room():
+    """What differs between objectives lives in `pipeline/training/objectives/`: nowhere else compares a name
+    of an objective or asks whether a module is MAE's."""
+    names = {"supervised", "mae"}
+    bad = []
+    for p in _sources("pipeline", "jobs"):
+        if "objectives" in p.relative_to(ROOT).parts:
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Compare):
+                consts = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+                if names & {v for v in consts if isinstance(v, str)}:
+                    bad.append(f"{p.relative_to(ROOT)}:{node.lineno}")
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "isinstance":
+                if "MaskedAutoencoder" in ast.unparse(node):
+                    bad.append(f"{p.relative_to(ROOT)}:{node.lineno}")
+    assert not bad, f"objective branches outside pipeline/training/objectives/: {bad}"
+
+
+def test_one_shard_reader():
+    """Shard files are read in one place (`shard_reader.read_shard`): training, evaluation, batch inference
+    and the figures call it; only the writer and the reader know the tar layout."""
+    tar_users = {str(p.relative_to(ROOT)) for p in _sources(*PACKAGES, "jobs") if "tarfile" in _imports(p)}
+    assert tar_users == {"pipeline/data/shard_reader.py", "pipeline/data/shard_writer.py"}, tar_users
+    for p in _sources(*PACKAGES, "jobs"):
+        if p.name == "shard_reader.py":
+            continue
+        used = {n.attr for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.Attribute)}
+        used |= {a.name for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert not used & {"_samples_of", "_tar_files"}, f"{p.relative_to(ROOT)} reads shards itself"

@@ -14,8 +14,9 @@ import vit_model
 from pipeline.core import exported, storage
 from pipeline.core.runs import RunLayout
 from pipeline.training import trainer
+from pipeline.training.knn import knn_votes
 from pipeline.training.loop import train
-from pipeline.training.selfsup import knn_votes, mask_generator
+from pipeline.training.objectives.masked_image import mask_generator
 from pipeline.training.sessions import LocalSession
 from pipeline.training.train_config import PretrainConfig
 from vit_model.mae import DECODER_NAME, MAEConfig, create_mae, mae_from_parts, random_masking, visible_count

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.core import storage
 from pipeline.data import manifest, shard_reader, shard_writer
-from pipeline.data.streams import StreamConfig, read_encoded, split_stream
+from pipeline.data.streams import StreamConfig, patch_stream, sample_stream
 from pipeline.data.transforms import ImageTransform
 from pipeline.training import trainer
 from pipeline.training.train_config import PretrainConfig
@@ -88,10 +88,10 @@ def test_awkward_inputs_train_or_are_listed_skipped_and_nothing_counted_is_dropp
             assert want in skipped.get(path, ""), (path, skipped.get(path))
     counted = m.splits["train"].count
     assert counted == sum(w == "train" for w in expect.values()) == 8 and m.classes == ["a", "b"]
-    ds, _ = split_stream(f"{bucket}/awk", "train", StreamConfig(ImageTransform(32, 4, train=True)), shuffle_seed=0)
+    ds = patch_stream(f"{bucket}/awk", "train", StreamConfig(ImageTransform(32, 4, train=True)))
     rows = ds.take_all()
     assert len(rows) == counted and all(r["valid"] for r in rows)  # every counted sample arrives decodable
-    formats = sorted(r["format"] for r in read_encoded(manifest.load_manifest(f"{bucket}/awk"), "train").take_all())
+    formats = sorted(r["format"] for r in sample_stream(manifest.load_manifest(f"{bucket}/awk"), "train").take_all())
     assert formats == sorted(["mpo", "tga", "ico", "png", "jpeg", "jpeg", "png", "gif"])
 
 
@@ -107,11 +107,9 @@ def test_a_rerun_leaves_the_version_a_job_holds_byte_for_byte(ray_cluster, tmp_p
     held = manifest.load_manifest(out)  # what a starting training job holds
     expected = {}
     for entry in held.splits["train"].shards:
-        rows = shard_reader.unpack_shards(
-            {"bytes": [storage.read_bytes(f"{out}/{entry.name}")], "path": ["x"]}, {}, "webdataset"
-        )
-        expected.update({k: (bytes(img), int(lab)) for k, img, lab in zip(rows["key"], rows["image"], rows["label"])})
-    stream = read_encoded(held, "train", shuffle_seed=0)  # built now, executed after the re-run
+        rows = shard_reader.read_shard(f"{out}/{entry.name}", None, "webdataset")
+        expected.update({s.key: (bytes(s.image), s.label) for s in rows})
+    stream = sample_stream(held, "train")  # built now, executed after the re-run
     # the data changes: every image re-encoded, a third class; the same seed and shard names
     for i in range(12):
         (root / f"c{i % 2}" / f"{i}.png").write_bytes(_encode(_photo(40, 40, 100 + i), "PNG"))
@@ -163,7 +161,7 @@ def test_a_flipped_byte_is_an_error_naming_the_shard(ray_cluster, tmp_path, buck
     data = bytearray(storage.read_bytes(f"{bucket}/s/{name}"))
     data[len(data) // 3] ^= 0x01
     storage.write_bytes(f"{bucket}/s/{name}", bytes(data))
-    ds, _ = split_stream(f"{bucket}/s", "train", StreamConfig(ImageTransform(32, 4, train=False)))
+    ds = patch_stream(f"{bucket}/s", "train", StreamConfig(ImageTransform(32, 4, train=False)))
     with pytest.raises(Exception, match=r"shard .*" + name.split("/")[-1] + r" does not match its manifest"):
         ds.take_all()
 

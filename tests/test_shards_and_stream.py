@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from pipeline.core import storage
-from pipeline.data import manifest, shard_writer
-from pipeline.data.streams import StreamConfig, patch_stream, read_class_tree, split_stream
+from pipeline.data import manifest, order, shard_writer
+from pipeline.data.streams import StreamConfig, ordered_stream, patch_stream
 from pipeline.data.transforms import ImageTransform, unpatchify
 
 
@@ -109,31 +109,31 @@ def test_parquet_shards(planted_tree, bucket):
     assert sum(s.count for s in m.splits["train"].shards) == m.splits["train"].count
 
 
-def test_stream_every_sample_once_per_epoch_across_readers(ray_cluster, planted_tree, bucket):
+def test_eval_shares_read_every_sample_once_across_workers(ray_cluster, planted_tree, bucket):
+    """An eval set is read the way training is (`ordered_stream`): each of 3 workers its share of a split whose
+    count they do not divide, in the same order every epoch; together every sample exactly once."""
     root, good = planted_tree
-    shard_writer.make_shards(
+    m = shard_writer.make_shards(
         str(root), f"{bucket}/ds", val_fraction=0.0, shard_size=3, progress=False, executor="local"
-    )
-    ds, manifest = split_stream(
-        f"{bucket}/ds/manifest.json", "train", StreamConfig(ImageTransform(32, 4, train=True)), shuffle_seed=3
-    )
-    readers = ds.streaming_split(2, equal=False)
-    for _epoch in range(2):
-        keys = []
-        import threading
+    ).manifest
+    n, cfg = m.count("train"), StreamConfig(ImageTransform(32, 4, train=False))
+    assert n % 3
 
-        def consume(it, out):
-            for b in it.iter_batches(batch_size=4, batch_format="numpy"):
-                assert b["patches"].dtype == np.uint8 and b["patches"].shape[1:] == (64, 48)
-                assert b["label"].dtype == np.int64
-                out.extend(b["key"].tolist())
+    def keys(rank):
+        ranges = order.share(n, 3, rank)
+        ds = ordered_stream(m, "train", cfg, seed=0, epoch=0, ranges=ranges, window_shards=2)
+        out = []
+        for b in ds.iter_batches(batch_size=4, batch_format="numpy"):
+            assert b["patches"].dtype == np.uint8 and b["patches"].shape[1:] == (64, 48)
+            assert b["label"].dtype == np.int64
+            out += b["key"].tolist()
+        return out
 
-        outs = [[], []]
-        threads = [threading.Thread(target=consume, args=(r, o)) for r, o in zip(readers, outs)]
-        [t.start() for t in threads]
-        [t.join(timeout=120) for t in threads]
-        keys = outs[0] + outs[1]
-        assert len(keys) == len(set(keys)) == len(good)
+    parts = [keys(r) for r in range(3)]
+    assert [len(p) for p in parts] == [n * (r + 1) // 3 - n * r // 3 for r in range(3)]
+    every = [k for p in parts for k in p]
+    assert len(every) == len(set(every)) == n == len(good)
+    assert keys(1) == parts[1]  # the same share, in the same order, when read again
 
 
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
@@ -145,16 +145,15 @@ def test_stream_reads_and_decodes_each_shard_in_one_task(ray_cluster, planted_tr
     shard_writer.make_shards(
         str(root), f"{bucket}/{fmt}", val_fraction=0.0, shard_size=4, fmt=fmt, progress=False, executor="local"
     )
-    ds, manifest = split_stream(
-        f"{bucket}/{fmt}", "train", StreamConfig(ImageTransform(32, 4, train=True), num_cpus=0.5), shuffle_seed=0
-    )
+    m = manifest.load_manifest(f"{bucket}/{fmt}")
+    ds = patch_stream(m, "train", StreamConfig(ImageTransform(32, 4, train=True), num_cpus=0.5))
     rows = ds.take_all()
     assert sorted(r["key"] for r in rows) == sorted(
-        k for s in manifest.splits["train"].shards for k in _shard_keys(f"{bucket}/{fmt}/{s.name}", fmt)
+        k for s in m.splits["train"].shards for k in _shard_keys(f"{bucket}/{fmt}/{s.name}", fmt)
     )
     assert len(rows) == len(good) and all(r["valid"] for r in rows)
-    assert {manifest.classes[r["label"]] for r in rows} == {"ants", "bees"}
-    assert re.search(r"Read\w+->MapBatches\(unpack_shards\)->MapBatches\(decode_patchify\)", ds.stats()), ds.stats()[
+    assert {m.classes[r["label"]] for r in rows} == {"ants", "bees"}
+    assert re.search(r"FromItems->MapBatches\(read_shards\)->MapBatches\(decode_patchify\)", ds.stats()), ds.stats()[
         :2000
     ]
 
@@ -166,23 +165,6 @@ def _shard_keys(uri, fmt):
     return sorted({name.rsplit(".", 1)[0] for name in _read_tar(data)})
 
 
-def test_class_tree_stream_labels_from_folder_names(ray_cluster, tmp_path):
-    rng = np.random.default_rng(1)
-    for cls, n in (("cats", 3), ("dogs", 2)):
-        for i in range(n):
-            _save(
-                tmp_path / "tree" / cls / f"{i}.png",
-                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)),
-                "PNG",
-            )
-    ds, classes = read_class_tree(str(tmp_path / "tree"))
-    rows = patch_stream(ds, StreamConfig(ImageTransform(32, 4, train=False))).take_all()
-    assert classes == ["cats", "dogs"]
-    got = sorted((r["key"].rsplit("/", 2)[1], classes[r["label"]]) for r in rows)
-    assert got == [("cats", "cats")] * 3 + [("dogs", "dogs")] * 2
-    assert all(r["patches"].shape == (64, 48) and r["valid"] for r in rows)
-
-
 def test_eval_stream_unpatchifies_to_original_pixels(ray_cluster, tmp_path, bucket):
     rng = np.random.default_rng(5)
     root = tmp_path / "px"
@@ -192,7 +174,7 @@ def test_eval_stream_unpatchifies_to_original_pixels(ray_cluster, tmp_path, buck
         _save(root / f"c{i % 2}" / f"{i}.png", Image.fromarray(arr), "PNG")
         originals[i] = arr
     shard_writer.make_shards(str(root), f"{bucket}/px", val_fraction=0.0, progress=False, executor="local")
-    ds, _ = split_stream(f"{bucket}/px", "train", StreamConfig(ImageTransform(32, 4, train=False, crop_fraction=1.0)))
+    ds = patch_stream(f"{bucket}/px", "train", StreamConfig(ImageTransform(32, 4, train=False, crop_fraction=1.0)))
     rows = ds.take_all()
     assert len(rows) == 4
     got = {tuple(unpatchify(r["patches"], 4).ravel()[:64]) for r in rows}
@@ -215,7 +197,7 @@ def test_stream_marks_undecodable_samples_instead_of_failing(ray_cluster, bucket
         "splits": {"train": {"count": 2, "shards": [{"name": "train/s.tar"}]}},
     }
     storage.write_bytes(f"{bucket}/ext/manifest.json", json.dumps(manifest).encode())
-    ds, _ = split_stream(f"{bucket}/ext", "train", StreamConfig(ImageTransform(32, 4, train=True)))
+    ds = patch_stream(f"{bucket}/ext", "train", StreamConfig(ImageTransform(32, 4, train=True)))
     rows = {r["key"]: r for r in ds.take_all()}
     assert rows["good"]["valid"] and not rows["bad"]["valid"]
 
@@ -232,40 +214,4 @@ def test_clear_errors_for_missing_manifest_bucket_and_patch_size(stack, bucket):
     with pytest.raises(storage.StorageError, match="bucket does not exist"):
         manifest.load_manifest("s3://vitray-missing-bucket/x/manifest.json")
     with pytest.raises(ValueError, match="not divisible by patch_size 16"):
-        split_stream(f"{bucket}/nothing", "train", StreamConfig(ImageTransform(100, 16, train=True)))
-
-
-def test_the_shuffle_buffer_starts_early_and_loses_nothing():
-    """A worker's shuffle buffer: the first batch leaves after `initial` rows (not a full buffer), every row
-    comes out exactly once, the order depends on the seed only, and the buffer does grow to its size."""
-    from pipeline.data.streams import shuffled_batches
-
-    consumed = []
-
-    def source(total=1000, rows=32):
-        for i in range(0, total, rows):
-            consumed.append(i)
-            ids = np.arange(i, min(i + rows, total))
-            yield {
-                "label": ids,
-                "patches": np.repeat(ids[:, None, None], 3, axis=2).astype(np.int64),
-                "key": np.asarray([f"k{j}" for j in ids], dtype=object),
-            }
-
-    out = list(shuffled_batches(source(), 16, size=400, initial=48, rng=np.random.default_rng(0), drop_last=False))
-    ids = np.concatenate([b["label"] for b in out])
-    assert sorted(ids.tolist()) == list(range(1000))  # nothing lost, nothing twice
-    for b in out:  # rows kept together across columns
-        assert (b["patches"][:, 0, 0] == b["label"]).all() and [f"k{j}" for j in b["label"]] == list(b["key"])
-    assert [len(b["label"]) for b in out] == [16] * (1000 // 16) + [1000 % 16]
-    consumed.clear()
-    first = next(shuffled_batches(source(), 16, size=400, initial=48, rng=np.random.default_rng(0), drop_last=True))
-    assert len(first["label"]) == 16 and len(consumed) * 32 <= 48 + 32  # after ~initial rows, not after 400
-    assert not (np.diff(ids) == 1).all()  # shuffled
-    # late in the epoch rows come from a wide window: the buffer grew towards its 400 rows
-    late = np.concatenate([b["label"] for b in out[30:40]])
-    assert late.max() - late.min() > 300
-    again = list(shuffled_batches(source(), 16, size=400, initial=48, rng=np.random.default_rng(0), drop_last=False))
-    assert all((a["label"] == b["label"]).all() for a, b in zip(out, again))
-    dropped = list(shuffled_batches(source(), 16, size=400, initial=48, rng=np.random.default_rng(0), drop_last=True))
-    assert sum(len(b["label"]) for b in dropped) == 1000 // 16 * 16
+        patch_stream(f"{bucket}/nothing", "train", StreamConfig(ImageTransform(100, 16, train=True)))

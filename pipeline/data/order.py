@@ -84,6 +84,12 @@ def split(todo: Ranges, world_size: int) -> list[Ranges]:
     return parts if per else [[] for _ in range(world_size)]
 
 
+def share(count: int, world_size: int, rank: int) -> Ranges:
+    """Rank `rank`'s contiguous share of positions 0 .. count-1 when the parts need not be equal (evaluation)."""
+    lo, hi = count * rank // world_size, count * (rank + 1) // world_size
+    return [[lo, hi]] if hi > lo else []
+
+
 def skip(ranges: Ranges, n: int) -> Ranges:
     """`ranges` without their first `n` positions."""
     out = []

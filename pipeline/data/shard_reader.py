@@ -5,8 +5,9 @@ Layout under the output prefix (written by `shard_writer`, never changed after):
   versions/<version>/manifest.json       the same manifest, kept with its version
   versions/<version>/train/shard-00000.tar ...
   versions/<version>/val/shard-00000.tar ...
-A reader opens exactly the files a manifest names and checks each one's sha256 (`unpack_shards`), so a
-job that loaded a manifest reads the same bytes however many versions are written after it.
+A reader opens exactly the files a manifest names and checks each one's sha256 (`read_shard`, the one
+reader: training, evaluation, batch inference and the figures all call it), so a job that loaded a
+manifest reads the same bytes however many versions are written after it.
 
 A sample is three members: `{key}.image` (the original bytes), `{key}.cls` (the label), `{key}.json`
 ({"source", "label", "format", "width", "height"}); Parquet shards hold the same as columns.
@@ -18,8 +19,7 @@ import hashlib
 import io
 import json
 import tarfile
-
-import numpy as np
+from typing import NamedTuple
 
 from pipeline.core import storage
 from pipeline.data.manifest import IMAGE_MEMBER
@@ -38,35 +38,18 @@ def check_shard(data: bytes, path: str, want: str | None) -> None:
         )
 
 
-def read_shard(uri: str, want: str | None, fmt: str) -> list[tuple]:
-    """(key, image, label, format) of every sample of one shard file, read in one GET and checked first."""
-    fs, path = storage.resolve(uri)
-    with fs.open_input_file(path) as f:
-        data = f.readall()
-    check_shard(data, path, want)
-    return list(_samples_of(data, fmt))
+class Sample(NamedTuple):
+    key: str
+    image: bytes | None  # the original encoded bytes (None: the member is missing)
+    label: int  # -1: unlabeled
+    format: str  # what make_shards recorded ("" when it recorded nothing)
 
 
-def unpack_shards(batch: dict, digests: dict[str, str], fmt: str) -> dict:
-    """map_batches step: whole shard files (`bytes`, `path`) -> one row per sample {key, image, label,
-    format, __url__}, each file's sha256 checked against the manifest first."""
-    keys, images, labels, formats, urls = [], [], [], [], []
-    for data, path in zip(batch["bytes"], batch["path"]):
-        data = bytes(data)
-        check_shard(data, path, digests.get(path))
-        for key, image, label, image_format in _samples_of(data, fmt):
-            keys.append(key)
-            images.append(image)
-            labels.append(label)
-            formats.append(image_format)
-            urls.append(path)
-    return {
-        "key": np.asarray(keys, dtype=object),
-        "image": np.asarray(images, dtype=object),
-        "label": np.asarray(labels, dtype=np.int64),
-        "format": np.asarray(formats, dtype=object),
-        "__url__": np.asarray(urls, dtype=object),
-    }
+def read_shard(uri: str, want: str | None, fmt: str) -> list[Sample]:
+    """Every sample of one shard file, in file order, read in one GET and checked against `want` (sha256) first."""
+    data = storage.read_bytes(uri, large=True)
+    check_shard(data, storage.parse_uri(uri).path, want)
+    return [Sample(*s) for s in _samples_of(data, fmt)]
 
 
 def _tar_files(data: bytes):

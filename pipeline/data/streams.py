@@ -1,21 +1,23 @@
-"""Ray Data streams: shards (or a class-folder tree) in object storage -> patchified uint8 batches.
+"""Ray Data streams: a shard set in object storage -> patchified uint8 batches.
 
-    read (one task per shard, file order shuffled per epoch)
-      -> ImageTransform: decode -> crop -> resize (+ flip) -> RandAugment -> patchify   (map_batches, CPU tasks)
-      -> {"patches": (B, N, P*P*C) uint8, "label": (B,) int64, "valid": (B,) bool}
+    ordered_stream (training, evaluation): one task per (window of shards, range of positions) reads its
+      shards (`shard_reader.read_shard`, sha256-checked), permutes the window (`order`) and yields the range
+      -> decode_patchify: decode -> crop -> resize (+ flip) -> RandAugment -> patchify, each sample from its
+         own seed (fused into the same task, order preserved)
+      -> {"patches": (B, N, P*P*C) uint8, "label": (B,) int64, "valid": (B,) bool, "key": (B,) str}
+    sample_stream (batch inference over shards, tests): one task per shard file, rows {key, image, label,
+      format, shard}; patch_stream adds decode_patchify to it
 
-A sample that fails to decode keeps its row with `valid=False` (its key logged on the worker),
-so the training loop can count and drop it instead of losing the epoch. Nothing is materialised:
-memory is bounded by Ray Data's streaming executor (object store budget, see `configure_ray_data`).
+A sample that fails to decode keeps its row with `valid=False` (its key logged on the worker), so the
+training loop can count and drop it instead of losing the epoch. Nothing is materialised: memory is bounded
+by Ray Data's streaming executor (object store budget, see `configure_ray_data`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,11 +25,10 @@ import numpy as np
 from pipeline.core import storage
 from pipeline.data import order
 from pipeline.data.manifest import Manifest, load_manifest
-from pipeline.data.shard_reader import ShardIntegrityError, read_shard, unpack_shards
+from pipeline.data.shard_reader import ShardIntegrityError, read_shard
 from pipeline.data.transforms import Augment, ImageTransform, decode_to_patches
 
 log = logging.getLogger(__name__)
-_IMAGE_COLUMNS = ("image", "img", "bytes")
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,7 @@ class StreamConfig:
     """A patch stream: the preprocessing spec (`ImageTransform`) and how Ray Data runs it."""
 
     transform: ImageTransform
-    # Rows per decode task (not the training batch). None: a task decodes the block its read produced,
-    # and Ray fuses read + decode into one task (no encoded bytes through the object store; measured
-    # 1.3-1.5x the stream rate of a separate decode stage here). A number re-batches the encoded rows
-    # first, for shards too large for one task's memory.
-    batch_size: int | None = None
-    num_cpus: float = 1.0  # per decode task
+    num_cpus: float = 1.0  # per read + decode task (Ray fuses them: no encoded bytes through the object store)
 
     def under_rules_of(self, manifest: Manifest) -> StreamConfig:
         """The decode rules a shard set was written with: its own rules, not today's defaults."""
@@ -78,43 +74,20 @@ def configure_ray_data(object_store_fraction: float | None = None, progress: boo
             )
 
 
-def image_column(batch: dict) -> list:
-    """The encoded image of each row, whatever extension column it came in (jpg, png, gif, ...)."""
-    n = len(batch["label"])
-    out = [None] * n
-    for col in _IMAGE_COLUMNS:
-        if col in batch:
-            values = batch[col]
-            for i in range(n):
-                # missing members come back as None or NaN depending on the block's schema
-                if out[i] is None and isinstance(values[i], (bytes, bytearray, np.bytes_)):
-                    out[i] = values[i]
-    return out
-
-
-def labels_of(batch: dict) -> np.ndarray:
-    raw = batch["label"] if "label" in batch else batch["cls"]
-    return np.array([int(v.decode() if isinstance(v, (bytes, bytearray)) else v) for v in raw], dtype=np.int64)
-
-
 def decode_patchify(batch: dict, cfg: StreamConfig, seed: int | None = None, epoch: int = 0) -> dict:
-    """map_batches step: encoded images -> patches. Bad samples: valid=False and a logged key. Rows with a
-    `position` (the exact order) and a `seed` are augmented from their own seeds (seed, epoch, position),
-    the same whichever task decodes them; others from fresh randomness."""
-    transform = cfg.transform
+    """map_batches step: rows {key, image, label, ...} -> patches. Bad samples: valid=False and a logged key.
+    Rows with a `position` (the epoch's order) and a `seed` are augmented from their own seeds (seed, epoch,
+    position), the same whichever task decodes them; others from fresh randomness."""
     if seed is not None and "position" in batch:
         rng = [np.random.default_rng(order.sample_seed(seed, epoch, int(p))) for p in batch["position"]]
     else:
-        rng = np.random.default_rng()  # fresh crops every epoch; the seed fixes the file order
-    if "label" not in batch:
-        batch["label"] = batch["cls"]
-    keys = batch.get("__key__", batch.get("key"))
-    patches, valid, _ = decode_to_patches(image_column(batch), keys, transform, rng)
+        rng = np.random.default_rng()
+    patches, valid, _ = decode_to_patches(list(batch["image"]), batch["key"], cfg.transform, rng)
     return {
         "patches": patches,
-        "label": labels_of(batch),
+        "label": np.asarray(batch["label"], dtype=np.int64),
         "valid": valid,
-        "key": np.asarray(keys if keys is not None else [""] * len(valid), dtype=object),
+        "key": np.asarray(batch["key"], dtype=object),
     }
 
 
@@ -175,134 +148,43 @@ def ordered_stream(manifest: Manifest, split: str, cfg: StreamConfig, *, seed, e
     )
 
 
-def shuffled_batches(source, batch_size: int, size: int, initial: int, rng: np.random.Generator, drop_last: bool):
-    """Batches of `batch_size` rows drawn at random from a buffer that fills as the stream arrives
-    (webdataset's `shuffle(size, initial)`): the first batch leaves once `initial` rows are in (not a
-    full buffer, which would hold every epoch's first step until `size` rows were decoded), and the
-    buffer then grows by half of what arrives until it holds `size` rows. `source` yields dicts of
-    equal-length arrays; memory is the buffer, allocated once."""
-    buf, n, seen = None, 0, 0
-
-    def take(k: int) -> dict:
-        nonlocal n
-        idx = rng.choice(n, k, replace=False)
-        out = {c: a[idx] for c, a in buf.items()}  # fancy indexing copies
-        tail = np.setdiff1d(np.arange(n - k, n), idx)  # rows at the end still in the buffer ...
-        holes = idx[idx < n - k]  # ... move into the slots just taken
-        for a in buf.values():
-            a[holes] = a[tail]
-        n -= k
-        return out
-
-    for batch in source:
-        rows = len(next(iter(batch.values())))
-        if buf is None:
-            cap = max(size, initial) + 2 * max(batch_size, rows)
-            buf = {c: np.empty((cap, *np.shape(v)[1:]), dtype=np.asarray(v).dtype) for c, v in batch.items()}
-        if n + rows > len(buf[next(iter(buf))]):  # a source batch larger than the last one: grow once
-            buf = {c: np.concatenate([a[:n], np.empty((n + rows, *a.shape[1:]), a.dtype)]) for c, a in buf.items()}
-        for c, v in batch.items():
-            buf[c][n : n + rows] = v
-        n, seen = n + rows, seen + rows
-        want = min(size, max(initial, seen // 2))
-        while n - batch_size >= want:
-            yield take(batch_size)
-    while n >= batch_size:
-        yield take(batch_size)
-    if n and not drop_last:
-        yield take(n)
+def read_shards(batch: dict, digests: dict[str, str], fmt: str) -> dict:
+    """map_batches step: shard URIs -> one row per sample {key, image, label, format, shard} (`read_shard`)."""
+    rows = [(s, uri) for uri in batch["shard"] for s in read_shard(uri, digests.get(storage.parse_uri(uri).path), fmt)]
+    return {
+        "key": np.asarray([s.key for s, _ in rows], dtype=object),
+        "image": np.asarray([s.image for s, _ in rows], dtype=object),
+        "label": np.asarray([s.label for s, _ in rows], dtype=np.int64),
+        "format": np.asarray([s.format for s, _ in rows], dtype=object),
+        "shard": np.asarray([u for _, u in rows], dtype=object),
+    }
 
 
-def _paths(uris: list[str]) -> tuple[list[str], object]:
-    fs, _ = storage.resolve(uris[0])
-    return [storage.parse_uri(u).path for u in uris], fs
-
-
-def read_encoded(manifest: Manifest, split: str, *, shuffle_seed: int | None = None, num_cpus: float = 1.0):
-    """The raw split: one row per sample {key, image, label, format, __url__}, from exactly the shard
-    files the manifest names, each checked against its sha256 before a sample is used.
-
-    One read task per shard file, which fuses with the unpacking and with a decode step of the same
-    `num_cpus` (no encoded bytes through the object store).
-    """
+def sample_stream(manifest: Manifest, split: str, *, num_cpus: float = 1.0):
+    """The raw split, in shard order: one row per sample {key, image, label, format, shard}, from exactly the
+    shard files the manifest names, each checked against its sha256 before a sample is used. One task per
+    shard, which fuses with a decode step of the same `num_cpus` that follows."""
     import ray.data
-    from ray.data import FileShuffleConfig
 
     uris = manifest.shard_uris(split)
     if not uris:
         raise ValueError(f"the {split!r} split of {manifest.base} has no shards (0 samples)")
-    paths, fs = _paths(uris)
-    shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
-    ds = ray.data.read_datasource(
-        _shard_files()(paths, filesystem=fs, include_paths=True, shuffle=shuffle),
-        override_num_blocks=len(paths),
-        num_cpus=num_cpus,
-    )
+    ds = ray.data.from_items([{"shard": u} for u in uris], override_num_blocks=len(uris))
     return ds.map_batches(
-        unpack_shards,
+        read_shards,
         fn_kwargs={"digests": manifest.digests(split), "fmt": manifest.format},
-        batch_size=None,
+        batch_size=None,  # one block per shard: the whole shard in one task
         batch_format="numpy",
         num_cpus=num_cpus,
     )
 
 
-@functools.cache
-def _shard_files():
-    """Ray Data source of whole shard files as rows {bytes, path}: `read_binary_files` with one GET of
-    the known size per file (pyarrow's random-access file) instead of a buffered stream, which cost
-    3x the CPU per byte from S3 (measured: 19 against 6 ms per 6 MB shard)."""
-    from ray.data.datasource import FileBasedDatasource
-
-    class ShardFiles(FileBasedDatasource):
-        def _open_input_source(self, filesystem, path, **open_args):
-            return filesystem.open_input_file(path)
-
-        def _read_stream(self, f, path):
-            import pyarrow as pa
-
-            yield pa.table({"bytes": pa.array([f.readall()], pa.binary())})
-
-        def _rows_per_file(self):
-            return 1
-
-    return ShardFiles
-
-
-def read_class_tree(uri: str, classes: list[str] | None = None):
-    """A plain `<class>/<image>` tree (local or S3) as rows {image, label, key}; labels from folder names."""
-    import ray.data
-
-    loc = storage.parse_uri(uri)
-    names = classes or sorted({os.path.basename(os.path.dirname(f.path)) for f in storage.list_files(loc.uri)})
-    index = {c: i for i, c in enumerate(names)}
-    fs, path = storage.resolve(loc.uri)
-
-    def label(batch):
-        batch["label"] = np.array(
-            [index.get(os.path.basename(os.path.dirname(p)), -1) for p in batch["path"]], np.int64
-        )
-        batch["key"] = batch["path"]
-        batch["image"] = batch.pop("bytes")
-        return batch
-
-    return ray.data.read_binary_files(path, filesystem=fs, include_paths=True).map_batches(
-        label, batch_format="numpy"
-    ), names
-
-
-def patch_stream(ds, cfg: StreamConfig):
-    """Attach decode -> augment -> patchify to a dataset of encoded rows."""
-    # Stateless CPU tasks (not actors): Ray Data scales them to the free CPU slots.
-    return ds.map_batches(
-        decode_patchify, fn_kwargs={"cfg": cfg}, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.num_cpus
-    )
-
-
-def split_stream(manifest_uri: str | Manifest, split: str, cfg: StreamConfig, *, shuffle_seed: int | None = None):
-    """Manifest (URI, or one already loaded: a run keeps the version it started on) -> (patch dataset,
-    manifest). The one entry point training and evaluation use."""
+def patch_stream(manifest_uri: str | Manifest, split: str, cfg: StreamConfig):
+    """A split (manifest URI, or one already loaded) as patches, unordered: `sample_stream` + `decode_patchify`
+    under the shard set's own decode rules (decided when it was written, not today's defaults)."""
     manifest = manifest_uri if isinstance(manifest_uri, Manifest) else load_manifest(manifest_uri)
-    # the set was decided when it was written: its own rules, not today's defaults
     cfg = cfg.under_rules_of(manifest)
-    return patch_stream(read_encoded(manifest, split, shuffle_seed=shuffle_seed, num_cpus=cfg.num_cpus), cfg), manifest
+    ds = sample_stream(manifest, split, num_cpus=cfg.num_cpus)
+    return ds.map_batches(
+        decode_patchify, fn_kwargs={"cfg": cfg}, batch_size=None, batch_format="numpy", num_cpus=cfg.num_cpus
+    )

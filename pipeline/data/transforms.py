@@ -281,7 +281,9 @@ class ImageTransform:
     interpolation: str = "bicubic"  # resize and RandAugment's geometric ops
     fill: tuple[int, int, int] = (128, 128, 128)  # RandAugment's fill: the model's mean colour
     augment: Augment = field(default_factory=Augment)  # training only
-    rules: DecodeRules = field(default_factory=DecodeRules)  # shape limits (a shard set's own: `split_stream`)
+    rules: DecodeRules = field(
+        default_factory=DecodeRules
+    )  # shape limits (a shard set's own: `StreamConfig.under_rules_of`)
     draft: bool = True  # JPEG draft decoding when the crop will be shrunk that much anyway
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
 

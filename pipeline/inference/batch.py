@@ -123,7 +123,7 @@ def predict_to_staging(cfg: InferConfig, pre: Preflight, inputs: Inputs, run_id:
     from ray.data import ActorPoolStrategy
     from ray.data.datasource import FilenameProvider
 
-    from pipeline.data.streams import configure_ray_data, read_encoded
+    from pipeline.data.streams import configure_ray_data, sample_stream
     from pipeline.data.transforms import ImageTransform
 
     class StagedNames(FilenameProvider):  # not `*.parquet`: no glob reader picks up a staged file
@@ -143,7 +143,7 @@ def predict_to_staging(cfg: InferConfig, pre: Preflight, inputs: Inputs, run_id:
         splits = [s for s in manifest.splits if cfg.split in (None, s) and manifest.splits[s].shards]  # none: empty
         ds = None
         for s in splits:
-            part = read_encoded(manifest, s).map_batches(shard_rows, batch_format="numpy", batch_size=None)
+            part = sample_stream(manifest, s).map_batches(shard_rows, batch_format="numpy", batch_size=None)
             ds = part if ds is None else ds.union(part)
         if cfg.limit:
             ds = ds.limit(cfg.limit)

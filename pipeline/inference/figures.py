@@ -299,17 +299,15 @@ def _images_from_shards(manifest, limit: int) -> list[str]:
     import shutil
     import tempfile
 
-    from pipeline.data.shard_reader import unpack_shards
+    from pipeline.data.shard_reader import read_shard
 
     split = "val" if manifest.count("val") else "train"
     folder = tempfile.mkdtemp(prefix="vitray-viz-")
     atexit.register(shutil.rmtree, folder, True)  # read within this process; nothing stays in the temp folder
     out = []
     digests = manifest.digests(split)
-    for path in digests:
-        uri = f"s3://{path}" if manifest.base.startswith("s3://") else path
-        rows = unpack_shards({"bytes": [storage.read_bytes(uri, large=True)], "path": [path]}, digests, manifest.format)
-        for key, image in zip(rows["key"], rows["image"]):
+    for uri in manifest.shard_uris(split):
+        for key, image, _, _ in read_shard(uri, digests.get(storage.parse_uri(uri).path), manifest.format):
             if image is not None:
                 out.append(f"{folder}/{key}.img")
                 with open(out[-1], "wb") as f:

@@ -19,7 +19,6 @@ from pipeline.core import storage
 from pipeline.data.images import ImageDecodeError
 from pipeline.data.manifest import MANIFEST, load_manifest
 from pipeline.data.sources import name_rule
-from pipeline.data.streams import image_column, labels_of
 from pipeline.data.transforms import ImageTransform
 from pipeline.inference.infer_config import InferConfig
 from pipeline.inference.predictor import preprocess
@@ -132,15 +131,10 @@ def fetch_and_preprocess(batch: dict, transform: ImageTransform, reads: int) -> 
 
 
 def shard_rows(batch: dict) -> dict:
-    if "label" not in batch:
-        batch["label"] = batch["cls"]
-    images = image_column(batch)
-    urls = batch.get("__url__", [""] * len(images))
-    keys = batch.get("__key__", batch.get("key"))
+    """map_batches step: a shard set's samples (`streams.sample_stream`) -> (image_uri `<shard>#<key>`, bytes,
+    label_id)."""
     return {
-        "image_uri": np.asarray(
-            [f"s3://{u}#{k}" if not str(u).startswith("/") else f"{u}#{k}" for u, k in zip(urls, keys)], dtype=object
-        ),
-        "bytes": np.asarray([b if b is not None else b"" for b in images], dtype=object),
-        "label_id": labels_of(batch),
+        "image_uri": np.asarray([f"{u}#{k}" for u, k in zip(batch["shard"], batch["key"])], dtype=object),
+        "bytes": np.asarray([b if b is not None else b"" for b in batch["image"]], dtype=object),
+        "label_id": np.asarray(batch["label"], dtype=np.int64),
     }

@@ -24,8 +24,8 @@ _STAGE_NAMES = [
     ("Predictor", "model"),
     ("Write", "write"),
     ("FromItems", "list"),
-    ("unpack_shards", "read"),
-    ("_shard_rows", "read"),
+    ("read_shards", "read"),
+    ("shard_rows", "read"),
     ("Read", "read"),
 ]
 

@@ -1,8 +1,8 @@
 """Training checkpoints as safetensors + JSON (never pickle): model, optimizer, EMA, RNG, position.
 
 A checkpoint folder:
-  model.safetensors, config.json     the model, loadable by `vit_model.load_pretrained` (for MAE: the encoder)
-  mae_decoder.safetensors            MAE runs: the decoder
+  model.safetensors, config.json     the ViT, loadable by `vit_model.load_pretrained` (MAE's: the encoder)
+  <the objective's files>            beside it (`Objective.parts`: MAE's mae_decoder.safetensors)
   optimizer.safetensors              AdamW moments ("state.<param index>.<name>") and RNG tensors
   ema.safetensors                    EMA weights, if enabled
   trainer_state.json                 step, epoch, step_in_epoch, best val top-1, optimizer hyper-
@@ -32,7 +32,6 @@ from safetensors.torch import load_file, save_file
 
 import vit_model
 from pipeline.core import storage
-from vit_model.mae import DECODER_NAME, MaskedAutoencoder, decoder_bytes
 
 log = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.json"
@@ -47,27 +46,21 @@ class IncompleteCheckpoint(CheckpointError):
     """An upload that never finished (a file or the checksums missing): a checkpoint that never existed."""
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
 def save_checkpoint(
     folder: str | Path,
-    model,
+    parts,
     optimizer: torch.optim.Optimizer,
     state: dict,
     ema: dict[str, torch.Tensor] | None = None,
     class_names: list[str] | None = None,
 ) -> Path:
+    """`parts` (`objectives.Parts`): the ViT and the files the objective keeps beside it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    core = _unwrap(model)
-    if isinstance(core, MaskedAutoencoder):
-        vit_model.save_pretrained(core.encoder, folder, class_names=[])
-        (folder / DECODER_NAME).write_bytes(decoder_bytes(core))
-    else:
-        vit_model.save_pretrained(core, folder, class_names=class_names or [])
+    names = parts.class_names if parts.class_names is not None else class_names or []
+    vit_model.save_pretrained(parts.vit, folder, class_names=names)
+    for name, data in parts.files.items():
+        (folder / name).write_bytes(data)
     opt_sd = optimizer.state_dict()
     tensors = {}
     for idx, st in opt_sd["state"].items():
@@ -180,7 +173,7 @@ def choose_checkpoint(
 
 def resume(
     candidates: list[str],
-    model,
+    load_model: Callable[[Path], None],
     optimizer: torch.optim.Optimizer,
     ema: dict | None,
     *,
@@ -192,7 +185,8 @@ def resume(
 ) -> tuple[dict | None, str | None, list[tuple[str, str]]]:
     """Restore every rank from the same checkpoint: rank 0 chooses and verifies it (`choose_checkpoint`),
     `broadcast` (rank 0's value to all ranks) tells the others which; each of them downloads that one,
-    verifies it (a mismatch fails loudly, never a fall-back to another) and loads it.
+    verifies it (a mismatch fails loudly, never a fall-back to another) and loads it: the weights through
+    `load_model(folder)` (the objective's `load`), the optimizer, EMA and RNG here.
 
     Returns (trainer state or None for a fresh start, the URI used, [(skipped URI, why)])."""
     local = None
@@ -214,7 +208,7 @@ def resume(
                     raise CheckpointError(why) from None
         if uri is None:
             return None, None, skipped
-        return load_checkpoint(local, model, optimizer, ema), uri, skipped
+        return load_checkpoint(local, load_model, optimizer, ema), uri, skipped
     finally:
         if local:
             shutil.rmtree(local, ignore_errors=True)
@@ -229,18 +223,14 @@ def _jsonable(o):
 
 
 def load_checkpoint(
-    folder: str | Path, model, optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None = None
+    folder: str | Path,
+    load_model: Callable[[Path], None],
+    optimizer: torch.optim.Optimizer,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> dict:
-    """Restore model, optimizer, EMA and RNG in place; returns the trainer state (step, epoch, ...)."""
+    """Restore model (`load_model(folder)`), optimizer, EMA and RNG in place; returns the trainer state."""
     folder = Path(folder)
-    core = _unwrap(model)
-    if isinstance(core, MaskedAutoencoder):
-        if not (folder / DECODER_NAME).is_file():
-            raise CheckpointError(f"no {DECODER_NAME}: a checkpoint of a supervised run, and this run is MAE")
-        vit_model.load_weights(core.encoder, load_file(str(folder / "model.safetensors")))
-        core.load_state_dict({**core.state_dict(), **load_file(str(folder / DECODER_NAME))}, strict=True)
-    else:
-        vit_model.load_weights(core, load_file(str(folder / "model.safetensors")))
+    load_model(folder)
     state = json.loads((folder / STATE_NAME).read_text())
     tensors = load_file(str(folder / "optimizer.safetensors"))
     opt_state: dict[int, dict] = {}

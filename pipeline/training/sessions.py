@@ -1,9 +1,10 @@
 """Where a training loop's batches come from and where its reports and checkpoints go.
 
-`RaySession`: inside Ray Train's `TorchTrainer` (dataset shards, `ray.train.report`, checkpoints in the
-run's storage, DDP). `LocalSession`: no Ray, batches from a callable, checkpoints into a local folder
-(tests, GPU benchmarks). `Batches` puts one epoch's numpy batches on the device; `Primed` starts an
-epoch's stream in a thread while the previous epoch evaluates.
+`RaySession`: inside Ray Train's `TorchTrainer` (each worker reads its part of a split through Ray Data,
+`ray.train.report`, checkpoints in the run's storage, DDP). `LocalSession`: no Ray, batches from a callable,
+checkpoints into a local folder (tests, benchmarks, recipe search). `Batches` puts one epoch's numpy
+batches on the device; `PrefetchedEpoch` starts an epoch's stream in a thread while the previous epoch
+evaluates.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline.core.runs import RunLayout
@@ -50,7 +50,7 @@ class Batches:
             yield patches, labels, valid
 
 
-class Primed:
+class PrefetchedEpoch:
     """An epoch's batch iterator whose stream is started, and its first batch taken, in a background
     thread: built while the previous epoch evaluates and checkpoints, so that the stream's start-up
     (1.3-1.7 s for a Ray Data execution here) overlaps them instead of stalling the next epoch's first step."""
@@ -84,10 +84,14 @@ class Session:
     rank = 0
     device = torch.device("cpu")
     cpu_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
-    exact_order = False  # batches() reads `ranges` of the epoch's order exactly (data.order exact)
+    eval_sets: tuple[str, ...] = ()  # the names besides the training split that batches() serves (k-NN sets)
+    # batches() reads exactly the `ranges` it is given (RaySession); a LocalSession's callable is the caller's own
+    # epoch, so the loop cannot hold it to the order's count
+    reads_positions = False
 
     def batches(self, split: str, batch_size: int, epoch: int, train: bool, ranges=None) -> Iterable[dict]:
-        """One epoch of `split` in batches; `ranges`: this rank's positions of the epoch (exact order)."""
+        """One epoch of `split` in batches (numpy dicts); `ranges`: this rank's positions of the training epoch's
+        order (`order.split`), None for an eval set (this rank's share of it)."""
         raise NotImplementedError
 
     def checkpoints(self) -> list[str]:
@@ -113,9 +117,10 @@ class Session:
 
 
 class RaySession(Session):
-    """Inside `TorchTrainer`: dataset shards, `ray.train.report`, checkpoints in the run's storage."""
+    """Inside `TorchTrainer`: each worker reads its part of a split through Ray Data tasks it starts itself
+    (`streams.ordered_stream`), reports with `ray.train.report`, checkpoints into the run's storage."""
 
-    def __init__(self, cfg: PretrainConfig, manifest=None, train_stream=None):
+    def __init__(self, cfg: PretrainConfig, manifest, train_stream, eval_stream, eval_sets: dict):
         import ray.train
         import ray.train.torch
 
@@ -124,8 +129,10 @@ class RaySession(Session):
         self.device = ray.train.torch.get_device()
         self.cfg = cfg
         self.manifest = manifest  # the version the run trains on: this worker reads its part of it
-        self.train_stream = train_stream  # a StreamConfig: decode, augment, patchify
-        self.exact_order = cfg.data.order == "exact" and manifest is not None
+        self.train_stream, self.eval_stream = train_stream, eval_stream  # StreamConfigs: decode, augment, patchify
+        self.sets = eval_sets  # {name: (Manifest, split)}: what the objective's monitor reads
+        self.eval_sets = tuple(eval_sets)
+        self.reads_positions = True
         # Ray sets OMP_NUM_THREADS=1 in a worker unless told otherwise; compute with the slots it holds.
         self.cpu_threads = max(1, int(cfg.train.cpus_per_worker))
         os.environ["OMP_NUM_THREADS"] = str(self.cpu_threads)
@@ -133,41 +140,27 @@ class RaySession(Session):
         self._returned: dict[str, float] = {}  # checkpoint dir -> when report() gave control back
 
     def batches(self, split, batch_size, epoch, train, ranges=None):
-        import ray.train
-
-        from pipeline.data.streams import shuffled_batches
-
-        d = self.cfg.data
-        if ranges is not None:
-            return self._ordered(split, batch_size, epoch, ranges)
-        shard = ray.train.get_dataset_shard(split)
-        batches = shard.iter_batches(
-            batch_size=batch_size,
-            batch_format="numpy",
-            prefetch_batches=d.prefetch_batches,
-            drop_last=train and not d.local_shuffle_buffer,
-        )
-        if not (train and d.local_shuffle_buffer):
-            return batches
-        rng = np.random.default_rng(self.cfg.train.seed * 1000 + epoch * 10 + self.rank)
-        return shuffled_batches(
-            batches, batch_size, d.local_shuffle_buffer, d.shuffle_initial or batch_size, rng, drop_last=True
-        )
-
-    def _ordered(self, split, batch_size, epoch, ranges):
-        """This rank's positions of the epoch, read and decoded by Ray Data tasks started from this worker."""
+        """The training split: `ranges` of this epoch's order, augmented. An eval set: this rank's equal share
+        of it, unaugmented, in a fixed order (seed 0, epoch 0), so every epoch judges the same images."""
+        from pipeline.data import order
         from pipeline.data.streams import configure_ray_data, ordered_stream
 
         d = self.cfg.data
+        if ranges is None:
+            manifest, split = self.sets[split]
+            ranges, seed, epoch, stream = (
+                order.share(manifest.count(split), self.world_size, self.rank),
+                0,
+                0,
+                self.eval_stream,
+            )
+        else:
+            manifest, seed, stream = self.manifest, d.shuffle_seed, self.train_stream
+        if not order.total(ranges):
+            return iter(())
         configure_ray_data(progress=False)
         ds = ordered_stream(
-            self.manifest,
-            split,
-            self.train_stream,
-            seed=d.shuffle_seed,
-            epoch=epoch,
-            ranges=ranges,
-            window_shards=d.window_shards,
+            manifest, split, stream, seed=seed, epoch=epoch, ranges=ranges, window_shards=d.window_shards
         )
         return ds.iter_batches(
             batch_size=batch_size, batch_format="numpy", prefetch_batches=d.prefetch_batches, drop_last=False

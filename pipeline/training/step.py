@@ -1,12 +1,11 @@
 """One optimizer step and what it carries: the run's state, the report window, EMA, the lr schedule.
 
     optimizer_step():  for each of `accum_steps` micro-batches: next batch (timed as data wait) ->
-                       batch_augment (random erasing, Mixup/CutMix on the patches) -> forward under
-                       autocast -> masked loss -> backward;  then clip, AdamW, EMA
-    evaluate():        top-1/top-5/loss over this worker's part, summed across workers
+                       the objective's loss per sample under autocast (`objectives/`: augmentation,
+                       masks) -> masked mean -> backward;  then clip, AdamW, EMA
 
 Shapes: a micro-batch is (patches (B, N, P*P*C) uint8, labels (B,) int64, valid (B,) bool) on the device.
-Times come from `Run.clock` (seconds), which tests replace with a clock they advance themselves.
+Times come from `Progress.clock` (seconds), which tests replace with a clock they advance themselves.
 """
 
 from __future__ import annotations
@@ -20,17 +19,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from pipeline.core import storage
 from pipeline.core.runs import RunLayout
 from pipeline.data import order
-from pipeline.training.mixing import Mixer, random_erase_, soft_target_cross_entropy
-from pipeline.training.selfsup import mask_generator
-from pipeline.training.sessions import Batches, Session
+from pipeline.training.objectives import Objective
+from pipeline.training.sessions import Session
 from pipeline.training.train_config import PretrainConfig
-from vit_model import VisionTransformer
-from vit_model.mae import MaskedAutoencoder
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
@@ -75,7 +70,7 @@ class TrainState:
     images_seen: int = 0
     dropped_samples: int = 0  # undecodable samples left out of the loss
     skipped_batches: int = 0  # micro-batches without one valid sample
-    todo: list | None = None  # data.order exact, mid-epoch: the epoch's positions still to read (order.advance)
+    todo: list | None = None  # mid-epoch: the epoch's positions still to read (order.advance)
     history: list[dict] = field(default_factory=list)  # one entry per epoch
 
     @classmethod
@@ -84,7 +79,7 @@ class TrainState:
 
 
 @dataclass
-class Window:
+class ReportWindow:
     """What happened since the last progress report. Sums stay on the device until the report."""
 
     loss: torch.Tensor
@@ -96,19 +91,34 @@ class Window:
     t0: float = 0.0  # by the run's clock
 
     @classmethod
-    def start(cls, device: torch.device, now: float) -> Window:
+    def start(cls, device: torch.device, now: float) -> ReportWindow:
         zeros = (torch.zeros((), device=device, dtype=dt) for dt in (torch.float32, torch.int64, torch.int64))
         return cls(*zeros, t0=now)
 
 
 @dataclass
+class Progress:
+    """How this attempt is going, by the run's clock: what reports and the epoch line say (not saved)."""
+
+    # Every duration of the loop (report schedule, images/s, data wait, epoch time) is read from this clock;
+    # tests inject one they advance themselves, so no outcome depends on the machine's speed.
+    clock: Callable[[], float] = time.monotonic
+    t_start: float = 0.0
+    start_step: int = 0  # where this attempt began: 0, or the step of the checkpoint it resumed from
+    reports: int = 0  # progress reports sent (checkpoints and epoch ends not counted)
+    epoch_t0: float = 0.0  # when this epoch asked for its first batch
+    first_batch_s: float = 0.0  # how long that first batch took (the stream's start-up)
+
+
+@dataclass
 class Run:
-    """Everything the step and epoch functions need, built once by `train`."""
+    """What the step and epoch functions work with, built once by `loop.build_run`."""
 
     cfg: PretrainConfig
     session: Session
+    objective: Objective
     model: torch.nn.Module  # what runs forward/backward (DDP, compiled)
-    core: VisionTransformer | MaskedAutoencoder  # the plain module: checkpoints and exports
+    core: torch.nn.Module  # the plain module: checkpoints and exports (`objective.parts`)
     optimizer: torch.optim.Optimizer
     ema: EMA | None
     amp_dtype: torch.dtype | None
@@ -117,16 +127,7 @@ class Run:
     warmup: int
     class_names: list[str]
     peak_flops: float | None
-    start_step: int = 0  # where this attempt began: 0, or the step of the checkpoint it resumed from
-    # Every duration of the loop (report schedule, images/s, data wait, epoch time) is read from this clock;
-    # tests inject one they advance themselves, so no outcome depends on the machine's speed.
-    clock: Callable[[], float] = time.monotonic
-    t_start: float = 0.0
-    mixer: Mixer | None = None  # Mixup / CutMix (None: off)
-    knn: bool = False  # MAE: the session has the k-NN monitor's bank and query datasets
-    progress_reports: int = 0  # progress reports sent (checkpoints and epoch ends not counted)
-    epoch_t0: float = 0.0  # when this epoch asked for its first batch
-    first_batch_s: float = 0.0  # how long that first batch took (the stream's start-up)
+    progress: Progress = field(default_factory=Progress)
 
     @property
     def per_rank(self) -> int:
@@ -134,54 +135,15 @@ class Run:
         return self.cfg.train.batch_size // self.session.world_size
 
 
-def report_is_due(run: Run, window: Window) -> bool:
+def report_is_due(run: Run, window: ReportWindow) -> bool:
     """`train.report_every_s` has passed since the window began, by rank 0's clock; every rank gets rank 0's
     answer (one tiny broadcast), so all call `report` together as Ray Train requires."""
-    due = run.clock() - window.t0 >= run.cfg.train.report_every_s
+    due = run.progress.clock() - window.t0 >= run.cfg.train.report_every_s
     if run.session.world_size > 1 and dist.is_available() and dist.is_initialized():
         flag = torch.tensor([int(due)], device=run.session.device)
         dist.broadcast(flag, src=0)
         due = bool(flag.item())
     return due
-
-
-def batch_augment(
-    run: Run, state: TrainState, micro: int, patches: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Random erasing, then Mixup / CutMix, on the device: (model input, soft targets or None).
-
-    Without either, the uint8 patches go to the model as they are (it normalises them itself); with
-    one, they are normalised here and mixed as patches (B, N, P*P*C), which the model takes as they are.
-    The draws come from a generator seeded by (seed, rank, step, micro-batch), so a resumed run repeats them.
-    """
-    d = run.cfg.data
-    if not (d.random_erase > 0 or run.mixer is not None):
-        return patches, None
-    core = run.core
-    gen = torch.Generator().manual_seed(hash((run.cfg.train.seed, run.session.rank, state.step, micro)) & (2**63 - 1))
-    layout = {"patch_size": core.cfg.patch_size, "in_chans": core.cfg.in_chans}
-    x = core.normalize(patches)
-    if d.random_erase > 0:
-        random_erase_(x, d.random_erase, gen, **layout)
-    if run.mixer is None:
-        return x, None
-    mixed = run.mixer(x, labels, valid, gen, **layout)
-    return mixed.patches, mixed.targets
-
-
-def sample_losses(
-    run: Run, state: TrainState, micro: int, patches: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
-) -> torch.Tensor:
-    """The objective's loss per sample (B,), float32: cross-entropy on the (augmented, mixed) batch, or MAE's
-    reconstruction error with masks from this rank's generator for (seed, rank, step, micro-batch)."""
-    if run.cfg.train.objective == "mae":
-        gen = mask_generator(run.cfg.train.seed, run.session.rank, state.step, micro, run.session.device)
-        return run.model(patches, gen).float()
-    inputs, soft_targets = batch_augment(run, state, micro, patches, labels, valid)
-    logits = run.model(inputs).float()
-    if soft_targets is not None:
-        return soft_target_cross_entropy(logits, soft_targets)
-    return F.cross_entropy(logits, labels, reduction="none", label_smoothing=run.cfg.optim.label_smoothing)
 
 
 def seed_step(seed: int, rank: int, step: int) -> None:
@@ -192,7 +154,7 @@ def seed_step(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(hash((seed, rank, step, -1)) & (2**63 - 1))
 
 
-def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: Window) -> float:
+def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: ReportWindow) -> float:
     """`accum_steps` micro-batches (forward, masked loss, backward), clip, AdamW, EMA. Returns the lr.
 
     Undecodable samples are masked out of the loss (static shapes; a micro-batch without one valid
@@ -206,7 +168,7 @@ def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: Windo
         g["lr"] = lr * g.get("lr_scale", 1.0)  # layer-wise decay (fine-tuning) scales each group's share
     device = run.session.device
     for micro in range(t.accum_steps):
-        waited = run.clock()
+        waited = run.progress.clock()
         try:
             patches, labels, valid = next(batches)
         except StopIteration:
@@ -214,10 +176,10 @@ def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: Windo
                 f"worker {run.session.rank} ran out of data in epoch {state.epoch}: its shard is shorter "
                 f"than {run.steps_per_epoch} steps x {t.per_worker_batch} rows"
             ) from None
-        got = run.clock()
+        got = run.progress.clock()
         window.data_wait_s += got - waited
-        if micro == 0 and run.first_batch_s == 0.0:  # the epoch's first batch: the stream's start-up
-            run.first_batch_s = max(got - waited, 1e-9)
+        if micro == 0 and run.progress.first_batch_s == 0.0:  # the epoch's first batch: the stream's start-up
+            run.progress.first_batch_s = max(got - waited, 1e-9)
         if t.emulate_step_s:  # benchmarks: the step's compute is a sleep (a GPU step), everything else is real
             window.images += len(labels)
             continue
@@ -226,7 +188,7 @@ def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: Windo
             run.model.no_sync() if not last and hasattr(run.model, "no_sync") else nullcontext(),
             torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None),
         ):
-            per_sample = sample_losses(run, state, micro, patches, labels, valid)
+            per_sample = run.objective.losses(run, state.step, micro, patches, labels, valid)
         n_valid = valid.sum()
         loss = (per_sample * valid).sum() / n_valid.clamp(min=1) / t.accum_steps
         loss.backward()
@@ -252,37 +214,7 @@ def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: Windo
     return lr
 
 
-@torch.no_grad()
-def evaluate(model, batches: Batches, amp_dtype, world_size: int) -> dict:
-    """Top-1, top-5 and loss over this worker's part, summed across workers (exact, not averaged)."""
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=batches.device)  # loss, top1, top5, count
-    for patches, labels, valid in batches:
-        with torch.autocast(batches.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(patches).float()
-        hit = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]
-        v = valid.double()
-        sums += torch.stack(
-            [
-                (F.cross_entropy(logits, labels, reduction="none").double() * v).sum(),
-                (hit[:, 0].double() * v).sum(),
-                (hit.any(-1).double() * v).sum(),
-                v.sum(),
-            ]
-        )
-    if world_size > 1 and dist.is_initialized():
-        dist.all_reduce(sums)
-    loss, top1, top5, n = sums.tolist()
-    model.train()
-    return {
-        "val_loss": loss / max(n, 1),
-        "val_top1": top1 / max(n, 1),
-        "val_top5": top5 / max(n, 1),
-        "val_count": int(n),
-    }
-
-
-# ---- the data position (data.order exact) -----------------------------------------------------
+# ---- the data position -----------------------------------------------------------------------
 def full_epoch(run: Run) -> list[list[int]]:
     return [[0, run.steps_per_epoch * run.cfg.train.batch_size]]
 

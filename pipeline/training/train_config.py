@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.core.config import Section
 from pipeline.data.transforms import Augment
+from pipeline.training.objectives import OBJECTIVES, MaeSection
 
 
 class ModelSection(Section):
@@ -61,33 +62,17 @@ class DataSection(Augment):
     manifest: str | None = Field(None, description="shards manifest URI (s3://.../manifest.json or a local path)")
     train_split: str = Field("train", description="split to train on")
     val_split: str | None = Field("val", description="split to evaluate every epoch (null: none)")
-    order: Literal["exact", "stream"] = Field(
-        "exact",
-        description="exact: each epoch's order a function of (shuffle_seed, epoch, shards, workers), every rank "
-        "the same number of samples, and a checkpoint resumes at the next sample (pipeline/data/order.py); "
-        "stream: Ray Data's streaming_split with a local shuffle buffer (a resume restarts the epoch's stream)",
-    )
     window_shards: int = Field(
-        4, ge=1, description="order exact: shards whose samples are shuffled together (one read task's window)"
+        4,
+        ge=1,
+        description="shards whose samples are shuffled together (one read task's window, pipeline/data/order.py)",
     )
     shuffle_seed: int = Field(0, description="the order's seed (shards and samples reshuffled every epoch)")
-    local_shuffle_buffer: int = Field(
-        1024, ge=0, description="order stream: rows in each worker's shuffle buffer (0: none)"
-    )
-    shuffle_initial: int = Field(
-        0,
-        ge=0,
-        description="rows in the shuffle buffer before an epoch's first batch (0: one "
-        "batch); the buffer fills to local_shuffle_buffer as the epoch goes (webdataset's initial)",
-    )
     prefetch_batches: int = Field(2, ge=0, description="batches prefetched per worker")
     prefetch_next_epoch: bool = Field(
         True,
         description="start the next epoch's stream (and take its first batch) "
         "while the current epoch evaluates and checkpoints",
-    )
-    decode_batch_size: int | None = Field(
-        None, ge=1, description="rows per decode task (null: one shard block per task, fused with its read: fastest)"
     )
     decode_cpus: float = Field(1.0, gt=0, description="CPUs per decode task")
     random_erase: float = Field(
@@ -122,39 +107,13 @@ class OptimSection(Section):
     )
 
 
-class MaeSection(Section):
-    """Masked-autoencoder pretraining (train.objective: mae): He et al. 2021's masking, decoder and loss."""
-
-    mask_ratio: float = Field(0.75, ge=0, lt=1, description="fraction of patches masked per sample")
-    decoder_depth: int = Field(8, ge=1, description="decoder blocks (MAE's ViT-B: 8)")
-    decoder_width: int = Field(512, ge=4, description="decoder width (MAE's ViT-B: 512)")
-    decoder_heads: int = Field(16, ge=1, description="decoder attention heads")
-    norm_pix_loss: bool = Field(True, description="targets are per-patch normalised pixels (MAE's default)")
-    knn_data: str | None = Field(
-        None,
-        description="labelled shard set for the k-NN monitor: its train split is the bank, its val split the "
-        "queries (default: the training set itself when it has labels and a val split)",
-    )
-    knn_k: int = Field(20, ge=1, description="neighbours for the k-NN monitor (DINO's weighted vote)")
-    knn_every_epochs: int = Field(1, ge=0, description="run the k-NN monitor every N epochs (0: never)")
-
-    def autoencoder(self):
-        from vit_model.mae import MAEConfig
-
-        return MAEConfig(
-            mask_ratio=self.mask_ratio,
-            decoder_depth=self.decoder_depth,
-            decoder_width=self.decoder_width,
-            decoder_heads=self.decoder_heads,
-            norm_pix_loss=self.norm_pix_loss,
-        )
-
-
 class TrainSection(Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$", description="run name: same output + name resumes")
     output: str | None = Field(None, description="where runs go: s3://bucket/runs or a local folder")
-    objective: Literal["supervised", "mae"] = Field(
-        "supervised", description="supervised: cross-entropy on labels; mae: masked-autoencoder pretraining (mae.*)"
+    objective: str = Field(
+        "supervised",
+        description="what the run optimises (pipeline/training/objectives/): supervised (cross-entropy on labels) "
+        "or mae (masked-autoencoder pretraining, the mae section)",
     )
     epochs: int = Field(10, ge=1, description="training epochs")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (smoke tests)")
@@ -172,11 +131,10 @@ class TrainSection(Section):
     deterministic: bool = Field(
         False,
         description="bitwise-repeatable training with the same config, data and workers, killed and resumed or "
-        "not: torch's deterministic algorithms, fixed threads, cuDNN/cuBLAS settings (costs speed; needs "
-        "data.order exact)",
+        "not: torch's deterministic algorithms, fixed threads, cuDNN/cuBLAS settings (costs speed)",
     )
     record_keys: bool = Field(
-        False, description="audit: each rank writes the sample keys of its steps under {run}/consumed/ (order exact)"
+        False, description="audit: each rank writes the sample keys of its steps under {run}/consumed/"
     )
     compile: bool = Field(False, description="torch.compile the model")
     seed: int = Field(0, description="initialisation and RNG seed")
@@ -259,24 +217,11 @@ class PretrainConfig(Section):
 
     @model_validator(mode="after")
     def _objective_fits(self):
-        if self.data.order != "exact":
-            on = [k for k in ("deterministic", "record_keys") if getattr(self.train, k)]
-            if on:
-                raise ValueError(f"train.{' and train.'.join(on)} need data.order exact (got {self.data.order})")
+        if self.train.objective not in OBJECTIVES:
+            raise ValueError(f"unknown train.objective {self.train.objective!r}; known: {', '.join(OBJECTIVES)}")
         if self.optim.base_lr is not None:
             self.optim.lr = self.optim.base_lr * self.train.batch_size / 256
-        if self.train.objective == "mae":
-            d = self.data
-            mixing = {"data.mixup_alpha": d.mixup_alpha, "data.cutmix_alpha": d.cutmix_alpha}
-            on = [k for k, v in {**mixing, "data.random_erase": d.random_erase}.items() if v]
-            if on:
-                raise ValueError(
-                    f"train.objective mae reconstructs pixels: {', '.join(on)} would corrupt its targets; set "
-                    "them to 0 (MAE's augmentation is a random resized crop and a flip)"
-                )
-            if self.optim.layer_decay is not None:
-                raise ValueError("optim.layer_decay is for fine-tuning; MAE pretraining uses one lr for every layer")
-            self.mae.autoencoder()  # decoder width/heads checked here, before any cluster work
+        OBJECTIVES[self.train.objective].check(self)
         return self
 
 

@@ -1,7 +1,8 @@
 """The pretraining driver: validate, build the Ray Data streams and the TorchTrainer, run, summarise.
 
 What it writes under `{train.output}/{train.name}/` (config.yaml, data.json, checkpoints, model/, best/,
-metrics.jsonl, tensorboard/) is `pipeline.core.runs.RunLayout`'s to say; this module only asks it.
+metrics/, tensorboard/) is `pipeline.core.runs.RunLayout`'s to say; this module only asks it. What the
+objective needs (labels, the model it trains, the splits its monitor reads) it asks `objectives/`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pipeline.core.config import to_yaml
 from pipeline.core.exits import EXIT_BAD_INPUT
 from pipeline.core.runs import RunLayout
 from pipeline.data.manifest import Manifest, load_manifest
+from pipeline.training.objectives import objective_for
 from pipeline.training.train_config import PretrainConfig
-from vit_model.mae import encoder_config
 
 
 class JobError(RuntimeError):
@@ -34,17 +35,18 @@ def run_layout(cfg: PretrainConfig) -> RunLayout:
 
 
 @dataclass(frozen=True)
-class Preflight:
-    """What the driver checked before any cluster work: the shard version to train on and the model."""
+class RunPlan:
+    """What the driver checked before any cluster work: the shard version to train on, the model, and the
+    sets the objective's monitor reads."""
 
     manifest: Manifest  # the version this run trains on (pinned in data.json on resume)
     num_classes: int
     train_count: int  # samples in the train split
-    model_cfg: vit_model.ViTConfig
-    knn: Manifest | None = None  # MAE: the labelled set of the k-NN monitor (bank: train, queries: val)
+    model_cfg: vit_model.ViTConfig  # the plain ViT the objective trains
+    eval_sets: dict  # {name: (Manifest, split)}: val, and e.g. MAE's k-NN bank and queries
 
 
-def preflight(cfg: PretrainConfig) -> Preflight:
+def preflight(cfg: PretrainConfig) -> RunPlan:
     """Every check that needs no cluster: output reachable, manifest readable and non-empty, weights fit."""
     if not cfg.data.manifest:
         raise JobError("no data: pass --data s3://bucket/prefix/manifest.json (or set data.manifest in the config)")
@@ -52,11 +54,11 @@ def preflight(cfg: PretrainConfig) -> Preflight:
         raise JobError("no output: pass --output s3://bucket/runs or a local folder (train.output)")
     storage.check_bucket(cfg.train.output)
     manifest = pinned_manifest(cfg) or load_manifest(cfg.data.manifest)
-    mae = cfg.train.objective == "mae"
-    if not manifest.labeled and not mae:
+    objective = objective_for(cfg)
+    if not manifest.labeled and objective.needs_labels:
         raise JobError(
-            f"{cfg.data.manifest} is an unlabeled shard set: supervised pretraining needs labels. Make shards "
-            "from class folders or with --labels, or pretrain without labels: --objective mae"
+            f"{cfg.data.manifest} is an unlabeled shard set: train.objective {objective.name} needs labels. Make "
+            "shards from class folders or with --labels, or pretrain without labels: --objective mae"
         )
     if manifest.count(cfg.data.train_split) == 0:
         why = ", ".join(f"{n} {k}" for k, n in manifest.skip_counts.items())
@@ -74,13 +76,11 @@ def preflight(cfg: PretrainConfig) -> Preflight:
         raise JobError(
             f"{train_count} training samples do not fill one global batch of {cfg.train.batch_size}: lower --batch-size"
         )
-    num_classes = 0 if mae else len(manifest.classes)
+    num_classes = objective.num_classes(manifest.classes)
     # The architecture from the config alone catches img/patch mismatches; with --init-from, one CPU
     # copy of the model is built and loaded here, so bad weights fail before any cluster work.
     try:
-        mcfg = vit_model.variant_config(cfg.model.name, **cfg.model.overrides(num_classes))
-        if mae:
-            mcfg = encoder_config(mcfg)
+        mcfg = objective.model_config(num_classes)
     except ValueError as e:
         raise JobError(f"model: {e}") from None
     if cfg.train.init_from:
@@ -88,26 +88,11 @@ def preflight(cfg: PretrainConfig) -> Preflight:
             exported.load_init_weights(vit_model.VisionTransformer(mcfg), cfg.train.init_from)
         except (ValueError, storage.StorageError) as e:
             raise JobError(f"--init-from {cfg.train.init_from}: {e}") from None
-    return Preflight(manifest, num_classes, train_count, mcfg, knn_manifest(cfg, manifest) if mae else None)
-
-
-def knn_manifest(cfg: PretrainConfig, manifest: Manifest) -> Manifest | None:
-    """The k-NN monitor's labelled set: `mae.knn_data`, or the training set when it has labels and a val split."""
-    if not cfg.mae.knn_every_epochs:
-        return None
-    if not cfg.mae.knn_data:
-        return manifest if manifest.labeled and manifest.count("val") else None
     try:
-        knn = load_manifest(cfg.mae.knn_data)
-    except storage.StorageError as e:
-        raise JobError(f"mae.knn_data {cfg.mae.knn_data}: {e}") from None
-    if not knn.labeled or not knn.count("train") or not knn.count("val"):
-        raise JobError(
-            f"mae.knn_data {cfg.mae.knn_data} needs labels and both a train split (the bank) and a val split (the "
-            f"queries); it has {knn.count('train')} train and {knn.count('val')} val samples"
-            + ("" if knn.labeled else " and no labels")
-        )
-    return knn
+        eval_sets = objective.eval_sets(manifest, load_manifest)
+    except (ValueError, storage.StorageError) as e:
+        raise JobError(str(e)) from None
+    return RunPlan(manifest, num_classes, train_count, mcfg, eval_sets)
 
 
 def pinned_manifest(cfg: PretrainConfig) -> Manifest | None:
@@ -250,29 +235,20 @@ def run(cfg: PretrainConfig) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.data.streams import StreamConfig, configure_ray_data, split_stream
+    from pipeline.data.streams import StreamConfig, configure_ray_data
     from pipeline.data.transforms import Augment
     from pipeline.training.loop import train_loop_per_worker
-    from pipeline.training.selfsup import KNN_BANK, KNN_QUERY
 
     check_cluster_fits(cfg)
     configure_ray_data(cfg.data.object_store_fraction)
     layout = run_layout(cfg)
     storage.write_bytes(layout.config.uri, to_yaml(cfg).encode())
     pin_data(cfg, pre.manifest)
-    mcfg = pre.model_cfg
     d = cfg.data
-    common = dict(batch_size=d.decode_batch_size, num_cpus=d.decode_cpus)
-    train_stream = StreamConfig.for_model(mcfg, True, Augment.of(d), **common)
-    manifest = pre.manifest  # the version this run started on (pinned in data.json), not re-read
-    datasets = {}
-    if d.order == "stream":  # else every worker reads its own part of each epoch (`order.split`)
-        datasets[d.train_split], _ = split_stream(manifest, d.train_split, train_stream, shuffle_seed=d.shuffle_seed)
-    if d.val_split:
-        datasets[d.val_split], _ = split_stream(manifest, d.val_split, StreamConfig.for_model(mcfg, False, **common))
-    if pre.knn is not None:  # MAE's k-NN monitor: both splits of a labelled set, unaugmented
-        for name, split in ((KNN_BANK, "train"), (KNN_QUERY, "val")):
-            datasets[name], _ = split_stream(pre.knn, split, StreamConfig.for_model(mcfg, False, **common))
+    # Every worker reads its own part of each split through Ray Data tasks it starts (`streams.ordered_stream`):
+    # the training epoch's order, and an equal share of each eval set.
+    train_stream = StreamConfig.for_model(pre.model_cfg, True, Augment.of(d), num_cpus=d.decode_cpus)
+    eval_stream = StreamConfig.for_model(pre.model_cfg, False, num_cpus=d.decode_cpus)
     storage_path, fs = storage.ray_storage_path(cfg.train.output)
     # Ray Train V2 propagates this from the driver to its controller; a user's own setting wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(cfg.train.controller_poll_s))
@@ -283,9 +259,10 @@ def run(cfg: PretrainConfig) -> dict:
             "num_classes": pre.num_classes,
             "train_count": pre.train_count,
             "class_names": [] if pre.num_classes == 0 else pre.manifest.classes,
-            "knn": pre.knn is not None,
-            "manifest": manifest,
+            "manifest": pre.manifest,  # the version this run started on (pinned in data.json), not re-read
             "train_stream": train_stream,
+            "eval_stream": eval_stream,
+            "eval_sets": pre.eval_sets,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -294,8 +271,6 @@ def run(cfg: PretrainConfig) -> dict:
             placement_strategy="SPREAD" if not cfg.train.use_gpu else "PACK",
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        datasets=datasets or None,
-        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
         run_config=ray.train.RunConfig(
             name=cfg.train.name,
             storage_path=storage_path,
@@ -322,7 +297,9 @@ def run(cfg: PretrainConfig) -> dict:
         "elapsed_s": elapsed,
         "images_per_s": m.get("images_per_s"),
         "model": layout.model.uri,
-        "best_model": layout.best.uri if cfg.train.objective != "mae" else "none (an MAE run exports model/ only)",
+        "best_model": layout.best.uri
+        if objective_for(cfg).exports_best
+        else f"none (a {cfg.train.objective} run exports model/ only)",
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
     }
     return summary
@@ -337,8 +314,8 @@ def print_summary(s: dict) -> None:
                 "=" * 64,
                 f"run          {s['run']}",
                 f"best val top-1 {pct(s['best_val_top1'])}   last val top-1 {pct(s['val_top1'])}"
-                if s.get("objective") != "mae"
-                else f"MAE: last k-NN top-1 {pct(s.get('knn_top1'))}   val reconstruction loss {s.get('val_loss')}",
+                if s.get("val_top1") is not None
+                else f"{s.get('objective')}: last k-NN top-1 {pct(s.get('knn_top1'))}   val loss {s.get('val_loss')}",
                 f"steps        {s['step']}   time {s['elapsed_s'] / 60:.1f} min   images/s {ips}",
                 f"model        {s['model']}",
                 f"best model   {s['best_model']}",
