@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     ap.add_argument("--images", default=None, help="images for attention figures")
     ap.add_argument("--output", required=True, help="folder or s3:// prefix for the PNGs")
     ap.add_argument("--figures", default=",".join(FIGURES), help=f"comma-separated subset of {','.join(FIGURES)}")
-    ap.add_argument("--run", default=None, help="run folder with metrics.jsonl, for the curves")
+    ap.add_argument("--run", default=None, help="run folder (its metrics/*.jsonl), for the curves")
     ap.add_argument("--max-images", type=int, default=16)
     args = ap.parse_args(argv)
     which = [f for f in args.figures.split(",") if f]

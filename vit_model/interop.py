@@ -209,9 +209,3 @@ def load_pretrained(folder: str | Path, **overrides) -> tuple[VisionTransformer,
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} not found: a model folder holds {WEIGHTS_NAME} and {CONFIG_NAME}")
     return model_from_bytes((folder / WEIGHTS_NAME).read_bytes(), (folder / CONFIG_NAME).read_bytes(), **overrides)
-
-
-def load_safetensors_bytes(data: bytes) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
-    return load(data)

@@ -21,8 +21,8 @@ _VARIANTS: dict[str, dict] = {
     "vit_large_patch32_224": dict(patch_size=32, embed_dim=1024, depth=24, num_heads=16),
     "vit_huge_patch14_224": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
     # Small variants for CPUs, tests and the digits demo (32 px images, 4 px patches: 64 tokens).
-    "vit_micro_patch4_32": dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=10),
-    "vit_mini_patch4_32": dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4, num_classes=10),
+    "vit_micro_patch4_32": dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4),
+    "vit_mini_patch4_32": dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4),
 }
 
 

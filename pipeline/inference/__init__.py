@@ -1,7 +1,7 @@
 """Batch inference and what is drawn from a trained model.
 
 - `infer_config`: the job's one schema; `batch`: the Ray Data job from images in storage to Parquet
-  (typed `Preflight` and `Staged` records between its steps); `inputs`: what it reads (listing, GETs,
+  (typed `LoadedModel` and `Staged` records between its steps); `inputs`: what it reads (listing, GETs,
   shard rows); `predictor`: the model side (output schema, preprocessing, one replica's forward pass);
   `run_report`: stage timings, staged rows/errors/accuracy, the summary printed at the end.
 - `publish`: staging, the commit `Intent` (a record) and the publish, so readers see committed runs only;

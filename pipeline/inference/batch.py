@@ -35,7 +35,7 @@ from pipeline.inference.lease import Lease, LeaseLost
 from pipeline.inference.predictor import Predictor, preprocess
 from pipeline.inference.run_report import (
     TIMELINE,
-    Stages,
+    StageTimes,
     operator_seconds,
     print_summary,  # noqa: F401 - the job prints it
     startup_seconds,
@@ -67,7 +67,7 @@ class RunIdTaken(ValueError):
 
 
 @dataclass(frozen=True)
-class Preflight:
+class LoadedModel:
     """What the driver checked and read before writing anything: the model's bytes, read once."""
 
     weights: bytes  # model.safetensors
@@ -87,7 +87,7 @@ class Staged:
 
 
 # ---- the job -----------------------------------------------------------------------------------
-def preflight(cfg: InferConfig) -> Preflight:
+def preflight(cfg: InferConfig) -> LoadedModel:
     """Everything that can be checked without writing: arguments, the model (read once here), buckets."""
     for name in ("model", "input", "output"):
         if not getattr(cfg, name):
@@ -106,7 +106,7 @@ def preflight(cfg: InferConfig) -> Preflight:
     if cfg.since_last_run and is_shards(cfg.input):
         raise ValueError("--since-last-run works on image prefixes, not on shards (shards are immutable data sets)")
     model_cfg = exported.model_config(config)  # this project's export or a timm folder; preprocessing included
-    return Preflight(weights, config, hashlib.sha256(weights).hexdigest(), model_cfg, exported.class_names(config))
+    return LoadedModel(weights, config, hashlib.sha256(weights).hexdigest(), model_cfg, exported.class_names(config))
 
 
 def _inside(child: str, parent: str) -> bool:
@@ -117,7 +117,7 @@ def _inside(child: str, parent: str) -> bool:
     return cp == pp or cp.startswith(pp + "/")
 
 
-def predict_to_staging(cfg: InferConfig, pre: Preflight, inputs: Inputs, run_id: str, started: dt.datetime) -> Staged:
+def predict_to_staging(cfg: InferConfig, pre: LoadedModel, inputs: Inputs, run_id: str, started: dt.datetime) -> Staged:
     """Run the Ray Data pipeline into `_staging/run={run_id}/`. Nothing is published."""
     import ray
     from ray.data import ActorPoolStrategy
@@ -203,7 +203,7 @@ def predict_to_staging(cfg: InferConfig, pre: Preflight, inputs: Inputs, run_id:
     return staged
 
 
-def _list_and_state(cfg: InferConfig, pre: Preflight, layout: publish.Layout):
+def _list_and_state(cfg: InferConfig, pre: LoadedModel, layout: publish.Layout):
     """(inputs, the model's ledger or None, the listing's high-water mark, seconds it took). With
     --input-append-only the listing starts after the last run's mark, and the inputs that failed
     transiently below it are added back from the ledger."""
@@ -246,7 +246,7 @@ class _NoLease:
         pass
 
 
-def _lease(cfg: InferConfig, layout: publish.Layout, run_id: str, stages: Stages):
+def _lease(cfg: InferConfig, layout: publish.Layout, run_id: str, stages: StageTimes):
     """The output's lease, after the store showed it honours conditional writes. Renewed while the run
     makes progress (a stage starts or a staged file appears); when it is lost or given up the main thread
     is interrupted and the run stops."""
@@ -281,7 +281,7 @@ def run(cfg: InferConfig) -> dict:
     """The whole job. Raises LeaseHeld / LeaseLost (nothing of this run published), ErrorRateExceeded
     (nothing published), PartialOutput (part of a run may be visible to plain glob readers until the next
     run), StorageError / ValueError (bad input, before anything was written)."""
-    stages = Stages()
+    stages = StageTimes()
     with stages("preflight"):
         pre = preflight(cfg)
     layout = publish.Layout.of(cfg.output)

@@ -114,7 +114,7 @@ def accuracy_summary(table: pa.Table | None, class_names: list[str]) -> dict | N
     }
 
 
-class Stages:
+class StageTimes:
     """Wall seconds per stage of the job, for the summary line."""
 
     def __init__(self):
