@@ -70,6 +70,19 @@ def test_config_overrides_aliases_and_errors():
     for path in (ROOT / "configs").glob("*.yaml"):
         if path.name != "batch_infer.yaml":
             PretrainConfig.model_validate(yaml.safe_load(path.read_text()))
+    with pytest.raises(ConfigError, match="unknown train.objective 'dino'; known: supervised, mae"):
+        _cfg(["--objective", "dino"])
+    for name in (".", ".."):  # one folder under train.output, never the output itself or its parent
+        with pytest.raises(ConfigError, match="train.name"):
+            _cfg(["--name", name])
+    assert _cfg(["--name", "v1.2"]).train.name == "v1.2"
+
+
+def test_a_yaml_syntax_error_is_a_config_error_with_its_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: [3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML: .*line"):
+        _cfg(["--config", str(bad)])
 
 
 def test_help_lists_every_flag():

@@ -96,7 +96,10 @@ def load_config(schema: type[BaseModel], args: argparse.Namespace, aliases: dict
             text = storage.read_bytes(args.config) if "://" in args.config else Path(args.config).read_bytes()
         except (OSError, storage.StorageError) as e:
             raise ConfigError(f"cannot read --config {args.config}: {e}") from None
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:  # a syntax error: the line and column, not a traceback
+            raise ConfigError(f"--config {args.config} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"--config {args.config} must hold a mapping of sections")
     fields = _leaf_fields(schema)

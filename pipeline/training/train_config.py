@@ -180,6 +180,13 @@ class TrainSection(Section):
     )
     mlflow_tracking_uri: str | None = Field(None, description="log metrics to MLflow too")
 
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, v: str) -> str:
+        if v in (".", ".."):  # the run would be train.output itself, or its parent
+            raise ValueError(f"{v!r} is not a run name: a run is one folder under train.output; name it")
+        return v
+
     @model_validator(mode="after")
     def _batch_divides(self):
         if self.batch_size % self.num_workers:
