@@ -93,11 +93,8 @@ def main() -> None:
 
     class Printing(LocalSession):
         def report(self, metrics, checkpoint_dir):
-            if "epoch_s" in metrics:  # an epoch's end
-                vals = {k: v for k, v in metrics.items() if k.startswith(("val_", "knn_"))}
-                shown = " ".join(f"{k} {v * 100:.2f}%" if "top" in k else f"{k} {v:.4f}" for k, v in vals.items())
-                minutes = (time.perf_counter() - t0) / 60
-                print(f"epoch {metrics['epoch']} {shown} at {minutes:.2f} min (loss {metrics.get('loss', 0):.3f})")
+            if "epoch_s" in metrics:  # an epoch's end: the loop printed its metrics; the minutes so far
+                print(f"  epoch {metrics['epoch']} ended at {(time.perf_counter() - t0) / 60:.2f} min", flush=True)
             super().report(metrics, checkpoint_dir)
 
     n_train = len(splits["train"][0])
