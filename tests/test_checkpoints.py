@@ -1,6 +1,8 @@
 """Checkpoints of a long run: verified on resume (a damaged one is skipped for the previous one),
 uploaded while training goes on, and nothing left in the temp folder."""
 
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -418,3 +420,25 @@ def test_ranks_draw_different_drop_path_masks_and_the_same_ones_again_after_a_re
     assert not torch.equal(rank0, rank1)  # the two workers regularise differently
     assert torch.equal(forward(0, 5), rank0) and torch.equal(forward(1, 5), rank1)  # a resume at step 5
     assert not torch.equal(forward(0, 6), rank0)  # and each step its own masks
+
+
+def test_a_download_left_by_a_killed_resume_is_removed_by_the_next(tmp_path):
+    """A resume's download folder carries its owner's pid: one left by a process killed while loading (a whole
+    checkpoint per rank and retry) is removed by the next resume on the node, a live owner's never."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from pipeline.training import checkpoints
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = Path(tempfile.gettempdir()) / f"{checkpoints.RESUME_PREFIX}{int(dead.stdout)}-x"
+    mine = Path(tempfile.mkdtemp(prefix=f"{checkpoints.RESUME_PREFIX}{os.getpid()}-"))
+    (left / "model.safetensors").parent.mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"0" * 1024)
+    try:
+        checkpoints.resume([], lambda folder: None, None, None, allow_fresh_start=False)
+        assert not left.exists() and mine.exists()
+    finally:
+        shutil.rmtree(left, ignore_errors=True)
+        shutil.rmtree(mine, ignore_errors=True)

@@ -313,3 +313,28 @@ def test_a_killed_shard_task_leaves_nothing_behind_for_long(tmp_path, monkeypatc
     (src / "x.png").write_bytes(_png(32, 32))
     _shards(src.parent, tmp_path / "out", val_fraction=0.0)
     assert sorted(p.name for p in temp.iterdir()) == [live.name]
+
+
+def test_an_object_over_the_size_cap_is_logged_with_that_reason(tmp_path, caplog):
+    """Not read, and not decoded either: the worker's log gives the size reason, as the row does (it said
+    "empty file (0 bytes)", from decoding the bytes that were never fetched)."""
+    import logging
+
+    from pipeline.data.transforms import ImageTransform
+    from pipeline.inference.inputs import fetch_and_preprocess
+
+    big, ok = tmp_path / "big.png", tmp_path / "ok.png"
+    big.write_bytes(b"\0" * 3_000_000)
+    ok.write_bytes(_png(40, 40, 1))
+    t = ImageTransform(32, 4, train=False, rules=images.DecodeRules(max_object_mb=2))
+    batch = {
+        "image_uri": np.asarray([str(big), str(ok)], dtype=object),
+        "label_id": np.asarray([-1, -1]),
+        "size": np.asarray([3_000_000, ok.stat().st_size]),
+    }
+    with caplog.at_level(logging.WARNING):
+        out = fetch_and_preprocess(batch, t, reads=2)
+    assert "larger than --max-object-mb 2: not read" in out["error"][0] and out["error_kind"][0] == "permanent"
+    assert out["valid"].tolist() == [False, True] and out["error"][1] == ""
+    logged = [r.getMessage() for r in caplog.records if "big.png" in r.getMessage()]
+    assert logged and all("max-object-mb" in m and "empty file" not in m for m in logged), logged

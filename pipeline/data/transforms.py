@@ -339,9 +339,13 @@ class ImageTransform:
         return patchify(pixels, self.patch_size)
 
 
-def decode_to_patches(images: list, keys, transform: ImageTransform, rng: np.random.Generator | list | None):
+def decode_to_patches(
+    images: list, keys, transform: ImageTransform, rng: np.random.Generator | list | None, failed: list | None = None
+):
     """Encoded images -> ((B, N, P*P*C) uint8 patches, (B,) bool valid, [error or ""] per row). `rng`: one
     generator for the batch, or one per row (a sample's augmentation then depends on its own seed only).
+    `failed`: a reason per row found before decoding ("" for none; an unreadable or oversized object),
+    kept and logged as it is instead of decoding.
 
     The one decode step of training, evaluation and batch inference: a sample that cannot be used
     keeps its row, marked invalid with the reason, and is logged with its key.
@@ -352,6 +356,8 @@ def decode_to_patches(images: list, keys, transform: ImageTransform, rng: np.ran
     errors = [""] * n
     for i, data in enumerate(images):
         try:
+            if failed is not None and failed[i]:
+                raise ImageDecodeError(failed[i])
             if data is None:
                 raise ImageDecodeError("sample has no image member")
             patches[i] = transform(bytes(data), rng[i] if isinstance(rng, list) else rng)

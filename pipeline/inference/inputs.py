@@ -117,6 +117,7 @@ def fetch_and_preprocess(batch: dict, transform: ImageTransform, reads: int) -> 
             "image_uri": batch["image_uri"],
             "label_id": batch["label_id"],
             "bytes": np.asarray([b for b, _, _ in got], dtype=object),
+            "error": np.asarray([e for _, e, _ in got], dtype=object),
         },
         transform,
     )

@@ -167,7 +167,8 @@ def preprocess(batch: dict, transform) -> dict:
     inputs keep their row with the reason."""
     from pipeline.data.transforms import decode_to_patches
 
-    patches, valid, errors = decode_to_patches(list(batch["bytes"]), batch["image_uri"], transform, None)
+    failed = list(batch["error"]) if "error" in batch else None  # found while fetching: not decoded
+    patches, valid, errors = decode_to_patches(list(batch["bytes"]), batch["image_uri"], transform, None, failed)
     return {
         "image_uri": batch["image_uri"],
         "label_id": batch["label_id"],

@@ -21,7 +21,6 @@ import json
 import logging
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +34,7 @@ from pipeline.core import storage
 
 log = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.json"
+RESUME_PREFIX = "vitray-resume-"  # + owner pid: a download killed mid-way is removed by the next resume
 CHECKSUMS = "checksums.json"
 
 
@@ -141,7 +141,7 @@ def choose_checkpoint(
     `allow_fresh_start`, else CheckpointError naming each one and its problem."""
     skipped, damaged = [], False
     for uri in candidates:
-        local = tempfile.mkdtemp(prefix="vitray-resume-")
+        local = storage.owned_temp_dir(RESUME_PREFIX)
         try:
             _fetch(uri, local, retries, sleep)
             return uri, local, skipped
@@ -189,6 +189,7 @@ def resume(
     `load_model(folder)` (the objective's `load`), the optimizer, EMA and RNG here.
 
     Returns (trainer state or None for a fresh start, the URI used, [(skipped URI, why)])."""
+    storage.remove_dead_owners(RESUME_PREFIX)  # downloads of processes killed while loading (a full copy each)
     local = None
     try:
         if rank == 0:
@@ -200,7 +201,7 @@ def resume(
             choice = broadcast(None)
             uri, skipped = choice["uri"], [tuple(x) for x in choice["skipped"]]
             if uri:
-                local = tempfile.mkdtemp(prefix="vitray-resume-")
+                local = storage.owned_temp_dir(RESUME_PREFIX)
                 try:
                     _fetch(uri, local, retries, sleep)
                 except CheckpointError as e:
