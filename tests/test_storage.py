@@ -95,3 +95,34 @@ def test_ray_task_and_ray_data_read_from_s3(ray_cluster, bucket):
     fs, path = storage.resolve(f"{bucket}/rows")
     ds = ray.data.read_csv(path, filesystem=fs)
     assert sorted(r["x"] for r in ds.take_all()) == [1, 3]
+
+
+def test_error_messages_never_carry_credentials_written_into_the_endpoint(monkeypatch):
+    """An endpoint variable with user info or a signed query (some gateways take them) is named without them:
+    the text reaches logs and the published `error` column."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "https://user:hunter2@s3.example.test:9000/base?X-Amz-Signature=sekrit")
+    where = storage._where(storage.parse_uri("s3://b/k"))
+    assert "s3.example.test:9000/base" in where and "hunter2" not in where and "sekrit" not in where, where
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    assert "AWS S3" in storage._where(storage.parse_uri("s3://b/k"))
+
+
+def test_the_stack_creates_its_secret_files_0600(tmp_path, monkeypatch):
+    """Written 0600 from creation, not chmod-ed after a world-readable moment (and an old 0644 file is narrowed)."""
+    import importlib.util
+    import stat
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "stack_under_test", Path(__file__).parents[1] / "cluster/local/stack.py"
+    )
+    stack_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stack_mod)
+    monkeypatch.setattr(Path, "chmod", lambda *a, **k: pytest.fail("chmod after writing leaves a window"))
+    old = tmp_path / "old"
+    old.write_text("x")
+    os.chmod(old, 0o644)
+    for p in (tmp_path / "new", old):
+        stack_mod.write_private(p, "secret")
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600 and p.read_text() == "secret"

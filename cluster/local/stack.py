@@ -78,6 +78,14 @@ def _read_pid(path: Path) -> int | None:
 
 
 # ---- credentials and env file ------------------------------------------------------------------
+def write_private(path: Path, text: str) -> None:
+    """Write a secret to `path`, a file that is 0600 from its creation (never readable by others for a moment)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def _credentials() -> tuple[str, str]:
     cfg = STATE / "s3.json"
     if not cfg.exists():
@@ -87,8 +95,7 @@ def _credentials() -> tuple[str, str]:
             "credentials": [{"accessKey": key, "secretKey": secret}],
             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
         }
-        cfg.write_text(json.dumps({"identities": [ident]}, indent=2))
-        cfg.chmod(0o600)
+        write_private(cfg, json.dumps({"identities": [ident]}, indent=2))
     cred = json.loads(cfg.read_text())["identities"][0]["credentials"][0]
     return cred["accessKey"], cred["secretKey"]
 
@@ -96,8 +103,7 @@ def _credentials() -> tuple[str, str]:
 def _ray_token() -> Path:
     path = STATE / "ray_token"
     if not path.exists():
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
+        write_private(path, secrets.token_hex(32))
     return path
 
 
@@ -118,10 +124,10 @@ def env_vars() -> dict[str, str]:
 def _write_env() -> Path:
     path = STATE / "env"
     lines = [f"export {k}={v}" for k, v in env_vars().items()]
-    path.write_text(
-        "# written by cluster/local/stack.py; `source` it. Holds local-only credentials.\n" + "\n".join(lines) + "\n"
+    write_private(
+        path,
+        "# written by cluster/local/stack.py; `source` it. Holds local-only credentials.\n" + "\n".join(lines) + "\n",
     )
-    path.chmod(0o600)
     return path
 
 

@@ -1,9 +1,8 @@
 """The one place that opens storage: URIs (`s3://bucket/key`, `file:///path`, `/path`) to filesystems.
 
-Credentials and the endpoint come from the standard AWS chain: `AWS_ACCESS_KEY_ID` /
-`AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`, `AWS_PROFILE` and ~/.aws files, instance profiles,
-and `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`) for S3-compatible stores such as SeaweedFS or
-MinIO. Nothing here prints or logs a credential; errors name the endpoint, bucket and key only.
+Credentials and the endpoint come from the standard AWS chain (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+`AWS_SESSION_TOKEN`, `AWS_PROFILE`, ~/.aws, instance profiles; `AWS_ENDPOINT_URL[_S3]` for SeaweedFS, MinIO).
+Nothing here prints or logs a credential; errors name the endpoint (no user info or query), bucket, key.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import posixpath
 import re
 import shutil
 import tempfile
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,8 +88,14 @@ def _region() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
+def redacted(url: str) -> str:
+    """`url` without user info or query: what an error (and so a published `error` column) may say of it."""
+    p = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((p.scheme, p.netloc.rsplit("@", 1)[-1], p.path, "", ""))
+
+
 def _where(loc: Location) -> str:
-    return f"bucket {loc.bucket!r} at endpoint {endpoint_url() or 'AWS S3 (no AWS_ENDPOINT_URL set)'}"
+    return f"bucket {loc.bucket!r} at endpoint {redacted(endpoint_url() or '') or 'AWS S3 (no AWS_ENDPOINT_URL set)'}"
 
 
 @functools.lru_cache(maxsize=8)
