@@ -214,3 +214,29 @@ def test_clear_errors_for_missing_manifest_bucket_and_patch_size(stack, bucket):
         manifest.load_manifest("s3://vitray-missing-bucket/x/manifest.json")
     with pytest.raises(ValueError, match="not divisible by patch_size 16"):
         patch_stream(f"{bucket}/nothing", "train", StreamConfig(ImageTransform(100, 16, train=True)))
+
+
+def test_shards_of_other_tools_keys_names_and_links(tmp_path, caplog):
+    """WebDataset's key rule (up to the first dot of the basename: `x.seg.png` is sample `x`), a member name
+    that is not UTF-8 (a sample, not a crashed task), and a link member (left out and logged, not silently)."""
+    import logging
+
+    from pipeline.data.shard_reader import read_shard
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        members = [("d/x.seg.png", _png_bytes()), ("d/x.cls", b"1"), (b"caf\xe9.png", _png_bytes())]
+        for name, value in members:
+            info = tarfile.TarInfo(name if isinstance(name, str) else name.decode("utf-8", "surrogateescape"))
+            info.size = len(value)
+            tar.addfile(info, io.BytesIO(value))
+        link = tarfile.TarInfo("d/y.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "x.seg.png"
+        tar.addfile(link)
+    (tmp_path / "s.tar").write_bytes(buf.getvalue())
+    with caplog.at_level(logging.WARNING):
+        samples = {s.key: s for s in read_shard(str(tmp_path / "s.tar"), None, "webdataset")}
+    assert set(samples) == {"d/x", "caf\\xe9"}, set(samples)
+    assert samples["d/x"].label == 1 and samples["d/x"].image == _png_bytes()
+    assert samples["caf\\xe9"].image == _png_bytes() and samples["caf\\xe9"].label == -1
+    assert any("links are not followed: d/y.png" in r.getMessage() for r in caplog.records)

@@ -18,11 +18,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import tarfile
 from typing import NamedTuple
 
 from pipeline.core import storage
 from pipeline.data.manifest import IMAGE_MEMBER
+
+log = logging.getLogger(__name__)
 
 
 class ShardIntegrityError(RuntimeError):
@@ -77,11 +80,20 @@ def _tar_files(data: bytes):
             name = header[:100].split(b"\0", 1)[0]
             if header[257:262] == b"ustar" and header[345]:
                 name = header[345:500].split(b"\0", 1)[0] + b"/" + name
-            out.append((name.decode("utf-8"), bytes(view[start : start + size])))
+            out.append((name.decode("utf-8", "backslashreplace"), bytes(view[start : start + size])))
         pos = start + (size + 511) // 512 * 512
     # no end-of-archive marker where one was due, or an entry of another kind: tarfile decides
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:", encoding="utf-8", errors="surrogateescape") as tar:
+        out, links = [], []
+        for m in tar:
+            name = m.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")  # any bytes: a key
+            if m.isfile():
+                out.append((name, tar.extractfile(m).read()))
+            elif m.issym() or m.islnk():
+                links.append(name)
+        if links:  # another tool's links are not followed (a shard is self-contained): say so, never silently
+            log.warning("shard member(s) left out, links are not followed: %s", ", ".join(links[:10]))
+        return out
 
 
 def _checksum(header: bytes) -> int:
@@ -106,7 +118,10 @@ def _samples_of(data: bytes, fmt: str):
     members: dict[str, dict[str, bytes]] = {}
     order = []
     for name, content in _tar_files(data):
-        key, _, ext = name.rpartition(".")
+        # WebDataset's rule: the key is the path up to the first dot of the basename (`a/x.seg.png`: `a/x`)
+        folder, _, base = name.rpartition("/")
+        stem, _, ext = base.partition(".")
+        key = f"{folder}/{stem}" if folder else stem
         if key not in members:
             members[key] = {}
             order.append(key)
