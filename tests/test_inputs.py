@@ -338,3 +338,19 @@ def test_an_object_over_the_size_cap_is_logged_with_that_reason(tmp_path, caplog
     assert out["valid"].tolist() == [False, True] and out["error"][1] == ""
     logged = [r.getMessage() for r in caplog.records if "big.png" in r.getMessage()]
     assert logged and all("max-object-mb" in m and "empty file" not in m for m in logged), logged
+
+
+def test_a_fifo_and_a_non_utf8_name_are_listed_skips(tmp_path):
+    """A FIFO in the source would block its read forever, a name that is not UTF-8 aborted the planning: both
+    are skips with their reason, and the rest is sharded."""
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    for i in range(3):
+        (src / "a" / f"{i}.png").write_bytes(_png(40, 40, i))
+    os.mkfifo(src / "a" / "pipe.png")
+    with open(os.path.join(os.fsencode(src / "a"), b"caf\xe9.png"), "wb") as f:
+        f.write(_png(40, 40, 9))
+    m = _shards(src, tmp_path / "out", val_fraction=0.0).manifest
+    reasons = {s["path"].rsplit("/", 1)[-1]: s["reason"] for s in m.skipped}
+    assert m.count("train") == 3, reasons
+    assert "not a regular file" in reasons["pipe.png"] and "not UTF-8" in reasons["caf\\xe9.png"], reasons

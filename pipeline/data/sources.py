@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,7 +113,17 @@ def _list_local(root: str) -> tuple[list[Listed], list[dict], list[str]]:
             if os.path.islink(path) and not os.path.exists(path):
                 skipped.append(_skip(path, f"dangling symlink (points to {os.readlink(path)})"))
                 continue
-            files.append(Listed(path, rel, os.stat(path).st_size))
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:  # os.walk hands undecodable bytes over as surrogates: no URI, no key
+                shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+                skipped.append(_skip(shown, "file name is not UTF-8: rename it (e.g. convmv -f latin1 -t utf8)"))
+                continue
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO, socket or device: a read would block or never end
+                skipped.append(_skip(path, "not a regular file (a FIFO, socket or device): never read"))
+                continue
+            files.append(Listed(path, rel, st.st_size))
     return files, skipped, empty
 
 
