@@ -35,7 +35,7 @@ def test_vit_import_has_no_ray():
 
 def _small(**kw):
     torch.manual_seed(0)
-    m = create_model("vit_micro_patch4_32", **kw)
+    m = create_model("vit_micro_patch4_32", **{"num_classes": 10, **kw})
     with torch.no_grad():  # a zero head gives zero logits; make outputs informative
         m.head.weight.normal_()
     return m.eval()
@@ -200,7 +200,7 @@ def test_strict_load_of_timm_and_torchvision_layouts():
                 tv[f"{q}{b}.{s}"] = timm_sd[f"{p}{a}.{s}"]
         tv[f"{q}self_attention.in_proj_weight"] = timm_sd[f"{p}attn.qkv.weight"]
         tv[f"{q}self_attention.in_proj_bias"] = timm_sd[f"{p}attn.qkv.bias"]
-    other = create_model("vit_micro_patch4_32")
+    other = create_model("vit_micro_patch4_32", num_classes=10)
     vit_model.load_weights(other, tv)
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(other.eval()(x), m(x))
