@@ -260,6 +260,11 @@ def epoch_stream(run: Run, epoch: int, todo: order.Ranges, keys: list | None) ->
     )
 
 
+def still_to_do(run: Run, state: TrainState, todo: order.Ranges, began: int) -> order.Ranges:
+    """What is left of `todo` (the epoch's order as of step `began`) once every rank has read its steps since."""
+    return order.advance(todo, run.session.world_size, (state.step_in_epoch - began) * run.per_rank)
+
+
 def checkpoint_due(run: Run, state: TrainState) -> bool:
     every = run.cfg.train.checkpoint_every_steps
     epoch_ends = state.step_in_epoch == run.steps_per_epoch  # end_of_epoch checkpoints that step
@@ -324,7 +329,7 @@ def train(
                 if epoch_ends:
                     break
                 if ckpt_due:  # where every rank stands: the checkpoint resumes at the next sample
-                    state.todo = order.advance(todo, session.world_size, (state.step_in_epoch - began) * run.per_rank)
+                    state.todo = still_to_do(run, state, todo, began)
                     first_keyed = record_keys(run, state, keys, first_keyed)
                     checkpoint(run, state, {**last, "step": state.step, "epoch": state.epoch})
                 elif report_due:
@@ -341,11 +346,7 @@ def train(
             # This epoch's stream ends here, before the next one starts: a Ray Data iterator left to the garbage
             # collector would end its split's execution later, whichever epoch that is by then.
             batches.close()
-            state.todo = (
-                None
-                if epoch_done
-                else order.advance(todo, session.world_size, (state.step_in_epoch - began) * run.per_rank)
-            )
+            state.todo = None if epoch_done else still_to_do(run, state, todo, began)
             record_keys(run, state, keys, first_keyed)
             upcoming = state.epoch + epoch_done
             if cfg.data.prefetch_next_epoch and state.step < run.total_steps and upcoming < cfg.train.epochs:
