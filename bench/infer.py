@@ -181,15 +181,15 @@ def state_cost(args):
 
     local_stack.env()
     from pipeline.core import storage
-    from pipeline.inference import publish
-    from pipeline.inference.lease import Lease
-    from pipeline.inference.predictor import output_schema
+    from pipeline.core.lease import Lease
+    from pipeline.inference import ledger, outputs, publish
+    from pipeline.inference.rows import output_schema
 
     bucket = f"bench-state-{uuid.uuid4().hex[:6]}"
     storage.s3_client().create_bucket(Bucket=bucket)
     out = f"s3://{bucket}/preds"
-    layout, sha, per_run, dim = publish.Layout.of(out), "cd" * 32, args.state_rows, 192
-    schema = output_schema(5, dim)
+    layout, sha, per_run, dim = outputs.Layout.of(out), "cd" * 32, args.state_rows, 192
+    schema = output_schema(embeddings=True)
     now = dt.datetime.now(dt.timezone.utc)
 
     def timed(fn, repeat=5):
@@ -244,14 +244,14 @@ def state_cost(args):
                 lease,
             )
             if r in (1, 10, 100):
-                ledger = timed(lambda: publish.read_ledger(layout, sha))
+                read_s = timed(lambda: ledger.read_ledger(layout, sha))
                 everything = timed(
-                    lambda: set(publish.read_published(out, sha).column("image_uri").to_pylist()), repeat=3
+                    lambda: set(outputs.read_published(out, sha).column("image_uri").to_pylist()), repeat=3
                 )
                 print(
-                    f"after {r:3d} runs ({r * per_run:6d} images): ledger {ledger * 1000:7.1f} ms | every published "
+                    f"after {r:3d} runs ({r * per_run:6d} images): ledger {read_s * 1000:7.1f} ms | every published "
                     "row "
-                    f"{everything * 1000:8.1f} ms | ledger/every-row {ledger / everything:5.2f}",
+                    f"{everything * 1000:8.1f} ms | ledger/every-row {read_s / everything:5.2f}",
                     flush=True,
                 )
     storage.delete(f"s3://{bucket}", recursive=True)

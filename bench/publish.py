@@ -43,12 +43,12 @@ def _part(n_rows: int, tag: str) -> bytes:
 def _window(out: str, n: int, serial: bool) -> float:
     """Seconds from the first part copied to `_SUCCESS` written, committing `n` staged parts under `out`."""
     from pipeline.core import storage
-    from pipeline.inference import publish
-    from pipeline.inference.lease import Lease
+    from pipeline.core.lease import Lease
+    from pipeline.inference import outputs, publish
 
-    layout = publish.Layout.of(out)
+    layout = outputs.Layout.of(out)
     data = _part(20, "x")
-    staged = [layout.staging("r").join(f"part-{i:06d}-w-0{publish.STAGED_SUFFIX}").uri for i in range(n)]
+    staged = [layout.staging("r").join(f"part-{i:06d}-w-0{outputs.STAGED_SUFFIX}").uri for i in range(n)]
     with ThreadPoolExecutor(32) as pool:
         list(pool.map(lambda u: storage.write_bytes(u, data), staged))
     intent = publish.plan_commit(
@@ -112,15 +112,15 @@ import sys, time
 def hwm():  # peak RSS of this process alone, MB (ru_maxrss would include the parent's, kept across exec)
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024
 import pyarrow as pa
-from pipeline.inference import publish
-layout = publish.Layout.of(sys.argv[1])
+from pipeline.inference import ledger, outputs, publish
+layout = outputs.Layout.of(sys.argv[1])
 n = int(sys.argv[3])  # the listing: the last run's inputs again, and 500 new ones (keys appended in order)
 listed = [f"s3://in/r{n + k // 500:05d}/{k % 500:05d}.jpg" for k in range(1000)]
 listed = pa.table({"image_uri": listed, "input_version": ["1:1"] * 1000})
 t = time.perf_counter()
-ledger = publish.read_ledger(layout, sys.argv[2], only=listed["image_uri"])
-mask = publish.todo(ledger, listed)
-print(time.perf_counter() - t, hwm(), ledger.num_rows, flush=True)
+seen = ledger.read_ledger(layout, sys.argv[2], only=listed["image_uri"])
+mask = ledger.todo(ledger, listed)
+print(time.perf_counter() - t, hwm(), seen.num_rows, flush=True)
 import os; os._exit(0)  # pyarrow's pools at interpreter exit can abort ("terminate called"): not what is measured
 """
 READ_BEFORE = """
@@ -148,10 +148,10 @@ def _measure(script: str, *args: str) -> tuple[float, float, int]:
 
 
 def ledger_growth(run_counts: list[int], per_run: int) -> None:
-    from pipeline.inference import publish
+    from pipeline.inference import ledger, outputs, publish
 
     with tempfile.TemporaryDirectory(prefix="bench-ledger-") as tmp:
-        layout = publish.Layout.of(f"{tmp}/out")
+        layout = outputs.Layout.of(f"{tmp}/out")
         part = Path(tmp) / "part.parquet"
         single = Path(tmp) / "before.ledger"
         before_rows = []
@@ -166,13 +166,13 @@ def ledger_growth(run_counts: list[int], per_run: int) -> None:
             )
             pq.write_table(rows, part)
             intent = publish.Intent(f"r{r:05d}", "", [["", str(part)]], None, True, {"model_sha256": SHA}, fence=r)
-            publish.append_ledger(layout, intent)
+            ledger.append_ledger(layout, intent)
             before_rows.append(rows.select(["image_uri", "error"]))
             if r in run_counts:
                 pq.write_table(pa.concat_tables(before_rows), single)  # the one object the old ledger was
                 now = _measure(READ_NOW, layout.output.uri, SHA, str(r))
                 old = _measure(READ_BEFORE, str(single), str(r))
-                objects = len(publish._files(layout.ledger_dir(SHA)))
+                objects = len(outputs.files_under(layout.ledger_dir(SHA)))
                 print(
                     f"after {r:5d} runs of {per_run} ({now[2]:4d} of 1,000 known): Arrow ledger "
                     f"({objects:2d} objects) read+mask "

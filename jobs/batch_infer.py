@@ -19,7 +19,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.core.config import parse_job_args  # noqa: E402
-from pipeline.core.exits import run_job, unwind_on_sigterm  # noqa: E402
+from pipeline.core.exits import run_job  # noqa: E402
+from pipeline.core.signals import unwind_on_sigterm  # noqa: E402
 from pipeline.inference.infer_config import ALIASES, InferConfig  # noqa: E402
 
 

@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.inference.figures import FIGURES  # noqa: E402
+from pipeline.figures.plots import FIGURES  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown figure(s) {sorted(unknown)}; choose from {', '.join(FIGURES)}")
     from pipeline.core.exits import run_job
-    from pipeline.inference import figures
+    from pipeline.figures import plots as figures
 
     def body() -> None:
         images = figures.resolve_images(args.images, args.max_images) if args.images else []

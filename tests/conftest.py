@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The local stack's Ray runs in single-machine mode (loopback only); a client must be in it too, and Ray reads
+# it when imported, which may happen before the stack fixture sets the stack's variables.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 STACK_SCRIPT = ROOT / "cluster" / "local" / "stack.py"
 
 

@@ -16,11 +16,12 @@ import torch
 from PIL import Image
 
 import vit_model
-from pipeline.core import storage
+from pipeline.core import lease, storage
 from pipeline.data.transforms import ImageTransform
 from pipeline.inference import batch as inference
-from pipeline.inference import lease, predictor, publish
+from pipeline.inference import outputs, predictor, publish
 from pipeline.inference.batch import InferConfig
+from pipeline.inference.rows import output_schema
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -53,9 +54,9 @@ def test_predictions_equal_the_model_in_a_plain_loop(ray_cluster, bucket, model_
     storage.write_bytes(f"{bucket}/in/corrupt.jpg", b"\xff\xd8\xff garbage")
     storage.write_bytes(f"{bucket}/in/notes.txt", b"not an image")
     r = _run(model=model_uri, input=f"{bucket}/in", output=f"{bucket}/out", top_k=2, embeddings=True, batch_size=4)
-    table = publish.read_published(f"{bucket}/out")
+    table = outputs.read_published(f"{bucket}/out")
     assert table.num_rows == 12 == r["rows"]
-    assert table.schema.equals(predictor.output_schema(2, 64))
+    assert table.schema.equals(output_schema(embeddings=True))
     rows = {row["image_uri"]: row for row in table.to_pylist()}
     assert rows[f"{bucket}/in/corrupt.jpg"]["error"] and rows[f"{bucket}/in/corrupt.jpg"]["pred_id"] is None
     assert "not an image" in rows[f"{bucket}/in/notes.txt"]["error"]
@@ -75,6 +76,7 @@ def test_predictions_equal_the_model_in_a_plain_loop(ray_cluster, bucket, model_
         off_by_default += abs(row["score"] - float(other.max())) > 1e-4
         assert len(row["topk_ids"]) == 2 and len(row["embedding"]) == 64
         assert row["model_sha256"] == r["model_sha256"] and row["inferred_at"].tzinfo is not None
+        assert row["input_size"] == len(storage.read_bytes(uri)) and row["label_id"] is None and row["label"] is None
     assert off_by_default > 0  # the default crop would have given other scores: the export's settings were used
     success = json.loads(storage.read_bytes(r["output"] + "/_SUCCESS"))
     assert success["rows"] == success["inputs"] == 12 and success["errors"] == 2
@@ -107,7 +109,7 @@ def test_class_tree_input_writes_accuracy(ray_cluster, bucket, model_uri):
     _put_images(f"{bucket}/tree", 9, tree=True)
     r = _run(model=model_uri, input=f"{bucket}/tree", output=f"{bucket}/out")
     acc = json.loads(storage.read_bytes(r["output"] + "/_accuracy.json"))
-    table = publish.read_published(f"{bucket}/out")
+    table = outputs.read_published(f"{bucket}/out")
     expected = np.mean(np.array(table.column("label_id").to_pylist()) == np.array(table.column("pred_id").to_pylist()))
     assert acc["count"] == 9 and acc["top1"] == pytest.approx(expected)
     assert set(acc["per_class"]) == {"cat", "dog", "eel"}
@@ -126,7 +128,7 @@ def _job(*args, **kw):
 
 def _committed(out):
     """image_uri of every committed prediction (error rows excluded), in a list: duplicates show."""
-    t = publish.read_published(out)
+    t = outputs.read_published(out)
     return (
         sorted(u for u, e in zip(t.column("image_uri").to_pylist(), t.column("error").to_pylist()) if e is None)
         if t.num_rows
@@ -186,7 +188,7 @@ def test_odd_keys_come_back_verbatim(ray_cluster, bucket, model_uri):
         )
         storage.write_bytes(f"{bucket}/in/{n}", buf.getvalue())
     _run(model=model_uri, input=f"{bucket}/in", output=f"{bucket}/out", since_last_run=True)
-    table = publish.read_published(f"{bucket}/out")
+    table = outputs.read_published(f"{bucket}/out")
     assert sorted(table.column("image_uri").to_pylist()) == sorted(f"{bucket}/in/{n}" for n in names)
     assert table.column("error").null_count == len(names)  # each one read and predicted
     assert _run(model=model_uri, input=f"{bucket}/in", output=f"{bucket}/out", since_last_run=True)["rows"] == 0
@@ -210,7 +212,7 @@ def test_failed_inputs_are_retried_and_the_error_gate_publishes_nothing(ray_clus
             _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True, retry_errors=retry)["rows"]
             == 0
         )
-    rows = publish.read_published(out, columns=["image_uri", "error_kind"]).to_pylist()
+    rows = outputs.read_published(out, columns=["image_uri", "error_kind"]).to_pylist()
     assert [r["error_kind"] for r in rows if r["image_uri"].endswith("broken.jpg")] == ["permanent"]
     # a mostly broken input set: the run fails before its commit and leaves nothing behind
     for i in range(8):
@@ -233,7 +235,7 @@ def test_replicas_use_the_weights_the_driver_read(ray_cluster, bucket, model_uri
     inputs = inference.list_inputs(cfg, pre.class_names)
     storage.delete(f"{model_uri}/model.safetensors")  # replaced by someone else right after preflight
     staged = inference.predict_to_staging(cfg, pre, inputs, "pinned", dt.datetime.now(dt.timezone.utc))
-    shas = {s for u in staged.files for s in publish.read_parquet(u, ["model_sha256"]).column(0).to_pylist()}
+    shas = {s for u in staged.files for s in outputs.read_parquet(u, ["model_sha256"]).column(0).to_pylist()}
     assert shas == {hashlib.sha256(pre.weights).hexdigest()}
     with pytest.raises(RuntimeError, match="changed in transit"):
         predictor.Predictor(
@@ -262,7 +264,7 @@ def test_overlapping_scheduled_runs_and_a_killed_holder(stack, bucket, model_uri
     assert sorted([a.returncode, b.returncode]) == [0, lease.EXIT_LEASE_HELD], out_a[-2000:] + out_b[-2000:]
     loser = out_a if a.returncode else out_b
     assert "another run holds the lease" in loser and "expires at" in loser
-    assert len(publish.committed_runs(out)) == 1 and _committed(out) == sorted(uris)
+    assert len(outputs.committed_runs(out)) == 1 and _committed(out) == sorted(uris)
     # the holder is killed once it has staged its predictions
     more = _put_images(f"{bucket}/in", 4, start=6)
     holder = _job(*args, start_new_session=True)

@@ -2,6 +2,7 @@
 token-protected two-node cluster here; the preflight judges an autoscaling cluster by what it can
 grow to; a job without RAY_ADDRESS starts a private Ray sized for this machine."""
 
+import importlib.util
 import os
 import re
 import shlex
@@ -312,3 +313,26 @@ def test_the_launchers_start_commands_form_a_token_protected_two_node_cluster(tm
                 except psutil.NoSuchProcess:
                     pass
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_every_socket_of_the_local_stack_listens_on_loopback_only(stack, ray_cluster):
+    """`make up`'s Ray head and S3 server: every listening socket of every process they started (Ray 2.60 moves a
+    head started with --node-ip-address=127.0.0.1 to the machine's address, its metrics exporter to 0.0.0.0,
+    unless the single-machine setting is given, as the job-local Ray has it)."""
+    spec = importlib.util.spec_from_file_location("stack_sockets", ROOT / "cluster/local/stack.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ray_cluster.get(ray_cluster.remote(lambda: 1).remote())  # a worker is up too
+    pids = mod._ray_pids() + [mod.processes.read_pid(mod.STATE / "weed.pid")]
+    listening = set()
+    for pid in filter(None, pids):
+        try:
+            for c in psutil.Process(pid).net_connections(kind="inet"):
+                if c.status == "LISTEN":
+                    listening.add((c.laddr.ip, c.laddr.port, psutil.Process(pid).name()))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    names = {x[2] for x in listening}
+    assert {"gcs_server", "raylet", "weed"} <= names, listening
+    exposed = {x for x in listening if x[0] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")}
+    assert not exposed, f"listening beyond loopback: {exposed}"

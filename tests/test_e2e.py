@@ -115,7 +115,7 @@ def test_a_28px_data_set_in_class_folders_goes_through_all_three_jobs_with_the_d
     from sklearn.datasets import load_digits
 
     from pipeline.core import storage
-    from pipeline.inference import publish
+    from pipeline.inference import outputs
 
     digits = load_digits()
     for i, (img, label) in enumerate(zip(digits.images[:400], digits.target[:400])):
@@ -151,6 +151,6 @@ def test_a_28px_data_set_in_class_folders_goes_through_all_three_jobs_with_the_d
         "--output",
         f"{bucket}/preds",
     )
-    table = publish.read_published(f"{bucket}/preds", columns=["image_uri", "label_id", "pred_id", "error"])
+    table = outputs.read_published(f"{bucket}/preds", columns=["image_uri", "label_id", "pred_id", "error"])
     assert table.num_rows == 400 and table.column("error").null_count == 400  # every image predicted
     assert set(table.column("label_id").to_pylist()) == set(range(10))  # the class folders are the labels

@@ -3,8 +3,8 @@
 import pytest
 
 from pipeline.core import exits, storage
+from pipeline.core.lease import LeaseHeld
 from pipeline.inference.batch import ErrorRateExceeded
-from pipeline.inference.lease import LeaseHeld
 from pipeline.training.trainer import JobError
 
 

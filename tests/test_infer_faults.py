@@ -16,7 +16,7 @@ from test_publish import _readers_see
 from pipeline.core import storage
 from pipeline.core.exits import EXIT_PARTIAL, EXIT_TEMPFAIL
 from pipeline.inference import batch as inference
-from pipeline.inference import publish
+from pipeline.inference import outputs
 
 
 def _args(model_uri, bucket, out, ttl=4):
@@ -104,13 +104,13 @@ def test_a_paused_holder_is_superseded_and_its_late_writes_are_refused(stack, bu
         assert successor.returncode == 0, text[-3000:]
         lease_after = json.loads(storage.read_bytes(f"{out}/_lease.json"))
         assert lease_after["generation"] == 2 and lease_after["released"]
-        published = publish.committed_runs(out)
+        published = outputs.committed_runs(out)
     finally:
         os.killpg(paused.pid, signal.SIGCONT)
     text = _finish(paused, 180)
     assert paused.returncode in (EXIT_TEMPFAIL, EXIT_PARTIAL), text[-3000:]
     assert "another run" in text and "lease" in text and "Traceback" not in text
-    assert publish.committed_runs(out) == published  # nothing of the stale holder landed
+    assert outputs.committed_runs(out) == published  # nothing of the stale holder landed
     assert _committed(out) == sorted(uris)
     assert json.loads(storage.read_bytes(f"{out}/_lease.json"))["generation"] == 2  # it did not take it back
     again = _job(*_args(model_uri, bucket, out))
@@ -129,7 +129,7 @@ def test_an_output_inside_the_input_and_a_reused_run_id_are_refused(ray_cluster,
     _put_images(f"{bucket}/in", 1, start=5)
     with pytest.raises(inference.RunIdTaken, match="already committed"):
         _run(model=model_uri, input=f"{bucket}/in", output=out, run_id="nightly-1")
-    assert [r["run_id"] for r in publish.committed_runs(out)] == ["nightly-1"]
+    assert [r["run_id"] for r in outputs.committed_runs(out)] == ["nightly-1"]
     assert len(_committed(out)) == 2  # the committed run was neither overwritten nor merged into
 
 

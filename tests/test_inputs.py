@@ -192,9 +192,9 @@ def test_one_odd_set_gets_the_same_decisions_from_both_jobs(ray_cluster, bucket)
     storage.write_bytes(f"{bucket}/m/config.json", c)
     cfg = InferConfig(model=f"{bucket}/m", input=f"{bucket}/odd", output=f"{bucket}/odd-out", max_object_mb=2)
     result = inference.run(cfg)
-    from pipeline.inference import publish
+    from pipeline.inference import outputs
 
-    table = publish.read_published(f"{bucket}/odd-out", columns=["image_uri", "error"]).to_pylist()
+    table = outputs.read_published(f"{bucket}/odd-out", columns=["image_uri", "error"]).to_pylist()
     infer_refused = {r["image_uri"].rsplit("/", 1)[1]: r["error"] for r in table if r["error"]}
     success = json.loads(storage.read_bytes(f"{result['output']}/_SUCCESS"))
     infer_refused.update({s["path"].rsplit("/", 1)[1]: s["reason"] for s in success["not_inputs"]})
@@ -257,9 +257,9 @@ def test_odd_keys_are_read_as_listed_by_both_jobs(ray_cluster, bucket, tmp_path)
     storage.write_bytes(f"{bucket}/km/model.safetensors", w)
     storage.write_bytes(f"{bucket}/km/config.json", c)
     result = inference.run(InferConfig(model=f"{bucket}/km", input=f"{bucket}/keys", output=f"{bucket}/keys-out"))
-    from pipeline.inference import publish
+    from pipeline.inference import outputs
 
-    rows = publish.read_published(f"{bucket}/keys-out", columns=["image_uri", "error"]).to_pylist()
+    rows = outputs.read_published(f"{bucket}/keys-out", columns=["image_uri", "error"]).to_pylist()
     assert sorted(r["image_uri"] for r in rows) == sorted(f"{bucket}/keys/{k}" for k in keys)
     assert all(r["error"] is None for r in rows) and result["skipped_inputs"] == 1
 
@@ -287,9 +287,10 @@ def test_batch_inference_and_the_figures_read_an_unlabeled_set(ray_cluster, buck
     result = inference.run(
         InferConfig(model=f"{bucket}/um", input=f"{bucket}/flat-shards/manifest.json", output=f"{bucket}/u-out")
     )
-    from pipeline.inference import figures, publish
+    from pipeline.figures import plots as figures
+    from pipeline.inference import outputs
 
-    rows = publish.read_published(f"{bucket}/u-out", columns=["label_id", "pred_id", "error"]).to_pylist()
+    rows = outputs.read_published(f"{bucket}/u-out", columns=["label_id", "pred_id", "error"]).to_pylist()
     assert result["rows"] == len(rows) == 6 and all(r["label_id"] is None and r["error"] is None for r in rows)
     assert len(figures.resolve_images(f"{bucket}/flat-shards/manifest.json", 4)) == 4
 
@@ -329,13 +330,13 @@ def test_an_object_over_the_size_cap_is_logged_with_that_reason(tmp_path, caplog
     t = ImageTransform(32, 4, train=False, rules=images.DecodeRules(max_object_mb=2))
     batch = {
         "image_uri": np.asarray([str(big), str(ok)], dtype=object),
-        "label_id": np.asarray([-1, -1]),
-        "size": np.asarray([3_000_000, ok.stat().st_size]),
+        "label_id": np.asarray([None, None], dtype=object),
+        "input_size": np.asarray([3_000_000, ok.stat().st_size]),
     }
     with caplog.at_level(logging.WARNING):
         out = fetch_and_preprocess(batch, t, reads=2)
     assert "larger than --max-object-mb 2: not read" in out["error"][0] and out["error_kind"][0] == "permanent"
-    assert out["valid"].tolist() == [False, True] and out["error"][1] == ""
+    assert out["valid"].tolist() == [False, True] and out["error"][1] is None
     logged = [r.getMessage() for r in caplog.records if "big.png" in r.getMessage()]
     assert logged and all("max-object-mb" in m and "empty file" not in m for m in logged), logged
 
@@ -354,3 +355,29 @@ def test_a_fifo_and_a_non_utf8_name_are_listed_skips(tmp_path):
     reasons = {s["path"].rsplit("/", 1)[-1]: s["reason"] for s in m.skipped}
     assert m.count("train") == 3, reasons
     assert "not a regular file" in reasons["pipe.png"] and "not UTF-8" in reasons["caf\\xe9.png"], reasons
+
+
+def test_both_jobs_read_the_decode_rules_from_one_declaration(tmp_path):
+    """make_shards takes a schema like the other jobs (flags, --config YAML, exit 2 by name), and the decode
+    rules' flags are declared once: the same values give the same rules in both jobs."""
+    from pipeline.core.config import parse_job_args
+    from pipeline.data.shards_config import RULE_ALIASES, SHARDS_ALIASES, DecodeRuleFields, ShardsConfig
+    from pipeline.inference.infer_config import ALIASES, InferConfig
+
+    flags = ["--min-size", "20", "--max-aspect", "3", "--max-object-mb", "5"]
+    shards = parse_job_args(ShardsConfig, SHARDS_ALIASES, "", flags)
+    infer = parse_job_args(InferConfig, ALIASES, "", flags)
+    assert shards.rules == infer.rules == images.DecodeRules(20, 3.0, 5.0)
+    assert issubclass(ShardsConfig, DecodeRuleFields) and issubclass(InferConfig, DecodeRuleFields)
+    assert RULE_ALIASES.items() <= SHARDS_ALIASES.items() and RULE_ALIASES.items() <= ALIASES.items()
+    cfg = tmp_path / "shards.yaml"
+    cfg.write_text("source: digits\nshard_size: 64\nformat: parquet\n")
+    got = parse_job_args(ShardsConfig, SHARDS_ALIASES, "", ["--config", str(cfg), "--seed", "3"])
+    assert (got.source, got.shard_size, got.format, got.seed) == ("digits", 64, "parquet", 3)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "jobs/make_shards.py"), "--source", "digits", "--format", "tar", "--local"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "format" in r.stderr and "webdataset" in r.stderr, r.stderr

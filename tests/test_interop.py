@@ -397,3 +397,13 @@ def test_random_erasing_and_soft_target_loss():
     torch.testing.assert_close(
         soft_target_cross_entropy(logits, soft), F.cross_entropy(logits, labels, reduction="none", label_smoothing=0.1)
     )
+
+
+def test_a_shape_timm_has_no_name_for_exports_under_the_nearest_name_not_base():
+    """The size word means one thing: a micro model (width 64) was exported as `vit_base_patch16_224`."""
+    micro = vit_model.create_model("vit_micro_patch4_32", num_classes=10, device="meta").cfg
+    assert vit_model.timm_config(micro)["architecture"].startswith("vit_tiny_")
+    base8 = vit_model.create_model("vit_base_patch16_224", patch_size=8, device="meta").cfg
+    assert vit_model.timm_config(base8)["architecture"] == "vit_base_patch16_224"  # nearest patch, same width
+    large = vit_model.create_model("vit_large_patch16_224", img_size=320, device="meta").cfg
+    assert vit_model.timm_config(large)["architecture"] == "vit_large_patch16_384"

@@ -98,6 +98,7 @@ def test_rooms_import_only_downwards():
             "data": {"core", "data"},
             "training": {"core", "data", "training"},
             "inference": {"core", "data", "inference"},
+            "figures": {"core", "data", "figures"},
         }.get(room)
         if allowed is not None:
             assert rooms <= allowed, f"{mod} reaches into {rooms - allowed}"

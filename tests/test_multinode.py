@@ -1,5 +1,6 @@
 """Two Ray nodes on one machine: a worker node joins the local head; training spreads and survives its loss."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -16,7 +17,13 @@ from pipeline.training import trainer
 from pipeline.training.train_config import PretrainConfig
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-RAY = str(ROOT / ".venv/bin/ray") if (ROOT / ".venv/bin/ray").exists() else "ray"
+
+
+def _stack_module():
+    spec = importlib.util.spec_from_file_location("stack_for_nodes", ROOT / "cluster/local/stack.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture
@@ -27,17 +34,8 @@ def worker_node(stack, ray_cluster):
     env = {**os.environ, **stack}
     env.pop("RAY_ADDRESS", None)
     env["PATH"] = f"{ROOT / '.venv/bin'}{os.pathsep}{env['PATH']}"
-    proc = subprocess.Popen(
-        [
-            RAY,
-            "start",
-            f"--address={stack['RAY_ADDRESS']}",
-            "--num-cpus=2",
-            '--resources={"worker_node": 1}',
-            "--node-ip-address=127.0.0.1",
-            "--block",
-            "--disable-usage-stats",
-        ],
+    proc = subprocess.Popen(  # `stack.py node`'s command: a joining node on loopback, as the head is
+        _stack_module().node_command(2, '{"worker_node": 1}'),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -13,10 +13,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.core import conditional, storage
-from pipeline.inference import publish
-from pipeline.inference.lease import Lease, LeaseHeld, LeaseLost
-from pipeline.inference.predictor import output_schema
+from pipeline.core import conditional, scratch, storage
+from pipeline.core.lease import Lease, LeaseHeld, LeaseLost
+from pipeline.inference import ledger, outputs, publish
+from pipeline.inference.rows import output_schema
 
 SHA = "ab" * 32
 
@@ -76,7 +76,7 @@ def test_two_runs_started_together_get_one_lease(base):
 # ---- the commit protocol -----------------------------------------------------------------------
 def _stage(layout, run_id, uris, parts=2, error_every=0):
     """Write what the Ray job would stage for `uris`: `parts` Parquet files of the real output schema."""
-    schema = output_schema(2, None)
+    schema = output_schema(embeddings=False)
     now = dt.datetime.now(dt.timezone.utc)
     staged = []
     for p in range(parts):
@@ -101,7 +101,7 @@ def _stage(layout, run_id, uris, parts=2, error_every=0):
         ]
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
-        uri = layout.staging(run_id).join(f"part-{p:06d}-x-0{publish.STAGED_SUFFIX}").uri
+        uri = layout.staging(run_id).join(f"part-{p:06d}-x-0{outputs.STAGED_SUFFIX}").uri
         storage.write_bytes(uri, buf.getvalue())
         staged.append(uri)
     return staged
@@ -109,7 +109,7 @@ def _stage(layout, run_id, uris, parts=2, error_every=0):
 
 def _todo(layout, uris, retry_errors=True, versions=None):
     listed = pa.table({"image_uri": uris, "input_version": versions or pa.nulls(len(uris), pa.string())})
-    mask = publish.todo(publish.read_ledger(layout, SHA), listed, retry_errors)
+    mask = ledger.todo(ledger.read_ledger(layout, SHA), listed, retry_errors)
     return sorted(listed.filter(mask)["image_uri"].to_pylist())
 
 
@@ -191,7 +191,7 @@ def _readers_see(base) -> dict:
         seen["duckdb"] = _duckdb(
             base, "SELECT count(*) FROM read_parquet('OUT/**/*.parquet', hive_partitioning = true)"
         )[0][0]
-    if publish.committed_runs(base):  # duckdb refuses a glob that matches nothing
+    if outputs.committed_runs(base):  # duckdb refuses a glob that matches nothing
         seen["duckdb_committed"] = _duckdb(
             base,
             """
@@ -202,13 +202,13 @@ def _readers_see(base) -> dict:
 
 
 def test_a_clean_commit_is_what_every_reader_sees(base):
-    layout = publish.Layout.of(base)
+    layout = outputs.Layout.of(base)
     uris = [f"s3://in/img{i:02d}.jpg" for i in range(10)]
     with Lease(base, "r1") as lease:
         intent = _run_once(layout, "r1", uris, lease)
     assert _readers_see(base) == {"pandas": 10, "pyarrow": 10, "duckdb": 10, "duckdb_committed": 10}
-    assert [r["run_id"] for r in publish.committed_runs(base)] == ["r1"]
-    assert sorted(publish.read_published(base).column("image_uri").to_pylist()) == uris
+    assert [r["run_id"] for r in outputs.committed_runs(base)] == ["r1"]
+    assert sorted(outputs.read_published(base).column("image_uri").to_pylist()) == uris
     names = {f.path.rsplit("/", 1)[1] for f in storage.list_files(intent.run_dir)}
     assert names == {"part-00000.parquet", "part-00001.parquet", "_accuracy.json", "_SUCCESS"}
     assert not [f for f in storage.list_files(base) if "/_staging/" in f.path or "/_commits/" in f.path]
@@ -219,13 +219,13 @@ def test_a_crash_after_any_step_of_a_commit_leaves_readable_output_and_exactly_o
     probe = f"{base}/probe"
     with Lease(probe, "count") as lease:
         count = _crash_after(monkeypatch, 10**6)
-        _run_once(publish.Layout.of(probe), "count", uris, lease)
+        _run_once(outputs.Layout.of(probe), "count", uris, lease)
         writes = count["n"]
     monkeypatch.undo()
     assert writes >= 9  # intent, 2 parts, accuracy, marker, ledger, 2 staged deletes, intent delete (+ staging)
     for n in range(writes):
         out = f"{base}/crash{n}"
-        layout = publish.Layout.of(out)
+        layout = outputs.Layout.of(out)
         storage.write_bytes(f"{base}/sibling-{n}.txt", b"beside the output")  # must survive
         lease = Lease(out, "crashed", ttl_s=600).acquire()
         _crash_after(monkeypatch, n)
@@ -238,7 +238,7 @@ def test_a_crash_after_any_step_of_a_commit_leaves_readable_output_and_exactly_o
         storage.delete(lease.uri)  # the TTL has passed (the lease tests show the take-over itself)
         with Lease(out, "next") as nxt:
             _run_once(layout, "next", uris, nxt)
-        table = publish.read_published(out)
+        table = outputs.read_published(out)
         assert sorted(table.column("image_uri").to_pylist()) == uris, f"crash after write {n}"
         assert _readers_see(out) == {"pandas": 10, "pyarrow": 10, "duckdb": 10, "duckdb_committed": 10}
         assert not [f for f in storage.list_files(out) if "/_staging/" in f.path or "/_commits/" in f.path]
@@ -247,7 +247,7 @@ def test_a_crash_after_any_step_of_a_commit_leaves_readable_output_and_exactly_o
 
 def _commit_rows(layout, lease, run_id, rows):
     """Commit one run whose rows are given as (uri, error, error_kind, version)."""
-    schema = output_schema(2, None)
+    schema = output_schema(embeddings=False)
     now = dt.datetime.now(dt.timezone.utc)
     table = pa.Table.from_pylist(
         [
@@ -266,8 +266,8 @@ def _commit_rows(layout, lease, run_id, rows):
         ],
         schema=schema,
     )
-    uri = layout.staging(run_id).join(f"part-000000-x-0{publish.STAGED_SUFFIX}").uri
-    storage.write_bytes(uri, publish._parquet_bytes(table))
+    uri = layout.staging(run_id).join(f"part-000000-x-0{outputs.STAGED_SUFFIX}").uri
+    storage.write_bytes(uri, outputs.parquet_bytes(table))
     intent = publish.plan_commit(
         layout,
         run_id,
@@ -287,7 +287,7 @@ def _commit_rows(layout, lease, run_id, rows):
 
 def test_ledger_retries_transient_errors_and_changed_objects_never_an_unchanged_broken_one(base, monkeypatch):
     monkeypatch.setattr(publish, "COMPACT_AFTER", 3)
-    layout = publish.Layout.of(base)
+    layout = outputs.Layout.of(base)
     uris = ["s3://in/ok.jpg", "s3://in/timeout.jpg", "s3://in/truncated.jpg", "s3://in/fixed.jpg"]
     v1 = ["10:1", "10:1", "10:1", "10:1"]
     with Lease(base, "nightly") as lease:
@@ -304,7 +304,7 @@ def test_ledger_retries_transient_errors_and_changed_objects_never_an_unchanged_
         )
         # unchanged objects: only the transient failure is tried again
         assert _todo(layout, uris, versions=v1) == [uris[1]]
-        assert publish.transient_failures(layout, SHA) == [uris[1]]
+        assert ledger.transient_failures(layout, SHA) == [uris[1]]
         assert _todo(layout, uris, retry_errors=False, versions=v1) == []
         # the broken file was replaced: a new version is a new input
         v2 = ["10:1", "10:1", "10:1", "12:9"]
@@ -315,7 +315,7 @@ def test_ledger_retries_transient_errors_and_changed_objects_never_an_unchanged_
                 break
             _commit_rows(layout, lease, f"n{n}", [(u, None, None, v2[uris.index(u)]) for u in todo])
         assert _todo(layout, uris, versions=v2) == []
-    published = publish.read_published(base).to_pylist()
+    published = outputs.read_published(base).to_pylist()
     per_input = {}
     for r in published:
         per_input.setdefault(r["image_uri"], []).append((r["input_version"], r["error_kind"]))
@@ -323,16 +323,16 @@ def test_ledger_retries_transient_errors_and_changed_objects_never_an_unchanged_
     assert per_input[uris[2]] == [("10:1", "permanent")]
     assert sorted(per_input[uris[3]]) == [("10:1", "permanent"), ("12:9", None)]
     assert per_input[uris[1]] == [("10:1", "transient"), ("10:1", None)]
-    objects = [n for _, n in publish._files(layout.ledger_dir(SHA))]
+    objects = [n for _, n in outputs.files_under(layout.ledger_dir(SHA))]
     assert all(n.endswith(".ledger") for n in objects) and len(objects) <= 4  # appended, compacted after 3
-    assert publish.read_ledger(layout, SHA).num_rows == 4
-    assert publish.high_water_marks(layout, SHA) == {"s3://in": max(uris)}  # kept through the compaction
+    assert ledger.read_ledger(layout, SHA).num_rows == 4
+    assert ledger.high_water_marks(layout, SHA) == {"s3://in": max(uris)}  # kept through the compaction
 
 
 def test_an_intent_that_landed_after_a_take_over_is_rolled_back_not_wedging_the_output(base):
     """Run A staged and paused; run B took the output over and removed A's staging; A's intent PUT then
     landed. The next run rolls that intent back (A's inputs stay unpredicted) instead of failing forever."""
-    layout = publish.Layout.of(base)
+    layout = outputs.Layout.of(base)
     uris = [f"s3://in/img{i:02d}.jpg" for i in range(6)]
     a = Lease(base, "A", ttl_s=60).acquire()
     staged = _stage(layout, "A", uris)
@@ -362,7 +362,7 @@ def test_an_intent_that_landed_after_a_take_over_is_rolled_back_not_wedging_the_
         assert rec.rolled_back == ["A"] and not rec.finished
         assert _todo(layout, uris) == sorted(uris)
         _run_once(layout, "C", uris, c)
-    assert sorted(publish.read_published(base).column("image_uri").to_pylist()) == sorted(uris)
+    assert sorted(outputs.read_published(base).column("image_uri").to_pylist()) == sorted(uris)
     assert _readers_see(base) == {"pandas": 6, "pyarrow": 6, "duckdb": 6, "duckdb_committed": 6}
     # a part that a stale holder copies in after the roll-back is removed by the next run
     storage.write_bytes(intent.parts[0][1], b"late")
@@ -509,7 +509,7 @@ def test_a_local_writer_killed_mid_copy_leaves_nothing_a_reader_trips_on(tmp_pat
     assert len(leftovers) == 1  # the half-written bytes, where no reader looks
     assert len(pd.read_parquet(out)) == 2
     assert pads.dataset(str(out), format="parquet", partitioning="hive").to_table().num_rows == 2
-    assert storage.remove_local_tmp(str(out / "dt=1" / "run=a")) == 1
+    assert scratch.remove_local_tmp(str(out / "dt=1" / "run=a")) == 1
     assert not (out / "dt=1" / "run=a" / "_tmp").exists()
 
 

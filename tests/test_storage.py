@@ -5,7 +5,7 @@ import os
 import pyarrow.fs as pafs
 import pytest
 
-from pipeline.core import storage
+from pipeline.core import ray_runtime, storage
 
 
 def _roundtrip(base: str, tmp_path):
@@ -40,9 +40,9 @@ def test_parse_uri_and_ray_storage_path(tmp_path):
     loc = storage.parse_uri("s3://b/some/key/")
     assert (loc.bucket, loc.key, loc.path) == ("b", "some/key", "b/some/key")
     assert loc.join("x.json").uri == "s3://b/some/key/x.json"
-    path, fs = storage.ray_storage_path("s3://b/runs")
+    path, fs = ray_runtime.train_storage_path("s3://b/runs")
     assert path == "b/runs" and isinstance(fs, pafs.S3FileSystem)  # no scheme with a filesystem
-    path, fs = storage.ray_storage_path(f"file://{tmp_path}/runs")
+    path, fs = ray_runtime.train_storage_path(f"file://{tmp_path}/runs")
     assert path == f"{tmp_path}/runs" and isinstance(fs, pafs.LocalFileSystem)
     with pytest.raises(storage.StorageError, match="unsupported URI scheme"):
         storage.parse_uri("gs://bucket/x")

@@ -10,7 +10,7 @@ from PIL import Image
 
 import vit_model
 from pipeline.core import storage
-from pipeline.inference import figures
+from pipeline.figures import plots as figures
 from vit_model import analysis
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

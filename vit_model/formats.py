@@ -103,9 +103,21 @@ def timm_notes(cfg: ViTConfig) -> list[str]:
 
 
 def timm_architecture(cfg: ViTConfig) -> str:
+    """The timm entry point that builds these weights with `model_args` (which carry every field): the one
+    named for this exact shape when timm has it; otherwise the registered name nearest in width, then in
+    patch size, then in image size, so the size word never overstates the model (a 64-wide micro model
+    is `vit_tiny_*`, never `vit_base_*`)."""
     size = _SIZES.get((cfg.embed_dim, cfg.depth, cfg.num_heads))
     name = f"vit_{size}_patch{cfg.patch_size}_{cfg.img_size}" if size else ""
-    return name if name in _TIMM_NAMES else "vit_base_patch16_224"  # model_args rebuild any shape
+    if name in _TIMM_NAMES:
+        return name
+    width = {v: k[0] for k, v in _SIZES.items()}
+
+    def distance(entry: str) -> tuple:
+        _, word, patch, img = entry.split("_")
+        return abs(width[word] - cfg.embed_dim), abs(int(patch[5:]) - cfg.patch_size), abs(int(img) - cfg.img_size)
+
+    return min(sorted(_TIMM_NAMES), key=distance)
 
 
 def timm_config(cfg: ViTConfig, class_names: list[str] | None = None) -> dict:

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     env = {**os.environ, **stack.env_vars(), "PYTHONUNBUFFERED": "1"}
     os.environ.update(stack.env_vars())
     from pipeline.core import storage
-    from pipeline.inference import publish
+    from pipeline.inference import outputs
 
     client = storage.s3_client()
     if args.bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         ],
         env,
     )
-    table = publish.read_published(preds)
+    table = outputs.read_published(preds)
     latest = table.filter(
         __import__("pyarrow.compute", fromlist=["x"]).equal(table["run_id"], max(table["run_id"].to_pylist()))
     )

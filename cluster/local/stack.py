@@ -3,6 +3,7 @@
     python cluster/local/stack.py up       # start both (harmless when already up), wait until they answer
     python cluster/local/stack.py status   # what runs
     python cluster/local/stack.py down     # stop exactly what `up` started
+    python cluster/local/stack.py node     # a second Ray node on this machine, in the foreground (Ctrl-C stops it)
 
 State lives in `.state/` at the repository root (git-ignored; `VITRAY_STATE_DIR` moves it):
   s3.json       SeaweedFS identities, credentials generated on first `up` (mode 0600)
@@ -22,17 +23,18 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script, or loaded by path (tests)
+import processes  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 STATE = Path(os.environ.get("VITRAY_STATE_DIR", ROOT / ".state")).absolute()
-BIN = Path(sys.executable).parent
+BIN = processes.BIN
 S3_PORT = int(os.environ.get("VITRAY_S3_PORT", 8333))
 RAY_PORT = int(os.environ.get("VITRAY_RAY_PORT", 6379))
 DASHBOARD_PORT = int(os.environ.get("VITRAY_DASHBOARD_PORT", 8265))
@@ -40,41 +42,6 @@ DASHBOARD_PORT = int(os.environ.get("VITRAY_DASHBOARD_PORT", 8265))
 # next to the training workers, which otherwise starve it on small machines (the 2-core deadlock).
 RAY_CPUS = int(os.environ.get("VITRAY_RAY_CPUS", max(4, 2 * (os.cpu_count() or 1))))
 WAIT_S = float(os.environ.get("VITRAY_STACK_WAIT_S", 90))
-
-
-def _tool(name: str) -> str:
-    path = BIN / name
-    if path.exists():
-        return str(path)
-    found = shutil.which(name)
-    if not found:
-        sys.exit(f"stack: `{name}` not found next to {sys.executable} or on PATH: run `make setup` first")
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    try:  # a zombie (exited, not yet reaped) counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        pid = int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if _alive(pid) else None
 
 
 # ---- credentials and env file ------------------------------------------------------------------
@@ -118,6 +85,11 @@ def env_vars() -> dict[str, str]:
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(_ray_token()),
         "VITRAY_DASHBOARD": f"http://127.0.0.1:{DASHBOARD_PORT}",
+        # Ray's single-machine mode, for the head and every client of it: Ray 2.60 otherwise moves a head started
+        # on 127.0.0.1 to the machine's address (GCS, raylet, agents and the metrics exporter listen beyond
+        # loopback), and a client resolves RAY_ADDRESS 127.0.0.1 to that address (with the head on loopback, it
+        # never connects). Read when `ray` is imported.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
 
 
@@ -146,18 +118,18 @@ def _s3_answers() -> bool:
 
 
 def _weed_up() -> None:
-    pid = _read_pid(STATE / "weed.pid")
+    pid = processes.read_pid(STATE / "weed.pid")
     if pid and _s3_answers():
         print(f"s3: already running (pid {pid}) on 127.0.0.1:{S3_PORT}")
         return
-    if _port_open(S3_PORT):
+    if processes.port_open(S3_PORT):
         sys.exit(f"stack: port {S3_PORT} is taken by another program; set VITRAY_S3_PORT to a free port")
     data = STATE / "s3-data"
     data.mkdir(parents=True, exist_ok=True)
     _credentials()
     p = S3_PORT
     args = [
-        _tool("weed"),
+        processes.tool("weed"),
         "-logtostderr",  # into weed.log below, not glog files in /tmp
         "mini",
         f"-dir={data}",
@@ -262,17 +234,17 @@ def _ray_env() -> dict[str, str]:
     env.pop("RAY_ADDRESS", None)
     # Job entrypoints say `python ...`: on this cluster that must be the project's venv.
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return env
+    return env  # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 among them: the single-machine mode the job-local Ray has
 
 
 def _ray_up() -> None:
-    if _ray_pids() and _port_open(RAY_PORT):
+    if _ray_pids() and processes.port_open(RAY_PORT):
         print(f"ray: already running on 127.0.0.1:{RAY_PORT} (dashboard http://127.0.0.1:{DASHBOARD_PORT})")
         return
-    if _port_open(RAY_PORT):
+    if processes.port_open(RAY_PORT):
         sys.exit(f"stack: port {RAY_PORT} is taken by another program (another Ray?); set VITRAY_RAY_PORT")
     args = [
-        _tool("ray"),
+        processes.tool("ray"),
         "start",
         "--head",
         "--node-ip-address=127.0.0.1",
@@ -296,7 +268,7 @@ def _ray_up() -> None:
         sys.exit(f"stack: `ray start` did not return within {WAIT_S:.0f}s; see {STATE / 'ray-start.log'}")
     deadline = time.time() + WAIT_S
     while time.time() < deadline:
-        if _port_open(RAY_PORT) and _port_open(DASHBOARD_PORT):
+        if processes.port_open(RAY_PORT) and processes.port_open(DASHBOARD_PORT):
             print(
                 f"ray: started on 127.0.0.1:{RAY_PORT} with {RAY_CPUS} CPU slots (dashboard http://127.0.0.1:{DASHBOARD_PORT})"
             )
@@ -308,23 +280,26 @@ def _ray_up() -> None:
     )
 
 
-def _stop(pids: list[int], what: str) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + 15
-    while time.time() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.2)
-    for pid in pids:
-        if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    if pids:
-        print(f"{what}: stopped {len(pids)} process(es)")
+# ---- a second node -----------------------------------------------------------------------------
+# `ray start` refuses a joining node in single-machine mode (it guards laptops against multi-machine
+# clusters); a second node on the head's own machine is what the multi-node tests need, so the CLI's check is
+# lifted and its node address kept on loopback; the node's own processes run in single-machine mode, as the
+# head's do, so every socket stays on loopback.
+_JOIN = (
+    "import sys, ray._private.ray_constants as c, ray._private.services as s; c.ENABLE_RAY_CLUSTER = True; "
+    "s.node_ip_address_from_perspective = lambda *a, **k: '127.0.0.1'; "
+    "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())"
+)
+
+
+def node_command(num_cpus: int, resources: str = "{}") -> list[str]:
+    """`ray start --block` of a second node joining this stack's head on 127.0.0.1 (tests, `stack.py node`)."""
+    return [sys.executable, "-c", _JOIN, "start", f"--address=127.0.0.1:{RAY_PORT}", f"--num-cpus={num_cpus}"] + [
+        f"--resources={resources}",
+        "--node-ip-address=127.0.0.1",
+        "--block",
+        "--disable-usage-stats",
+    ]
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -337,50 +312,25 @@ def up() -> None:
     print(f"env: source {path}")
 
 
-def _remove_dead_pymp(since: float) -> None:
-    """Python's multiprocessing folders (`pymp-*`, a listener socket inside) that Ray's processes made and,
-    being stopped, never removed: only those made since the head started whose sockets nobody answers."""
-    for d in Path(tempfile.gettempdir()).glob("pymp-*"):
-        try:
-            if d.stat().st_mtime < since or not d.is_dir():
-                continue
-            entries = list(d.iterdir())
-            if any(not e.is_socket() or _socket_answers(e) for e in entries):
-                continue
-            shutil.rmtree(d, ignore_errors=True)
-        except OSError:
-            continue
-
-
-def _socket_answers(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(1)
-        try:
-            s.connect(str(path))
-            return True
-        except OSError:
-            return False
-
-
 def down() -> None:
     ray_pids = _ray_pids()
-    _stop(ray_pids, "ray")
+    processes.stop(ray_pids, "ray")
     if not ray_pids:
         print("ray: not running")
     deadline = time.time() + 10  # the GCS may still hold its port a moment after its process is gone
-    while time.time() < deadline and (_ray_pids() or _port_open(RAY_PORT)):
+    while time.time() < deadline and (_ray_pids() or processes.port_open(RAY_PORT)):
         time.sleep(0.2)
     if not _ray_pids() and (STATE / "ray.sid").exists():
-        _remove_dead_pymp(since=(STATE / "ray.sid").stat().st_mtime)
-    if not _ray_pids() and not _port_open(RAY_PORT) and _ray_tmpdir().exists():
+        processes.remove_dead_pymp(since=(STATE / "ray.sid").stat().st_mtime)
+    if not _ray_pids() and not processes.port_open(RAY_PORT) and _ray_tmpdir().exists():
         # Ray's session files (logs, sockets, spilled objects) of the runs this stack served: hundreds of MB
         # after a day of runs. Copy what you need from /tmp/vitray-ray-<port>/session_latest/logs first.
         shutil.rmtree(_ray_tmpdir(), ignore_errors=True)
         print(f"ray: removed its session files ({_ray_tmpdir()})")
-    pid = _read_pid(STATE / "weed.pid")
+    pid = processes.read_pid(STATE / "weed.pid")
     if pid:
         # weed mini runs as one process group we created (start_new_session): stop the group.
-        _stop([pid], "s3")
+        processes.stop([pid], "s3")
     else:
         print("s3: not running")
     (STATE / "weed.pid").unlink(missing_ok=True)
@@ -388,11 +338,11 @@ def down() -> None:
 
 
 def status() -> int:
-    pid = _read_pid(STATE / "weed.pid")
+    pid = processes.read_pid(STATE / "weed.pid")
     s3_ok = bool(pid) and _s3_answers()
     print(f"s3: running (pid {pid}) on http://127.0.0.1:{S3_PORT}" if s3_ok else "s3: not running")
     ray_pids = _ray_pids()
-    ray_ok = bool(ray_pids) and _port_open(RAY_PORT)
+    ray_ok = bool(ray_pids) and processes.port_open(RAY_PORT)
     if ray_ok:
         print(
             f"ray: running on 127.0.0.1:{RAY_PORT}, {len(ray_pids)} processes, dashboard http://127.0.0.1:{DASHBOARD_PORT}"
@@ -406,8 +356,13 @@ def status() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["up", "down", "status", "env"])
-    cmd = ap.parse_args().command
+    ap.add_argument("command", choices=["up", "down", "status", "env", "node"])
+    ap.add_argument("--num-cpus", type=int, default=2, help="node: its CPU slots")
+    ap.add_argument("--resources", default='{"worker_node": 1}', help="node: its custom resources (JSON)")
+    args = ap.parse_args()
+    cmd = args.command
+    if cmd == "node":  # in the foreground: Ctrl-C stops it
+        os.execve(sys.executable, node_command(args.num_cpus, args.resources), _ray_env())
     if cmd == "up":
         up()
     elif cmd == "down":

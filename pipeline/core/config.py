@@ -57,8 +57,9 @@ def _set(d: dict, dotted: str, value) -> None:
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+        loc, msg = ".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")
+        # a check across fields (no one field to name) says what it checked, not the whole section it read
+        lines.append(f"  {loc}: {msg} (got {e.get('input')!r})" if loc else f"  {msg}")
     return "invalid configuration:\n" + "\n".join(lines)
 
 

@@ -27,6 +27,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
+from pipeline.core import storage
+
 log = logging.getLogger(__name__)
 LOCAL_RAY_PREFIX = "vitray-local-ray-"
 OWNER_LOCK = "owner.lock"
@@ -42,6 +46,11 @@ def connect(log_to_driver: bool = True) -> None:
     """Connect to RAY_ADDRESS, or start a private, token-protected local Ray. Call before `import ray`
     anywhere else in the process: Ray reads its auth settings when it is imported."""
     if os.environ.get("RAY_ADDRESS"):
+        host = os.environ["RAY_ADDRESS"].split("://")[-1].rsplit(":", 1)[0]
+        if host in ("127.0.0.1", "localhost", "[::1]"):
+            # a cluster on this machine's loopback (`make up`): Ray's single-machine mode, as its head has it, or
+            # the client resolves 127.0.0.1 to the machine's address and never reaches the head
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
 
         if not ray.is_initialized():
@@ -171,3 +180,15 @@ def check_fits(
             continue
         return f"the job needs {amount:g} {res} slots; the cluster has {now:g} now and can grow to {grow:g}"
     return None
+
+
+def train_storage_path(uri: str | os.PathLike) -> tuple[str, pafs.FileSystem]:
+    """(storage_path, storage_filesystem) for `ray.train.RunConfig`.
+
+    Ray Train V2 refuses `s3://bucket/key` together with an explicit filesystem (ArrowInvalid):
+    it wants `bucket/key`. Local paths are made absolute.
+    """
+    loc = storage.parse_uri(uri)
+    if loc.scheme == "file":
+        Path(loc.path).mkdir(parents=True, exist_ok=True)
+    return loc.path, loc.filesystem

@@ -13,8 +13,6 @@ import hashlib
 import os
 import posixpath
 import re
-import shutil
-import tempfile
 import urllib.parse
 import uuid
 from dataclasses import dataclass
@@ -136,18 +134,6 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return loc.filesystem, loc.path
 
 
-def ray_storage_path(uri: str | os.PathLike) -> tuple[str, pafs.FileSystem]:
-    """(storage_path, storage_filesystem) for `ray.train.RunConfig`.
-
-    Ray Train V2 refuses `s3://bucket/key` together with an explicit filesystem (ArrowInvalid):
-    it wants `bucket/key`. Local paths are made absolute.
-    """
-    loc = parse_uri(uri)
-    if loc.scheme == "file":
-        Path(loc.path).mkdir(parents=True, exist_ok=True)
-    return loc.path, loc.filesystem
-
-
 @functools.lru_cache(maxsize=4)
 def _boto3_client(endpoint: str | None, region: str, key_id: str | None, profile: str | None, _secret_digest: str):
     import boto3
@@ -169,6 +155,13 @@ def s3_client():
     return _boto3_client(*_settings())
 
 
+# what pyarrow's and boto3's messages say when the credentials are refused / the endpoint does not answer
+_REFUSED = ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden", "403", "invalidtoken")
+_REFUSED += ("expiredtoken",)
+_UNREACHABLE = ("Could not connect", "Connection refused", "curlCode: 7", "EndpointConnectionError")
+_UNREACHABLE += ("Could not resolve", "Connect timeout")
+
+
 def explain(exc: BaseException, loc: Location, action: str) -> StorageError:
     """Turn a pyarrow/boto3 failure into a StorageError that says what to check."""
     text = str(exc)
@@ -180,35 +173,14 @@ def explain(exc: BaseException, loc: Location, action: str) -> StorageError:
     flat = blob.replace("_", "").lower()  # pyarrow writes INVALID_ACCESS_KEY_ID, boto3 InvalidAccessKeyId
     target = f"{loc.uri}" if loc.scheme == "file" else f"{loc.uri} ({_where(loc)})"
     if loc.scheme == "s3":
-        if any(
-            s in flat
-            for s in (
-                "invalidaccesskeyid",
-                "signaturedoesnotmatch",
-                "accessdenied",
-                "forbidden",
-                "403",
-                "invalidtoken",
-                "expiredtoken",
-            )
-        ):
+        if any(s in flat for s in _REFUSED):
             return StorageError(
                 f"cannot {action} {target}: the credentials were refused. Check AWS_ACCESS_KEY_ID / "
                 "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and that they may access this bucket"
             )
         if "nosuchbucket" in flat or "bucket does not exist" in flat:
             return StorageError(f"cannot {action} {target}: the bucket does not exist. Create it or fix the URI")
-        if any(
-            s in blob
-            for s in (
-                "Could not connect",
-                "Connection refused",
-                "curlCode: 7",
-                "EndpointConnectionError",
-                "Could not resolve",
-                "Connect timeout",
-            )
-        ):
+        if any(s in blob for s in _UNREACHABLE):
             return StorageError(
                 f"cannot {action} {target}: the endpoint does not answer. Check AWS_ENDPOINT_URL and that the "
                 "S3 server runs (locally: `make up`)",
@@ -276,7 +248,7 @@ LOCAL_TMP = "_tmp"  # beside a local file being written: `_`-named, so no reader
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     """Write a whole object. S3 PUTs are atomic; a local file is written in the `_tmp/` folder beside it
     and renamed into place, so a reader of the folder never meets a half-written file, even when the
-    writer is killed (what a kill leaves in `_tmp/` is skipped by readers and removed by `remove_local_tmp`)."""
+    writer is killed (what a kill leaves in `_tmp/` is skipped by readers and removed by `scratch.remove_local_tmp`)."""
     loc = parse_uri(uri)
     try:
         if loc.scheme == "file":
@@ -373,17 +345,6 @@ def copy(src: str, dst: str, missing_ok: bool = False) -> bool:
         raise explain(e, s, "copy") from None
 
 
-def remove_local_tmp(folder: str | os.PathLike) -> int:
-    """Remove what killed local writers left in `folder/_tmp/`; returns how many files went."""
-    loc = parse_uri(folder)
-    tmp = Path(loc.path) / LOCAL_TMP
-    if loc.scheme != "file" or not tmp.is_dir():
-        return 0
-    n = len(list(tmp.iterdir()))
-    shutil.rmtree(tmp, ignore_errors=True)
-    return n
-
-
 def delete(uri: str | os.PathLike, recursive: bool = False) -> None:
     loc = parse_uri(uri)
     fs = loc.filesystem
@@ -427,24 +388,3 @@ def download_folder(uri: str | os.PathLike, local_dir: str | os.PathLike) -> Non
         )
     except Exception as e:
         raise explain(e, loc, "download") from None
-
-
-# ---- local temporary folders that a killed process cannot clean up --------------------------------
-def owned_temp_dir(prefix: str) -> str:
-    """A new temporary folder `{tmp}/{prefix}{pid}-XXXX`: the pid tells a later process whether its owner is
-    gone (`remove_dead_owners`). The caller removes it when done; SIGKILL leaves it to the next job."""
-    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
-
-
-def remove_dead_owners(prefix: str) -> list[str]:
-    """Remove `{tmp}/{prefix}<pid>-*` folders whose process is gone (never a live one's). Returns them."""
-    removed = []
-    for d in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
-        try:
-            os.kill(int(d.name[len(prefix) :].split("-", 1)[0]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(str(d))
-        except (ValueError, PermissionError):  # not one of ours, or another user's live process
-            continue
-    return removed

@@ -31,7 +31,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pipeline.core import storage
+from pipeline.core import scratch, storage
 from pipeline.data.images import DecodeRules, ImageDecodeError, shrink
 from pipeline.data.manifest import (
     IMAGE_MEMBER,
@@ -152,8 +152,8 @@ def write_shard(
     entry with per-class counts and the skipped samples; writes nothing when every sample was skipped."""
     t0 = time.time()
     skipped, per_label = [], {}
-    storage.remove_dead_owners(SHARD_TMP_PREFIX)  # what a task killed with SIGKILL left on this node
-    tmp = storage.owned_temp_dir(SHARD_TMP_PREFIX)
+    scratch.remove_dead_owners(SHARD_TMP_PREFIX)  # what a task killed with SIGKILL left on this node
+    tmp = scratch.owned_temp_dir(SHARD_TMP_PREFIX)
     try:
         sink = _ShardSink(fmt, tmp)
         count = 0

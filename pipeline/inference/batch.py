@@ -25,14 +25,15 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.core import conditional, exported, storage
-from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_ERROR_RATE, EXIT_PARTIAL, in_job, interrupt_main, unwind_on_sigterm
+from pipeline.core import exported, storage
+from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_ERROR_RATE, EXIT_PARTIAL
+from pipeline.core.lease import LeaseLost, output_lease
+from pipeline.core.signals import in_job, unwind_on_sigterm
 from pipeline.data.manifest import load_manifest
-from pipeline.inference import publish
+from pipeline.inference import ledger, outputs, publish, rows
 from pipeline.inference.infer_config import ALIASES, InferConfig  # noqa: F401 - the job's schema, re-exported
-from pipeline.inference.inputs import Inputs, fetch_and_preprocess, is_shards, list_inputs, shard_rows
-from pipeline.inference.lease import Lease, LeaseLost
-from pipeline.inference.predictor import Predictor, preprocess
+from pipeline.inference.inputs import Inputs, fetch_and_preprocess, is_shards, list_inputs, preprocess, shard_rows
+from pipeline.inference.predictor import Predictor
 from pipeline.inference.run_report import (
     TIMELINE,
     StageTimes,
@@ -129,7 +130,7 @@ def predict_to_staging(cfg: InferConfig, pre: LoadedModel, inputs: Inputs, run_i
     class StagedNames(FilenameProvider):  # not `*.parquet`: no glob reader picks up a staged file
         def get_filename_for_task(self, write_uuid, task_index):
             # `{i}`: Ray's Parquet sink numbers the files of one task (and keeps a templated name as it is)
-            return f"part-{task_index:06d}-{write_uuid}-{{i}}{publish.STAGED_SUFFIX}"
+            return f"part-{task_index:06d}-{write_uuid}-{{i}}{outputs.STAGED_SUFFIX}"
 
     configure_ray_data()
     # Ray Data reserves part of the CPU budget per operator; with a model actor pool holding slots that
@@ -168,7 +169,7 @@ def predict_to_staging(cfg: InferConfig, pre: LoadedModel, inputs: Inputs, run_i
             num_cpus=cfg.decode_cpus,
         )
     weights = ray.put(pre.weights)  # read once by the driver: every replica gets these exact bytes
-    staging = publish.Layout.of(cfg.output).staging(run_id)
+    staging = outputs.Layout.of(cfg.output).staging(run_id)
     timeline = staging.join(TIMELINE).uri
     ds = ds.map_batches(
         Predictor,
@@ -195,7 +196,7 @@ def predict_to_staging(cfg: InferConfig, pre: LoadedModel, inputs: Inputs, run_i
     t0 = time.time()
     ds.write_parquet(path, filesystem=fs, filename_provider=StagedNames())
     files = [storage.to_uri(staging, f.path) for f in storage.list_files(staging.uri)]
-    staged = Staged([f for f in files if f.endswith(publish.STAGED_SUFFIX)], startup_s=startup_seconds(timeline, t0))
+    staged = Staged([f for f in files if f.endswith(outputs.STAGED_SUFFIX)], startup_s=startup_seconds(timeline, t0))
     try:
         staged.operator_s = operator_seconds(ds.stats())
     except Exception as e:  # stats are for the summary line only
@@ -203,7 +204,7 @@ def predict_to_staging(cfg: InferConfig, pre: LoadedModel, inputs: Inputs, run_i
     return staged
 
 
-def _list_and_state(cfg: InferConfig, pre: LoadedModel, layout: publish.Layout):
+def _list_and_state(cfg: InferConfig, pre: LoadedModel, layout: outputs.Layout):
     """(inputs, the model's ledger or None, the listing's high-water mark, seconds it took). With
     --input-append-only the listing starts after the last run's mark, and the inputs that failed
     transiently below it are added back from the ledger."""
@@ -211,65 +212,25 @@ def _list_and_state(cfg: InferConfig, pre: LoadedModel, layout: publish.Layout):
     prefix = storage.parse_uri(cfg.input).uri
     start_after = None
     if cfg.since_last_run and cfg.input_append_only:
-        start_after = publish.high_water_marks(layout, pre.weights_sha256).get(prefix)
+        start_after = ledger.high_water_marks(layout, pre.weights_sha256).get(prefix)
     inputs = list_inputs(cfg, pre.class_names, start_after)
     mark = None
     if inputs.kind != "shards":
         mark = pc.max(inputs.table["image_uri"]).as_py() if len(inputs) else start_after
     if start_after:
-        again = [u for u in publish.transient_failures(layout, pre.weights_sha256) if u.startswith(prefix)]
-        if again:
-            n = len(again)
-            extra = pa.table([again, [-1] * n, [-1] * n, pa.nulls(n, pa.string())], schema=inputs.table.schema)
-            inputs.table = pa.concat_tables([inputs.table, extra])
-    ledger = (
-        publish.read_ledger(layout, pre.weights_sha256, only=inputs.table["image_uri"]) if cfg.since_last_run else None
+        again = [u for u in ledger.transient_failures(layout, pre.weights_sha256) if u.startswith(prefix)]
+        if again:  # their label, version and size are not known without a listing: null
+            inputs.table = pa.concat_tables([inputs.table, rows.input_table({"image_uri": again})])
+    seen = (
+        ledger.read_ledger(layout, pre.weights_sha256, only=inputs.table["image_uri"]) if cfg.since_last_run else None
     )
-    return inputs, ledger, ({prefix: mark} if mark else {}), time.time() - t
+    return inputs, seen, ({prefix: mark} if mark else {}), time.time() - t
 
 
-class _NoLease:
-    """--unsafe-no-lease: the lease's interface, holding nothing (generation 0 marks the output's records)."""
-
-    generation, lost = 0, None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def check(self):
-        pass
-
-    def fence(self):
-        pass
-
-
-def _lease(cfg: InferConfig, layout: publish.Layout, run_id: str, stages: StageTimes):
-    """The output's lease, after the store showed it honours conditional writes. Renewed while the run
-    makes progress (a stage starts or a staged file appears); when it is lost or given up the main thread
-    is interrupted and the run stops."""
-    if cfg.unsafe_no_lease:
-        log.warning(
-            "--unsafe-no-lease: writing %s without a lease; a second run at the same time corrupts it", cfg.output
-        )
-        return _NoLease()
-    conditional.probe(cfg.output, run_id)
-    staging = layout.staging(run_id).uri
-
-    def progress():
-        return len(stages.s), len(storage.list_files(staging))
-
-    lease = Lease(cfg.output, run_id, cfg.lease_ttl_s, max_run_s=cfg.max_run_s, stall_s=cfg.stall_s, progress=progress)
-    lease.on_lost = lambda: interrupt_main(unwound=lease.closing)
-    return lease
-
-
-def _check_run_id(layout: publish.Layout, run_id: str) -> None:
+def _check_run_id(layout: outputs.Layout, run_id: str) -> None:
     if storage.exists(layout.run_record(run_id).uri) or (
-        not storage.list_files(layout.output.join(publish.RUNS).uri)
-        and any(r["run_id"] == run_id for r in publish.committed_runs(layout.output.uri))
+        not storage.list_files(layout.output.join(outputs.RUNS).uri)
+        and any(r["run_id"] == run_id for r in outputs.committed_runs(layout.output.uri))
     ):
         raise RunIdTaken(
             f"--run-id {run_id}: a run with this id is already committed under {layout.output.uri}; "
@@ -284,10 +245,19 @@ def run(cfg: InferConfig) -> dict:
     stages = StageTimes()
     with stages("preflight"):
         pre = preflight(cfg)
-    layout = publish.Layout.of(cfg.output)
+    layout = outputs.Layout.of(cfg.output)
     started = dt.datetime.now(dt.timezone.utc)
     run_id = cfg.run_id or f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-    lease = _lease(cfg, layout, run_id, stages)
+    staging = layout.staging(run_id).uri
+    lease = output_lease(
+        cfg.output,
+        run_id,
+        cfg.lease_ttl_s,
+        unsafe_no_lease=cfg.unsafe_no_lease,
+        max_run_s=cfg.max_run_s,
+        stall_s=cfg.stall_s,
+        progress=lambda: (len(stages.s), len(storage.list_files(staging))),
+    )
     try:
         with lease:
             return _run_held(cfg, pre, layout, lease, run_id, started, stages)
@@ -333,14 +303,14 @@ def _run_held(cfg, pre, layout, lease, run_id, started, stages) -> dict:
 
             connect(log_to_driver=True)
             unwind_on_sigterm()  # again: Ray's driver replaced the handler
-        inputs, ledger, listed_through, listed_s = listing.result()
+        inputs, seen, listed_through, listed_s = listing.result()
     stages.s["list"] = round(listed_s, 3)  # beside "connect", not after it
     result["skipped_inputs"] = len(inputs.skipped)
     for s in inputs.skipped[:20]:
         log.warning("not an input: %s (%s)", s["path"], s["reason"])
     if cfg.since_last_run:
         before = len(inputs)
-        inputs.table = inputs.table.filter(publish.todo(ledger, inputs.table, cfg.retry_errors))
+        inputs.table = inputs.table.filter(ledger.todo(seen, inputs.table, cfg.retry_errors))
         result["already_done"] = before - len(inputs)
         print(
             f"since last run: {result['already_done']} of {before} inputs need no new prediction with this model",

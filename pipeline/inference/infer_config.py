@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from pipeline.core.config import Section
-from pipeline.data import images
+from pipeline.data.shards_config import RULE_ALIASES, DecodeRuleFields
 
 
-class InferConfig(Section):
+class InferConfig(DecodeRuleFields):
     model: str | None = Field(None, description="exported model folder URI (model.safetensors + config.json)")
     input: str | None = Field(
         None, description="images: S3 prefix or folder, a class-folder tree, or a shards manifest"
@@ -47,11 +46,6 @@ class InferConfig(Section):
         description="fail, publishing nothing, when more than this "
         "fraction of the inputs could not be predicted (default: off)",
     )
-    min_size: int = Field(images.DEFAULT_MIN_SIDE, ge=1, description="shorter side in px an input must have")
-    max_aspect: float = Field(images.DEFAULT_MAX_ASPECT, ge=1, description="longer side at most this x the shorter")
-    max_object_mb: float = Field(
-        images.DEFAULT_MAX_OBJECT_MB, gt=0, description="larger inputs are error rows by their listed size, never read"
-    )
     max_run_s: float | None = Field(
         None,
         gt=0,
@@ -75,11 +69,6 @@ class InferConfig(Section):
         description="the output's lease expires this long after its last renewal "
         "(a crashed run blocks the next one for at most this long)",
     )
-
-    @property
-    def rules(self) -> images.DecodeRules:
-        """The decode rules make_shards applies with the same values."""
-        return images.DecodeRules(self.min_size, self.max_aspect, self.max_object_mb)
 
     @field_validator("replicas", mode="before")
     @classmethod
@@ -112,7 +101,5 @@ ALIASES = {
     "stall-s": "stall_s",
     "unsafe-no-lease": "unsafe_no_lease",
     "run-id": "run_id",
-    "min-size": "min_size",
-    "max-aspect": "max_aspect",
-    "max-object-mb": "max_object_mb",
+    **RULE_ALIASES,
 }

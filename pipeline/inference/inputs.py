@@ -1,9 +1,10 @@
 """What batch inference reads: the inputs listed, and each one's bytes fetched and turned into patches.
 
 list_inputs(): --input as shards (a manifest), a class tree (`<class>/<image>`, labels known) or a
-               plain prefix of images -> an Arrow table (image_uri, label_id, size, input_version)
+               plain prefix of images -> an Arrow table of the `listing` columns of `rows`
 fetch_and_preprocess(): map_batches step, image URIs -> bytes (`reads` GETs in flight) -> eval patches
-shard_rows(): map_batches step, WebDataset/Parquet shard rows -> (image_uri, bytes, label_id)
+shard_rows(): map_batches step, a shard set's samples -> (listing columns, bytes)
+preprocess(): map_batches step, encoded images -> eval patches; the carried columns passed on as they are
 """
 
 from __future__ import annotations
@@ -20,19 +21,15 @@ from pipeline.data.images import ImageDecodeError
 from pipeline.data.manifest import MANIFEST, load_manifest
 from pipeline.data.sources import name_rule
 from pipeline.data.transforms import ImageTransform
+from pipeline.inference import rows
 from pipeline.inference.infer_config import InferConfig
-from pipeline.inference.predictor import preprocess
-
-INPUT_SCHEMA = pa.schema(
-    [("image_uri", pa.string()), ("label_id", pa.int64()), ("size", pa.int64()), ("input_version", pa.string())]
-)
-TRANSIENT, PERMANENT = "transient", "permanent"  # error kinds: retried by a later run, or final for this version
+from pipeline.inference.rows import INPUT_SCHEMA, PERMANENT, TRANSIENT
 
 
 @dataclass
 class Inputs:
-    """The listed inputs of one run as Arrow (image_uri, label_id or -1, listed size or -1, input_version:
-    `size:mtime`, what tells a changed object), their kind, and what the naming rule
+    """The listed inputs of one run as Arrow (`rows.INPUT_SCHEMA`: image_uri, label_id, input_version:
+    `size:mtime`, what tells a changed object, input_size; null where unknown), their kind, and what the naming rule
     (`sources.name_rule`, make_shards' own) left out, with the reason."""
 
     table: pa.Table
@@ -60,11 +57,7 @@ def list_inputs(cfg: InferConfig, class_names: list[str], start_after: str | Non
     if is_shards(loc.uri):
         manifest = load_manifest(loc.uri)
         uris = [u for split in manifest.splits if cfg.split in (None, split) for u in manifest.shard_uris(split)]
-        n = len(uris)
-        return Inputs(
-            pa.table([uris, [-1] * n, [-1] * n, pa.nulls(n, pa.string())], schema=INPUT_SCHEMA),
-            "shards",
-        )
+        return Inputs(rows.input_table({"image_uri": uris}), "shards")
     files, skipped = [], []
     for f in storage.list_files(loc.uri, start_after=start_after):
         rel = f.path[len(loc.path) :].lstrip("/" if loc.scheme == "s3" else os.sep).replace(os.sep, "/")
@@ -81,61 +74,65 @@ def list_inputs(cfg: InferConfig, class_names: list[str], start_after: str | Non
         )
     index = {c: i for i, c in enumerate(class_names)}
     tree = all(r.count("/") == 1 for _, r in files) and all(r.split("/")[0] in index for _, r in files)
-    table = pa.table(
-        [
-            [storage.to_uri(loc, f.path) for f, _ in files],
-            [index[r.split("/")[0]] if tree else -1 for _, r in files],
-            [f.size if f.size is not None else -1 for f, _ in files],
-            [_version(f) for f, _ in files],
-        ],
-        schema=INPUT_SCHEMA,
+    table = rows.input_table(
+        {
+            "image_uri": [storage.to_uri(loc, f.path) for f, _ in files],
+            "label_id": [index[r.split("/")[0]] if tree else None for _, r in files],
+            "input_version": [_version(f) for f, _ in files],
+            "input_size": [f.size for f, _ in files],
+        }
     )
     return Inputs(table, "class-tree" if tree else "images", skipped)
 
 
 def fetch_and_preprocess(batch: dict, transform: ImageTransform, reads: int) -> dict:
     """map_batches step: image URIs -> their bytes (`reads` GETs in flight) -> eval-transformed patches.
-    A file that cannot be read, or is over the size cap by its listed size (never read), keeps its row
-    with the reason, as an undecodable one does."""
-    uris = list(batch["image_uri"])
-    sizes = list(batch["size"]) if "size" in batch else [None] * len(uris)
+    A file that cannot be read, or is over the size cap by its listed size (never read; one listed without a
+    size is capped by the decoder, on the bytes read), keeps its row with the reason, as an undecodable one does."""
+    n = len(batch["image_uri"])
+    uris, sizes = rows.values(batch, "image_uri", n), rows.values(batch, "input_size", n)
 
     def get(i):
         try:
-            size = sizes[i]
-            transform.rules.check_object_size(None if size is None or size < 0 else int(size))
+            transform.rules.check_object_size(sizes[i])
             return storage.read_bytes(uris[i]), "", None
         except ImageDecodeError as e:
             return b"", str(e), PERMANENT  # over the size cap: final until the object changes
         except (storage.StorageError, OSError) as e:
             return b"", f"cannot read ({e})", TRANSIENT  # a timeout, a refused or lost connection
 
-    with ThreadPoolExecutor(max(1, min(reads, len(uris)))) as pool:
-        got = list(pool.map(get, range(len(uris))))
-    out = preprocess(
-        {
-            "image_uri": batch["image_uri"],
-            "label_id": batch["label_id"],
-            "bytes": np.asarray([b for b, _, _ in got], dtype=object),
-            "error": np.asarray([e for _, e, _ in got], dtype=object),
-        },
-        transform,
-    )
-    kinds = np.asarray([PERMANENT if e else None for e in out["error"]], dtype=object)  # undecodable bytes
-    for i, (_, err, kind) in enumerate(got):
-        if err:
-            out["error"][i], kinds[i] = err, kind
-    out["error_kind"] = kinds
-    if "input_version" in batch:
-        out["input_version"] = batch["input_version"]
-    return out
+    with ThreadPoolExecutor(max(1, min(reads, n))) as pool:
+        got = list(pool.map(get, range(n)))
+    found = {
+        "input_size": [s if s is not None else (len(b) if b else None) for s, (b, _, _) in zip(sizes, got)],
+        "error": [e or None for _, e, _ in got],
+        "error_kind": [k for _, _, k in got],
+    }
+    return preprocess({**batch, **found, "bytes": [b for b, _, _ in got]}, transform)
 
 
 def shard_rows(batch: dict) -> dict:
-    """map_batches step: a shard set's samples (`streams.sample_stream`) -> (image_uri `<shard>#<key>`, bytes,
-    label_id)."""
+    """map_batches step: a shard set's samples (`streams.sample_stream`) -> image_uri `<shard>#<key>`, the label,
+    the sample's size and its bytes."""
+    images = [b if b is not None else b"" for b in batch["image"]]
     return {
         "image_uri": np.asarray([f"{u}#{k}" for u, k in zip(batch["shard"], batch["key"])], dtype=object),
-        "bytes": np.asarray([b if b is not None else b"" for b in batch["image"]], dtype=object),
-        "label_id": np.asarray(batch["label"], dtype=np.int64),
+        "label_id": np.asarray([int(v) if v >= 0 else None for v in batch["label"]], dtype=object),  # -1: none
+        "input_size": np.asarray([len(b) if b else None for b in images], dtype=object),
+        "bytes": np.asarray(images, dtype=object),
     }
+
+
+def preprocess(batch: dict, transform: ImageTransform) -> dict:
+    """map_batches step: encoded images -> patches by the export's eval transform (size, crop, interpolation).
+    An input that cannot be used keeps its row with the reason (undecodable: permanent for this version)."""
+    from pipeline.data.transforms import decode_to_patches
+
+    n = len(batch["image_uri"])
+    out = rows.carried(batch, n)
+    failed = [e or "" for e in out["error"]]  # found while fetching: not decoded
+    patches, valid, errors = decode_to_patches(list(batch["bytes"]), out["image_uri"], transform, None, failed)
+    for i, err in enumerate(errors):
+        if err and not failed[i]:
+            out["error"][i], out["error_kind"][i] = err, PERMANENT
+    return {**out, "patches": patches, "valid": valid}

@@ -1,6 +1,6 @@
-"""The model side of batch inference: the Parquet schema of a prediction row, preprocessing, and the
-Predictor that one replica of the actor pool runs. Plain PyTorch + pyarrow; Ray appears only to
-fetch the weights the driver put in the object store."""
+"""The model side of batch inference: the Predictor that one replica of the actor pool runs, patches in,
+prediction rows (`rows.output_schema`) out. Plain PyTorch + pyarrow; Ray appears only to fetch the weights
+the driver put in the object store."""
 
 from __future__ import annotations
 
@@ -12,30 +12,7 @@ import uuid
 import numpy as np
 import pyarrow as pa
 
-
-def output_schema(top_k: int, embedding_dim: int | None) -> pa.Schema:
-    fields = [
-        pa.field("image_uri", pa.string(), nullable=False),
-        pa.field("label_id", pa.int64()),  # the known label, when the input has one
-        pa.field("label", pa.string()),
-        pa.field("pred_id", pa.int64()),
-        pa.field("pred", pa.string()),
-        pa.field("score", pa.float32()),
-        pa.field("topk_ids", pa.list_(pa.int64())),
-        pa.field("topk_scores", pa.list_(pa.float32())),
-    ]
-    if embedding_dim:
-        fields.append(pa.field("embedding", pa.list_(pa.float32())))
-    fields += [
-        pa.field("error", pa.string()),
-        pa.field("error_kind", pa.string()),  # "transient": a later run retries it; "permanent": not this version
-        pa.field("input_version", pa.string()),  # size:mtime of the object read (image inputs)
-        pa.field("model_uri", pa.string(), nullable=False),
-        pa.field("model_sha256", pa.string(), nullable=False),
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("inferred_at", pa.timestamp("us", tz="UTC"), nullable=False),
-    ]
-    return pa.schema(fields)
+from pipeline.inference import rows
 
 
 class Predictor:
@@ -77,7 +54,7 @@ class Predictor:
         self.amp = torch.bfloat16 if self.device.type == "cuda" else None
         self.k = min(top_k, self.model.cfg.num_classes)
         self.embeddings, self.model_uri, self.run_id, self.inferred_at = embeddings, model_uri, run_id, inferred_at
-        self.schema = output_schema(self.k, self.model.cfg.embed_dim if embeddings else None)
+        self.schema = rows.output_schema(embeddings)
         self.timeline = timeline and {
             "uri": f"{timeline}/{uuid.uuid4().hex}.json",
             "started_at": t0,
@@ -119,27 +96,18 @@ class Predictor:
                 cols["topk_scores"][i] = scores[j].tolist()
                 if self.embeddings:
                     cols["embedding"][i] = feats[j].tolist()
-        label_id = [int(v) if v >= 0 else None for v in batch["label_id"]]
-        label = [self.class_names[v] if v is not None and v < len(self.class_names) else None for v in label_id]
-        errors = [e if e else None for e in batch["error"]]
-        kinds = batch.get("error_kind")
-        kinds = [(k or "permanent") if e else None for e, k in zip(errors, kinds if kinds is not None else [None] * n)]
-        versions = batch.get("input_version")
-        versions = [v or None for v in versions] if versions is not None else [None] * n
-        data = {
-            "image_uri": list(batch["image_uri"]),
-            "label_id": label_id,
-            "label": label,
-            **cols,
-            "error": errors,
-            "error_kind": kinds,
-            "input_version": versions,
-            "model_uri": [self.model_uri] * n,
-            "model_sha256": [self.sha] * n,
-            "run_id": [self.run_id] * n,
-            "inferred_at": [self.inferred_at] * n,
-        }
-        table = pa.table({f.name: pa.array(data[f.name], f.type) for f in self.schema}, schema=self.schema)
+        data = rows.carried(batch, n)
+        data["label"] = [
+            self.class_names[v] if v is not None and v < len(self.class_names) else None for v in data["label_id"]
+        ]
+        data.update(
+            cols,
+            model_uri=[self.model_uri] * n,
+            model_sha256=[self.sha] * n,
+            run_id=[self.run_id] * n,
+            inferred_at=[self.inferred_at] * n,
+        )
+        table = rows.table(data, self.schema)
         if self.timeline:
             self._note_first_batch()
         return table
@@ -160,19 +128,3 @@ class Predictor:
                 pass
 
         threading.Thread(target=write, daemon=True).start()
-
-
-def preprocess(batch: dict, transform) -> dict:
-    """Encoded images -> patches by the export's eval transform (size, crop, interpolation); undecodable
-    inputs keep their row with the reason."""
-    from pipeline.data.transforms import decode_to_patches
-
-    failed = list(batch["error"]) if "error" in batch else None  # found while fetching: not decoded
-    patches, valid, errors = decode_to_patches(list(batch["bytes"]), batch["image_uri"], transform, None, failed)
-    return {
-        "image_uri": batch["image_uri"],
-        "label_id": batch["label_id"],
-        "patches": patches,
-        "valid": valid,
-        "error": np.asarray(errors, dtype=object),
-    }

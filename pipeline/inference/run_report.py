@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.core import storage
-from pipeline.inference import publish
+from pipeline.inference import outputs
 
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
@@ -72,7 +72,7 @@ def startup_seconds(timeline: str, t0: float) -> dict[str, float]:
 def summarize_staged(staged: list[str], class_names: list[str]) -> dict:
     """Rows, error counts and accuracy of a staged run, from its small columns only (pyarrow.compute)."""
     cols = ["label_id", "pred_id", "topk_ids", "error", "error_kind"]
-    tables = [publish.read_present(u, cols) for u in staged]
+    tables = [outputs.read_present(u, cols) for u in staged]
     table = pa.concat_tables(tables, promote_options="default") if tables else None
     if table is None or table.num_rows == 0:
         return {"rows": 0, "errors": 0, "errors_transient": 0, "accuracy": None}

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vit_model
-from pipeline.core import storage
+from pipeline.core import scratch, storage
 
 log = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.json"
@@ -141,7 +141,7 @@ def choose_checkpoint(
     `allow_fresh_start`, else CheckpointError naming each one and its problem."""
     skipped, damaged = [], False
     for uri in candidates:
-        local = storage.owned_temp_dir(RESUME_PREFIX)
+        local = scratch.owned_temp_dir(RESUME_PREFIX)
         try:
             _fetch(uri, local, retries, sleep)
             return uri, local, skipped
@@ -189,7 +189,7 @@ def resume(
     `load_model(folder)` (the objective's `load`), the optimizer, EMA and RNG here.
 
     Returns (trainer state or None for a fresh start, the URI used, [(skipped URI, why)])."""
-    storage.remove_dead_owners(RESUME_PREFIX)  # downloads of processes killed while loading (a full copy each)
+    scratch.remove_dead_owners(RESUME_PREFIX)  # downloads of processes killed while loading (a full copy each)
     local = None
     try:
         if rank == 0:
@@ -201,7 +201,7 @@ def resume(
             choice = broadcast(None)
             uri, skipped = choice["uri"], [tuple(x) for x in choice["skipped"]]
             if uri:
-                local = storage.owned_temp_dir(RESUME_PREFIX)
+                local = scratch.owned_temp_dir(RESUME_PREFIX)
                 try:
                     _fetch(uri, local, retries, sleep)
                 except CheckpointError as e:

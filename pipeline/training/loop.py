@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import vit_model
-from pipeline.core import exported, storage
+from pipeline.core import exported, scratch
 from pipeline.core.runs import RunLayout
 from pipeline.data import order
 from pipeline.training.checkpoints import resume, save_checkpoint
@@ -178,7 +178,7 @@ def checkpoint(run: Run, state: TrainState, metrics: dict) -> None:
     folder = None
     if run.session.rank == 0:
         t0 = run.progress.clock()
-        folder = Path(storage.owned_temp_dir(CKPT_PREFIX))
+        folder = Path(scratch.owned_temp_dir(CKPT_PREFIX))
         ema = run.ema.weights if run.ema else None
         save_checkpoint(folder, run.objective.parts(run.core), run.optimizer, asdict(state), ema, run.class_names)
         metrics = {**metrics, "checkpoint_save_s": run.progress.clock() - t0}
@@ -283,7 +283,7 @@ def train(
     """Train `cfg.train.epochs` epochs (or `max_steps`), resuming from the newest usable checkpoint.
 
     `clock` (seconds, monotonic) times everything the loop measures; `epoch_end_at` stays wall time."""
-    storage.remove_dead_owners(CKPT_PREFIX)  # local checkpoints of workers that died before their upload
+    scratch.remove_dead_owners(CKPT_PREFIX)  # local checkpoints of workers that died before their upload
     run = build_run(cfg, session, num_classes, train_count, class_names or [])
     run.progress = Progress(clock=clock, t_start=clock())
     saved, used, skipped = resume(

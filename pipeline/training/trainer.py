@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 import vit_model
-from pipeline.core import exported, storage
+from pipeline.core import exported, ray_runtime, storage
 from pipeline.core.config import to_yaml
 from pipeline.core.exits import EXIT_BAD_INPUT
 from pipeline.core.runs import RunLayout
@@ -195,7 +195,7 @@ class MetricsSink:
     def _tensorboard(self, metrics: list[dict]) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is a dependency, but metrics.jsonl is what matters
+        except ImportError:  # tensorboard is a dependency, but the metrics/ objects are what matters
             return
         tmp = tempfile.mkdtemp(prefix="vitray-tb-")
         try:
@@ -249,7 +249,7 @@ def run(cfg: PretrainConfig) -> dict:
     # the training epoch's order, and an equal share of each eval set.
     train_stream = StreamConfig.for_model(pre.model_cfg, True, Augment.of(d), num_cpus=d.decode_cpus)
     eval_stream = StreamConfig.for_model(pre.model_cfg, False, num_cpus=d.decode_cpus)
-    storage_path, fs = storage.ray_storage_path(cfg.train.output)
+    storage_path, fs = ray_runtime.train_storage_path(cfg.train.output)
     # Ray Train V2 propagates this from the driver to its controller; a user's own setting wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(cfg.train.controller_poll_s))
     trainer = TorchTrainer(

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 from pipeline.core import conditional, storage
 from pipeline.core.exits import EXIT_TEMPFAIL
+from pipeline.core.signals import interrupt_main
 
 log = logging.getLogger(__name__)
 LEASE = "_lease.json"
@@ -275,3 +276,43 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class NoLease:
+    """--unsafe-no-lease: the lease's interface, holding nothing (generation 0 marks the output's records)."""
+
+    generation, lost = 0, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def check(self):
+        pass
+
+    def fence(self):
+        pass
+
+
+def output_lease(
+    output: str,
+    run_id: str,
+    ttl_s: float,
+    *,
+    unsafe_no_lease: bool = False,
+    max_run_s: float | None = None,
+    stall_s: float | None = None,
+    progress: Callable[[], object] | None = None,
+) -> Lease | NoLease:
+    """A job's lease on `output`, after the store showed it honours conditional writes. Renewed while the
+    run makes progress (`progress()` changes); when it is lost or given up the main thread is interrupted
+    and the run stops."""
+    if unsafe_no_lease:
+        log.warning("--unsafe-no-lease: writing %s without a lease; a second run at the same time corrupts it", output)
+        return NoLease()
+    conditional.probe(output, run_id)
+    lease = Lease(output, run_id, ttl_s, max_run_s=max_run_s, stall_s=stall_s, progress=progress)
+    lease.on_lost = lambda: interrupt_main(unwound=lease.closing)
+    return lease

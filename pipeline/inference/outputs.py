@@ -1,0 +1,122 @@
+"""What lies under one `--output` prefix, and how a reader sees committed runs only.
+
+Layout, relative to `--output` (names that start with `_` are skipped by pyarrow, pandas, Spark and
+Hive; staged files do not end in `.parquet`, so duckdb's `**/*.parquet` does not match them either):
+
+    _lease.json                            one writer at a time; its generation is the fencing token
+    _staging/run=<id>/*.parquet.staged     what the Ray Data job writes
+    _commits/run=<id>.json                 the commit intent: written once everything is staged
+    _rolled_back/run=<id>.json             a run whose commit could not be finished (its parts removed)
+    dt=<date>/run=<id>/part-NNNNN.parquet  the published run
+    dt=<date>/run=<id>/_accuracy.json      when the inputs had labels
+    dt=<date>/run=<id>/_SUCCESS            the commit marker, written after the last part
+    _runs/run=<id>.json                    the same record: the index of committed runs
+    _ledger/<model sha256>/*.ledger        latest result per input, appended one object per run (`ledger`)
+
+How a run gets there: `publish`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.core import storage
+
+SUCCESS = "_SUCCESS"
+ACCURACY = "_accuracy.json"
+STAGING, COMMITS, LEDGER, RUNS, ROLLED_BACK = "_staging", "_commits", "_ledger", "_runs", "_rolled_back"
+STAGED_SUFFIX = ".parquet.staged"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each piece of a run lives under one output prefix."""
+
+    output: storage.Location
+
+    @classmethod
+    def of(cls, output: str) -> Layout:
+        return cls(storage.parse_uri(output))
+
+    def staging(self, run_id: str) -> storage.Location:
+        return self.output.join(STAGING, f"run={run_id}")
+
+    def intent(self, run_id: str) -> storage.Location:
+        return self.output.join(COMMITS, f"run={run_id}.json")
+
+    def tombstone(self, run_id: str) -> storage.Location:
+        return self.output.join(ROLLED_BACK, f"run={run_id}.json")
+
+    def run_dir(self, date: str, run_id: str) -> storage.Location:
+        return self.output.join(f"dt={date}", f"run={run_id}")
+
+    def run_record(self, run_id: str) -> storage.Location:
+        return self.output.join(RUNS, f"run={run_id}.json")
+
+    def ledger_dir(self, model_sha256: str) -> storage.Location:
+        return self.output.join(LEDGER, model_sha256)
+
+    def ledger_delta(self, model_sha256: str, fence: int, run_id: str) -> storage.Location:
+        # Parquet, named so no `*.parquet` glob matches; the name orders it (fence, then run id)
+        return self.ledger_dir(model_sha256).join(f"d-{fence:012d}-{run_id}.ledger")
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns)
+
+
+def read_present(uri: str, columns: list[str]) -> pa.Table:
+    """Those of `columns` that the file has (older runs lack some), nothing else (not the embeddings)."""
+    f = pq.ParquetFile(io.BytesIO(storage.read_bytes(uri)))
+    return f.read(columns=[c for c in columns if c in f.schema_arrow.names])
+
+
+def parquet_bytes(table: pa.Table, metadata: dict | None = None, **kw) -> bytes:
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **kw)
+    return buf.getvalue()
+
+
+def files_under(loc: storage.Location) -> list[tuple[str, str]]:
+    """(uri, file name) of every object under `loc`, local lock files left out."""
+    out = []
+    for f in storage.list_files(loc.uri):
+        name = f.path.rsplit("/", 1)[-1]
+        if not name.startswith("."):
+            out.append((storage.to_uri(loc, f.path), name))
+    return out
+
+
+# ---- readers -----------------------------------------------------------------------------------
+def committed_runs(output: str) -> list[dict]:
+    """The `_SUCCESS` records of every committed run under `output`, in commit order (fence, then run id):
+    from the `_runs/` index (one listing of small names); outputs of older versions are listed whole."""
+    out = storage.parse_uri(output)
+    records = [json.loads(storage.read_bytes(u)) for u, n in files_under(out.join(RUNS)) if n.endswith(".json")]
+    if not records:
+        for f in storage.listfiles_under(out.uri):
+            parts = posixpath.relpath(f.path, out.path).split("/")
+            if len(parts) == 3 and parts[0].startswith("dt=") and parts[1].startswith("run=") and parts[2] == SUCCESS:
+                records.append(json.loads(storage.read_bytes(storage.to_uri(out, f.path))))
+    return sorted(records, key=lambda r: (r.get("fence", 0), r.get("started_at", ""), r["run_id"]))
+
+
+def read_published(output: str, model_sha256: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Every committed prediction (runs with `_SUCCESS` only), optionally of one model's weights."""
+    tables = [
+        read_parquet(uri, columns)
+        for run in committed_runs(output)
+        if not model_sha256 or run["model_sha256"] == model_sha256
+        for uri in run["files"]
+    ]
+    if not tables:
+        return pa.table({"image_uri": pa.array([], pa.string())})
+    return pa.concat_tables(tables, promote_options="default")
