@@ -3,7 +3,9 @@
   python jobs/batch_infer.py --model s3://bucket/runs/digits/model --input s3://bucket/incoming/ \\
       --output s3://bucket/predictions --since-last-run
 Output: {output}/dt=YYYY-MM-DD/run=<run_id>/part-*.parquet, then _SUCCESS (+ _accuracy.json when labels
-are known). pandas, pyarrow, duckdb and Spark read the output as a Hive-partitioned table; see README.
+are known); or, with --table <namespace>.<name> --catalog ..., one Iceberg snapshot per run
+(jobs/table.py shows and maintains it). pandas, pyarrow, duckdb and Spark read the prefix as a Hive-partitioned
+table, and every Iceberg engine the table; see README.
 Scheduled: see cluster/README.md. The job holds a lease on --output, so overlapping schedules are safe.
 
 Exit codes: 0 published, or nothing new to predict; 2 bad arguments or input, nothing written;
@@ -29,6 +31,10 @@ def main(argv=None) -> int:
     cfg = parse_job_args(InferConfig, ALIASES, __doc__, argv)
     from pipeline.inference import batch, run_report
 
+    if cfg.table:
+        from pipeline.inference.iceberg import table_run
+
+        return run_job("batch_infer", lambda: run_report.print_summary(table_run.run(cfg)))
     return run_job("batch_infer", lambda: run_report.print_summary(batch.run(cfg)))
 
 

@@ -166,8 +166,15 @@ def test_output_under_run_prefix_survives_crashes_and_reruns(ray_cluster, bucket
     monkeypatch.undo()
     assert copies and storage.exists(copies[0])
     storage.delete(f"{out}/_lease.json")
+    # the crashed run's id again (a scheduler's retry): refused once recovery has finished that commit (it ran
+    # before recovery and found nothing: the parts and index were overwritten while the ledger kept the first)
+    _put_images(f"{bucket}/in", 1, start=7)
+    with pytest.raises(inference.RunIdTaken, match="crash-2"):
+        _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True, run_id="crash-2")
+    storage.delete(f"{out}/_lease.json")
+    storage.delete(f"{bucket}/in/img007.jpg")
     r = _run(model=model_uri, input=f"{bucket}/in", output=out, since_last_run=True, run_id="after")
-    assert r["recovered"] == ["crash-2"] and r["rows"] == 0  # the crashed commit was finished, nothing left to do
+    assert r["rows"] == 0  # the crashed commit was finished by the refused run's recovery, nothing left to do
     assert _committed(out) == sorted(first + second)  # exactly once each
     assert storage.read_bytes(f"{bucket}/experiments/run=prod/notes.txt") == b"sibling"
     assert storage.read_bytes(f"{bucket}/experiments/run=prod/preds-old/part-0.parquet") == b"not ours"
@@ -364,3 +371,12 @@ def test_clear_errors_before_cluster_work(stack, bucket, model_uri, monkeypatch)
     with pytest.raises(storage.StorageError, match="credentials were refused") as e:
         inference.preflight(InferConfig(model=model_uri, input=f"{bucket}/in", output=f"{bucket}/out"))
     assert "not-the-secret-123" not in str(e.value)
+
+
+def test_append_only_with_a_limit_marks_what_was_predicted(ray_cluster, bucket, model_uri):
+    """The mark stored was the whole listing's: the inputs past --limit were never listed again."""
+    uris = _put_images(f"{bucket}/in", 5)
+    kw = dict(model=model_uri, input=f"{bucket}/in", output=f"{bucket}/out", since_last_run=True)
+    for _ in range(3):
+        _run(**kw, input_append_only=True, limit=2)
+    assert _committed(f"{bucket}/out") == sorted(uris)

@@ -262,3 +262,13 @@ def test_dockerfile_pins_torch_to_the_base_images_cuda_and_installs_the_extras()
     assert '".[mlflow]"' in text
     images = {c["image"] for _, spec, _, _ in _pod_templates() for c in spec["containers"]}
     assert images == {f"ghcr.io/vit-ray/vit-ray:0.1.0-{base.group(1)}"}
+
+
+def test_scheduled_table_runs_use_a_catalog_a_pod_can_share():
+    """A SQLite catalog dies with its pod: every --table entrypoint on a cluster names a REST or PostgreSQL one."""
+    entrypoints = [shlex.split(d["entrypoint"]) for _, doc in _docs() for d in _walk(doc) if "entrypoint" in d]
+    tables = [argv for argv in entrypoints if "--table" in argv]
+    assert tables
+    for argv in tables:
+        spec = argv[argv.index("--catalog") + 1]
+        assert spec.startswith(("rest+https://", "postgresql")), argv

@@ -63,6 +63,15 @@ def test_quickstart_reduced(stack):
     printed = re.search(r"val top-1 \(Parquet\)\s+([\d.]+)% over (\d+) held-out images", r.stdout)
     assert printed, r.stdout[-2000:]
     assert float(printed.group(1)) == pytest.approx(top1 * 100, abs=0.005) and int(printed.group(2)) == 179
+    # the same predictions in the embedded Iceberg table, and the query command the summary prints works
+    printed = re.search(
+        r"predictions \(Iceberg\)\s+(\S+), (\d+) rows: source \.state/env; (python jobs/table\.py .*)", r.stdout
+    )
+    assert printed and printed.group(1) == summary["table"] == "preds.e2e", r.stdout[-2000:]
+    shown = subprocess.run(
+        [sys.executable, *printed.group(3).split()[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert shown.returncode == 0 and "+179" in shown.stdout, shown.stdout + shown.stderr
 
 
 @pytest.mark.e2e

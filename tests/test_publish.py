@@ -286,7 +286,7 @@ def _commit_rows(layout, lease, run_id, rows):
 
 
 def test_ledger_retries_transient_errors_and_changed_objects_never_an_unchanged_broken_one(base, monkeypatch):
-    monkeypatch.setattr(publish, "COMPACT_AFTER", 3)
+    monkeypatch.setattr(ledger, "COMPACT_AFTER", 3)
     layout = outputs.Layout.of(base)
     uris = ["s3://in/ok.jpg", "s3://in/timeout.jpg", "s3://in/truncated.jpg", "s3://in/fixed.jpg"]
     v1 = ["10:1", "10:1", "10:1", "10:1"]

@@ -130,6 +130,15 @@ def main(argv=None) -> int:
     rows = latest.to_pylist()
     parquet_top1 = sum(r["label_id"] == r["pred_id"] for r in rows) / max(len(rows), 1)
 
+    step("the same predictions into the embedded Iceberg table (SQLite catalog in .state/, files in S3)")
+    table_name = "preds." + args.name.replace("-", "_")
+    infer = [PY, "jobs/batch_infer.py", "--model", f"{run}/model", "--input", f"{base}/digits/manifest.json"]
+    sh([*infer, "--split", "val", "--table", table_name], env)  # a re-run adds a snapshot, as it adds a run=
+    from pipeline.inference.iceberg.catalog import open_catalog
+
+    held = open_catalog(env["VITRAY_CATALOG"], env["VITRAY_WAREHOUSE"]).load_table(table_name)
+    table_rows = held.scan(selected_fields=("image_uri",)).to_arrow().num_rows
+
     figures = None
     if not args.no_figures and (ROOT / "jobs/visualize.py").exists():
         step("figures of what the model learned")
@@ -156,6 +165,8 @@ def main(argv=None) -> int:
     print(f"training images/s        {ips[-1]:.0f} (last report), {train_s:.0f} s for the job")
     print(f"checkpoints and model    {run}/  (model/, best/, checkpoint_*/)")
     print(f"predictions (Parquet)    {preds}/dt=*/run=*/part-*.parquet")
+    query = f"source .state/env; python jobs/table.py show {table_name}"
+    print(f"predictions (Iceberg)    {table_name}, {table_rows} rows: {query}")
     if figures:
         print(f"figures                  {figures}/")
     print(f"browse                   source .state/env; aws s3 ls --recursive {base}/  (or pyarrow)")
@@ -169,6 +180,8 @@ def main(argv=None) -> int:
         "rows": len(rows),
         "run": run,
         "predictions": preds,
+        "table": table_name,
+        "table_rows": table_rows,
     }
     (ROOT / ".state" / "quickstart.json").write_text(json.dumps(summary))
     return 0

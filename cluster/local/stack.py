@@ -10,6 +10,7 @@ State lives in `.state/` at the repository root (git-ignored; `VITRAY_STATE_DIR`
   s3-data/      the object data
   ray_token     Ray's auth token (token auth, which `ray job submit` needs in Ray 2.60)
   env           `source .state/env` sets AWS_* and RAY_ADDRESS for jobs, tests and your shell
+  catalog.db    the embedded Iceberg catalog (SQLite) of `batch_infer --table`; its tables' files in s3://vitray
   weed.pid, ray.sid   what `down` stops (the S3 server's pid, the Ray head's process session)
 Ports: S3 on VITRAY_S3_PORT (8333), SeaweedFS internals on the next four ports and their gRPC ports
 on +20000 (clear of Ray's worker range 10002-19999), Ray GCS on VITRAY_RAY_PORT (6379), dashboard
@@ -90,6 +91,9 @@ def env_vars() -> dict[str, str]:
         # loopback), and a client resolves RAY_ADDRESS 127.0.0.1 to that address (with the head on loopback, it
         # never connects). Read when `ray` is imported.
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # `batch_infer --table`'s embedded default: pyiceberg's SqlCatalog on SQLite here, files in the stack's S3
+        "VITRAY_CATALOG": f"sqlite:///{STATE / 'catalog.db'}",
+        "VITRAY_WAREHOUSE": "s3://vitray/warehouse",
     }
 
 
@@ -177,15 +181,12 @@ def _s3_socket() -> Path:
     return mine if len(str(mine)) < 100 else Path(tempfile.gettempdir()) / f"seaweedfs-s3-{S3_PORT}.sock"
 
 
-def _bucket_api_ready() -> bool:
-    """The gateway answers before the filer behind it can list buckets; wait for a real S3 call."""
+def _s3_client():
+    import boto3
+    from botocore.config import Config
+
     env = env_vars()
-    try:
-        import boto3
-        from botocore.config import Config
-    except ImportError:
-        return True
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=env["AWS_ENDPOINT_URL"],
         region_name="us-east-1",
@@ -193,11 +194,25 @@ def _bucket_api_ready() -> bool:
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
     )
+
+
+def _bucket_api_ready() -> bool:
+    """The gateway answers before the filer behind it can list buckets; wait for a real S3 call."""
     try:
-        client.list_buckets()
+        _s3_client().list_buckets()
+        return True
+    except ImportError:
         return True
     except Exception:
         return False
+
+
+def _warehouse_bucket() -> None:
+    """The bucket of the embedded Iceberg warehouse (VITRAY_WAREHOUSE), so `batch_infer --table` needs no step."""
+    bucket = env_vars()["VITRAY_WAREHOUSE"].split("/")[2]
+    client = _s3_client()
+    if bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+        client.create_bucket(Bucket=bucket)
 
 
 # ---- Ray head ----------------------------------------------------------------------------------
@@ -307,6 +322,7 @@ def up() -> None:
     STATE.mkdir(parents=True, exist_ok=True)
     STATE.chmod(0o700)
     _weed_up()
+    _warehouse_bucket()
     _ray_up()
     path = _write_env()
     print(f"env: source {path}")

@@ -90,14 +90,17 @@ class Staged:
 # ---- the job -----------------------------------------------------------------------------------
 def preflight(cfg: InferConfig) -> LoadedModel:
     """Everything that can be checked without writing: arguments, the model (read once here), buckets."""
-    for name in ("model", "input", "output"):
+    for name in ("model", "input", "table" if cfg.table else "output"):
         if not getattr(cfg, name):
             raise ValueError(f"--{name} is required")
+    if cfg.table and cfg.output:
+        raise ValueError("--table and --output are two outputs: give one (the prefix of Parquet runs, or the table)")
     weights, config = exported.read(cfg.model)
     json.loads(config)  # a config.json that does not parse is refused here, before any cluster work
     storage.check_bucket(cfg.input)
-    storage.check_bucket(cfg.output)
-    if _inside(cfg.output, cfg.input):
+    if cfg.output:
+        storage.check_bucket(cfg.output)
+    if cfg.output and _inside(cfg.output, cfg.input):
         raise ValueError(
             f"--output {cfg.output} is inside --input {cfg.input}: the published parts would be listed as inputs "
             "by the next run. Put the output beside the input, e.g. s3://bucket/predictions next to s3://bucket/images"
@@ -118,8 +121,17 @@ def _inside(child: str, parent: str) -> bool:
     return cp == pp or cp.startswith(pp + "/")
 
 
-def predict_to_staging(cfg: InferConfig, pre: LoadedModel, inputs: Inputs, run_id: str, started: dt.datetime) -> Staged:
-    """Run the Ray Data pipeline into `_staging/run={run_id}/`. Nothing is published."""
+def predict_to_staging(
+    cfg: InferConfig,
+    pre: LoadedModel,
+    inputs: Inputs,
+    run_id: str,
+    started: dt.datetime,
+    staging: storage.Location | None = None,
+    suffix: str = outputs.STAGED_SUFFIX,
+) -> Staged:
+    """Run the Ray Data pipeline into `staging` (default: `{output}/_staging/run={run_id}/`), files named
+    `part-*{suffix}`. Nothing is published."""
     import ray
     from ray.data import ActorPoolStrategy
     from ray.data.datasource import FilenameProvider
@@ -130,7 +142,7 @@ def predict_to_staging(cfg: InferConfig, pre: LoadedModel, inputs: Inputs, run_i
     class StagedNames(FilenameProvider):  # not `*.parquet`: no glob reader picks up a staged file
         def get_filename_for_task(self, write_uuid, task_index):
             # `{i}`: Ray's Parquet sink numbers the files of one task (and keeps a templated name as it is)
-            return f"part-{task_index:06d}-{write_uuid}-{{i}}{outputs.STAGED_SUFFIX}"
+            return f"part-{task_index:06d}-{write_uuid}-{{i}}{suffix}"
 
     configure_ray_data()
     # Ray Data reserves part of the CPU budget per operator; with a model actor pool holding slots that
@@ -169,7 +181,7 @@ def predict_to_staging(cfg: InferConfig, pre: LoadedModel, inputs: Inputs, run_i
             num_cpus=cfg.decode_cpus,
         )
     weights = ray.put(pre.weights)  # read once by the driver: every replica gets these exact bytes
-    staging = outputs.Layout.of(cfg.output).staging(run_id)
+    staging = staging or outputs.Layout.of(cfg.output).staging(run_id)
     timeline = staging.join(TIMELINE).uri
     ds = ds.map_batches(
         Predictor,
@@ -196,7 +208,7 @@ def predict_to_staging(cfg: InferConfig, pre: LoadedModel, inputs: Inputs, run_i
     t0 = time.time()
     ds.write_parquet(path, filesystem=fs, filename_provider=StagedNames())
     files = [storage.to_uri(staging, f.path) for f in storage.list_files(staging.uri)]
-    staged = Staged([f for f in files if f.endswith(outputs.STAGED_SUFFIX)], startup_s=startup_seconds(timeline, t0))
+    staged = Staged([f for f in files if f.endswith(suffix)], startup_s=startup_seconds(timeline, t0))
     try:
         staged.operator_s = operator_seconds(ds.stats())
     except Exception as e:  # stats are for the summary line only
@@ -228,12 +240,16 @@ def _list_and_state(cfg: InferConfig, pre: LoadedModel, layout: outputs.Layout):
 
 
 def _check_run_id(layout: outputs.Layout, run_id: str) -> None:
-    if storage.exists(layout.run_record(run_id).uri) or (
+    """Refuse an id that any run left a trace of: committed, rolled back (its tombstone's sweep would delete the
+    new run's files), or with a commit intent (checked after `recover`, which finishes or rolls back those)."""
+    used = [layout.run_record(run_id), layout.tombstone(run_id), layout.intent(run_id)]
+    if any(storage.exists(loc.uri) for loc in used) or (
         not storage.list_files(layout.output.join(outputs.RUNS).uri)
         and any(r["run_id"] == run_id for r in outputs.committed_runs(layout.output.uri))
     ):
         raise RunIdTaken(
-            f"--run-id {run_id}: a run with this id is already committed under {layout.output.uri}; "
+            f"--run-id {run_id}: a run with this id is already committed (or was rolled back) under "
+            f"{layout.output.uri}; "
             "choose a new id (or leave it out: the default is the UTC time and a random suffix)"
         )
 
@@ -280,8 +296,6 @@ def _run_held(cfg, pre, layout, lease, run_id, started, stages) -> dict:
         "already_done": 0,
         "skipped_inputs": 0,
     }
-    if cfg.run_id:
-        _check_run_id(layout, run_id)
     with stages("recover"):
         try:
             rec = publish.recover(layout, lease)
@@ -293,6 +307,8 @@ def _run_held(cfg, pre, layout, lease, run_id, started, stages) -> dict:
                 "are not affected; the next run tries again"
             ) from e
     result["recovered"], result["rolled_back"] = rec.finished, rec.rolled_back
+    if cfg.run_id:  # after recovery: a crashed commit of this id is finished (or rolled back) by now
+        _check_run_id(layout, run_id)
     # Listing (and the --since-last-run state) runs in a thread while this one connects to Ray: on a large
     # prefix the listing takes as long as the start-up. The weights go to the object store only when
     # there is something to predict.
@@ -316,8 +332,10 @@ def _run_held(cfg, pre, layout, lease, run_id, started, stages) -> dict:
             f"since last run: {result['already_done']} of {before} inputs need no new prediction with this model",
             flush=True,
         )
-    if cfg.limit and inputs.kind != "shards":
+    if cfg.limit and inputs.kind != "shards" and len(inputs) > cfg.limit:
         inputs.table = inputs.table.slice(0, cfg.limit)
+        # the mark of what is predicted, not of the whole listing: what the limit left out is listed again
+        listed_through = {k: pc.max(inputs.table["image_uri"]).as_py() for k in listed_through}
     if not len(inputs):
         lease.check()  # "nothing new" is only an answer if the state it read was ours to read
         return {**result, "elapsed_s": time.time() - stages.t0, "timings_s": stages.s}

@@ -13,6 +13,31 @@ class InferConfig(DecodeRuleFields):
         None, description="images: S3 prefix or folder, a class-folder tree, or a shards manifest"
     )
     output: str | None = Field(None, description="where prediction runs are published (S3 prefix or folder)")
+    table: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$",
+        description="publish to this Iceberg table instead (<namespace>.<name>), one snapshot per run",
+    )
+    catalog: str | None = Field(
+        None,
+        description="with --table: sqlite:///<path>.db (pyiceberg SqlCatalog), postgresql://... or rest+https://... "
+        "(a REST catalog: Polaris, Nessie, Unity, Glue, S3 Tables); default $VITRAY_CATALOG (`make up` sets it)",
+    )
+    warehouse: str | None = Field(
+        None, description="with --table: where a new table's files go (s3://...); default $VITRAY_WAREHOUSE"
+    )
+    table_lease: bool = Field(
+        False,
+        description="with --table: also hold a lease on the table's location, so overlapping schedules do not "
+        "predict the same inputs twice (the table's commits alone keep one row per input version)",
+    )
+    maintain_every: int = Field(
+        0, ge=0, description="with --table: every N runs, expire old snapshots and remove orphan files (0: never)"
+    )
+    snapshot_retention_days: float = Field(30.0, gt=0, description="maintenance: keep snapshots this many days")
+    orphan_grace_h: float = Field(
+        24.0, gt=0, description="maintenance: remove unreferenced data files older than this (a killed run's)"
+    )
     batch_size: int = Field(64, ge=1, description="images per model call")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (0: CPU)")
     replicas: tuple[int, int] = Field((1, 2), description="model replicas min,max (actor pool autoscaling)")
@@ -86,6 +111,11 @@ ALIASES = {
     "model": "model",
     "input": "input",
     "output": "output",
+    "table": "table",
+    "catalog": "catalog",
+    "warehouse": "warehouse",
+    "table-lease": "table_lease",
+    "maintain-every": "maintain_every",
     "batch-size": "batch_size",
     "num-gpus": "num_gpus",
     "replicas": "replicas",

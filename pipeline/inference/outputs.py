@@ -102,7 +102,7 @@ def committed_runs(output: str) -> list[dict]:
     out = storage.parse_uri(output)
     records = [json.loads(storage.read_bytes(u)) for u, n in files_under(out.join(RUNS)) if n.endswith(".json")]
     if not records:
-        for f in storage.listfiles_under(out.uri):
+        for f in storage.list_files(out.uri):
             parts = posixpath.relpath(f.path, out.path).split("/")
             if len(parts) == 3 and parts[0].startswith("dt=") and parts[1].startswith("run=") and parts[2] == SUCCESS:
                 records.append(json.loads(storage.read_bytes(storage.to_uri(out, f.path))))

@@ -135,6 +135,10 @@ def print_summary(r: dict) -> None:
         "s",
         f"predictions  {r['output'] or 'nothing new to predict'}",
     ]
+    if r.get("table"):
+        lines.append(
+            f"query        python jobs/table.py show {r['table']}   (pyiceberg, duckdb, polars, Spark: README)"
+        )
     if r.get("skipped_inputs"):
         lines.append(f"not inputs   {r['skipped_inputs']} hidden names (listed in _SUCCESS `not_inputs`)")
     if r.get("already_done"):
