@@ -119,7 +119,7 @@ listed = [f"s3://in/r{n + k // 500:05d}/{k % 500:05d}.jpg" for k in range(1000)]
 listed = pa.table({"image_uri": listed, "input_version": ["1:1"] * 1000})
 t = time.perf_counter()
 seen = ledger.read_ledger(layout, sys.argv[2], only=listed["image_uri"])
-mask = ledger.todo(ledger, listed)
+mask = ledger.todo(seen, listed)
 print(time.perf_counter() - t, hwm(), seen.num_rows, flush=True)
 import os; os._exit(0)  # pyarrow's pools at interpreter exit can abort ("terminate called"): not what is measured
 """

@@ -381,3 +381,22 @@ def test_both_jobs_read_the_decode_rules_from_one_declaration(tmp_path):
         timeout=120,
     )
     assert r.returncode == 2 and "format" in r.stderr and "webdataset" in r.stderr, r.stderr
+
+
+def test_a_local_input_folder_with_a_symlink_loop_lists_each_image_once(tmp_path):
+    """#38 items 7, 15: pyarrow's listing followed a loop 40 levels deep (one image came back as 41 URIs and 41
+    rows) and dropped dangling links silently; batch inference now lists local folders with make_shards'
+    walker: the loop, the dangling link and the FIFO are listed skips with their reason."""
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.png").write_bytes(_png(40, 40, 1))
+    (src / "b.png").write_bytes(_png(40, 40, 2))
+    os.symlink(src, src / "sub" / "loop")
+    os.symlink(tmp_path / "gone.png", src / "dangling.png")
+    os.mkfifo(src / "pipe.png")
+    got = inference.list_inputs(InferConfig(model="m", input=str(src), output=str(tmp_path / "out")), [])
+    uris = got.table["image_uri"].to_pylist()
+    assert sorted(u.rsplit("/", 1)[-1] for u in uris) == ["a.png", "b.png"] and len(uris) == 2
+    reasons = " | ".join(s["reason"] for s in got.skipped)
+    assert "symlink loop" in reasons and "dangling symlink" in reasons and "not a regular file" in reasons
+    assert got.table["input_size"].to_pylist() == [os.path.getsize(u) for u in uris]

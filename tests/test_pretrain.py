@@ -144,6 +144,41 @@ def test_plain_loop_runs_without_ray_and_resumes(tmp_path):
     assert steps[0] == 4 and out2["state"]["step"] == 6  # continued, not restarted
 
 
+def test_a_mid_epoch_resume_under_other_order_settings_is_refused_by_name(tmp_path):
+    """#38 item 11: the checkpoint's position in the epoch means the same samples only under the same seed,
+    window and split; a resume with `--data.window_shards 2` trained some samples twice and others never."""
+    cfg = PretrainConfig.model_validate(
+        {
+            "train": {"batch_size": 16, "epochs": 2, "log_every_steps": 1, "max_steps": 3, "report_every_s": 0},
+            "optim": {"warmup_steps": 1},
+        }
+    )
+    rng = np.random.default_rng(0)
+    data = {
+        "patches": rng.integers(0, 255, (64, 64, 48), dtype=np.uint8),
+        "label": rng.integers(0, 10, 64),
+        "valid": np.ones(64, bool),
+    }
+
+    def batches(split, bs, epoch, train_):
+        for i in range(0, 64 - bs + 1, bs):
+            yield {k: v[i : i + bs] for k, v in data.items()}
+
+    train(cfg, LocalSession(batches, tmp_path, device=torch.device("cpu")), num_classes=10, train_count=64)
+    for field, value in (("window_shards", 2), ("shuffle_seed", 7)):
+        other = cfg.model_copy(
+            update={
+                "data": cfg.data.model_copy(update={field: value}),
+                "train": cfg.train.model_copy(update={"max_steps": 6}),
+            }
+        )
+        with pytest.raises(ValueError, match=rf"data\.{field} .* -> {value}"):
+            train(other, LocalSession(batches, tmp_path, device=torch.device("cpu")), num_classes=10, train_count=64)
+    same = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 6})})
+    out = train(same, LocalSession(batches, tmp_path, device=torch.device("cpu")), num_classes=10, train_count=64)
+    assert out["state"]["step"] == 6
+
+
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_the_next_epoch_stream_starts_while_the_epoch_evaluates(prefetch):
     """With data.prefetch_next_epoch the next epoch's first batch is taken while the current epoch's

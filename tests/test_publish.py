@@ -521,3 +521,31 @@ def test_storage_keeps_every_legal_s3_key_verbatim(bucket):
     assert sorted(listed) == sorted(f"{bucket}/in/{n}" for n in names)
     for uri in listed:
         assert storage.read_bytes(uri) == uri.rsplit("/", 1)[1].encode()
+
+
+def test_recovery_touches_nothing_outside_the_output_and_one_bad_object_never_blocks_it(base, tmp_path):
+    """#38 items 4-5: an intent or a tombstone is a file anyone who can write the prefix can put there. One
+    naming a folder outside --output (a sibling, another bucket's data) must not have it deleted or written;
+    a torn tombstone or an intent without its model used to make every run exit 4. Each is quarantined."""
+    layout = outputs.Layout.of(base)
+    sibling = f"{base}-sibling/dt=2026-12-01/run=x"
+    storage.write_bytes(f"{sibling}/part-00000.parquet", b"someone else's data")
+    good = _stage(layout, "good", ["s3://in/a.jpg", "s3://in/b.jpg"])
+    ok = publish.plan_commit(layout, "good", "2026-12-03", good, accuracy_report=None, ledger=True, model_sha256=SHA)
+    escaping = publish.Intent("evil", sibling, [[good[0], f"{sibling}/part-00001.parquet"]], None, False, {}, 0)
+    no_model = publish.Intent("nomodel", layout.run_dir("2026-12-03", "nomodel").uri, [], None, True, {}, 0)
+    storage.write_bytes(layout.intent("evil").uri, escaping.to_json())
+    storage.write_bytes(layout.intent("nomodel").uri, no_model.to_json())
+    storage.write_bytes(layout.intent("good").uri, ok.to_json())
+    storage.write_bytes(layout.tombstone("far").uri, json.dumps({"run_id": "far", "run_dir": sibling}).encode())
+    storage.write_bytes(layout.tombstone("torn").uri, b'{"run_id": "torn", "run_d')
+    with Lease(base, "R") as lease:
+        rec = publish.recover(layout, lease)
+    assert rec.finished == ["good"]  # the trustworthy intent is finished, the rest set aside
+    assert storage.read_bytes(f"{sibling}/part-00000.parquet") == b"someone else's data"
+    assert not storage.exists(f"{sibling}/part-00001.parquet")
+    quarantined = sorted(n.split("-", 1)[1] for _, n in outputs.files_under(layout.output.join(outputs.QUARANTINE)))
+    assert quarantined == ["run=evil.json", "run=far.json", "run=nomodel.json", "run=torn.json"]
+    assert not outputs.files_under(layout.output.join(outputs.COMMITS))
+    with Lease(base, "S") as lease:  # and the next run goes on as usual
+        assert publish.recover(layout, lease).finished == []

@@ -250,3 +250,56 @@ def test_maintenance_expires_old_snapshots_and_keeps_the_current_one(ray_cluster
     table = _table(where)
     assert out["expired_snapshots"] == 2 and len(table.snapshots()) == 1 and out["removed_files"] == 0
     assert table.scan().to_arrow().num_rows == 5  # the current snapshot still holds every row
+
+
+def _commit_rows(cat, run_id, rows_, sha="ab" * 32, when=None):
+    """Commit hand-made prediction rows as one run's snapshot (no Ray): the table's planning side, alone."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    from pipeline.inference.rows import output_schema
+
+    schema = output_schema(False)
+    when = when or dt.datetime.now(dt.timezone.utc)
+    full = [
+        {f.name: None for f in schema}
+        | {"model_uri": "m", "model_sha256": sha, "run_id": run_id, "inferred_at": when, "input_version": "1:1"}
+        | r
+        for r in rows_
+    ]
+    path = f"{cat.load_table('preds.t').location()}/data/vitray-run={run_id}/part-0.parquet"
+    local = storage.parse_uri(path).path
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(full, schema=schema), local)
+    props = {snapshots.RUN_ID: run_id, snapshots.MODEL_SHA: sha, snapshots.MARKS: "{}"}
+    return snapshots.commit(cat, "preds.t", cat.load_table("preds.t"), [path], props, {}, None, sha)
+
+
+def test_append_only_planning_adds_back_only_what_is_still_failed_transiently(tmp_path):
+    """Below the mark the listing no longer returns an input; one whose latest row is a transient error is
+    added back, one that failed transiently and then succeeded is not (it would be predicted every night)."""
+    import datetime as dt
+    import types
+
+    cat = catalog.open_catalog(f"sqlite:///{tmp_path}/c.db", f"file://{tmp_path}/wh")
+    catalog.open_table(cat, "preds.t", embeddings=False)
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        (src / name).write_bytes(b"x")
+    a, b, c = (storage.parse_uri(f"{src}/{n}").uri for n in ("a.png", "b.png", "c.png"))
+    t0 = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
+    cut = {"error": "cannot read (timeout)", "error_kind": "transient"}
+    _commit_rows(cat, "r1", [{"image_uri": a, **cut}, {"image_uri": b, **cut}], when=t0)
+    _commit_rows(cat, "r2", [{"image_uri": b, "pred_id": 1}], when=t0 + dt.timedelta(days=1))
+    table = cat.load_table("preds.t")
+    marks = {"ab" * 32: {storage.parse_uri(str(src)).uri: storage.parse_uri(c).uri}}  # all listed once already
+    base = table.current_snapshot()
+    base.summary.additional_properties[snapshots.MARKS] = __import__("json").dumps(marks)
+    cfg = InferConfig(model="m", input=str(src), table="preds.t", since_last_run=True, input_append_only=True)
+    pre = types.SimpleNamespace(weights_sha256="ab" * 32, class_names=[])
+    inputs, held, _, _ = table_run._plan(cfg, pre, table, base)
+    assert inputs.table["image_uri"].to_pylist() == [a]  # b succeeded later: not added back
+    todo = inputs.table.filter(__import__("pipeline.inference.ledger", fromlist=["x"]).todo(held, inputs.table))
+    assert todo["image_uri"].to_pylist() == [a]

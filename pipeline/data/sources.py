@@ -72,7 +72,7 @@ def _skip(path: str, reason: str) -> dict:
     return {"path": path, "reason": reason}
 
 
-def _list_local(root: str) -> tuple[list[Listed], list[dict], list[str]]:
+def list_local(root: str) -> tuple[list[Listed], list[dict], list[str]]:
     """Files, skipped entries, and folders without files. Symlinked folders and files are followed; a
     folder reached again through a link (a loop) and a dangling link are listed skips."""
     files, skipped, empty = [], [], []
@@ -132,7 +132,7 @@ def _list_source(source: str) -> tuple[list[Listed], list[dict], list[str]]:
     if loc.scheme == "file":
         if not os.path.isdir(loc.path):
             raise storage.StorageError(f"--source {source} is not a folder")
-        files, skipped, empty = _list_local(loc.path)
+        files, skipped, empty = list_local(loc.path)
     else:
         files, skipped, empty = [], [], []
         for info in storage.list_files(loc.uri):

@@ -9,9 +9,11 @@ preprocess(): map_batches step, encoded images -> eval patches; the carried colu
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +21,7 @@ import pyarrow as pa
 from pipeline.core import storage
 from pipeline.data.images import ImageDecodeError
 from pipeline.data.manifest import MANIFEST, load_manifest
-from pipeline.data.sources import name_rule
+from pipeline.data.sources import list_local, name_rule
 from pipeline.data.transforms import ImageTransform
 from pipeline.inference import rows
 from pipeline.inference.infer_config import InferConfig
@@ -59,7 +61,17 @@ def list_inputs(cfg: InferConfig, class_names: list[str], start_after: str | Non
         uris = [u for split in manifest.splits if cfg.split in (None, split) for u in manifest.shard_uris(split)]
         return Inputs(rows.input_table({"image_uri": uris}), "shards")
     files, skipped = [], []
-    for f in storage.list_files(loc.uri, start_after=start_after):
+    if loc.scheme == "file":  # make_shards' walker: a symlink loop, a dangling link, a FIFO are listed skips
+        listed, skipped, _ = list_local(loc.path)
+        after = storage.parse_uri(start_after).path if start_after else ""
+        for item in sorted(listed, key=lambda x: x.uri):
+            if item.uri > after:
+                st = os.stat(item.uri)
+                info = SimpleNamespace(
+                    path=item.uri, size=st.st_size, mtime=dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc)
+                )
+                files.append((info, item.rel))
+    for f in storage.list_files(loc.uri, start_after=start_after) if loc.scheme != "file" else []:
         rel = f.path[len(loc.path) :].lstrip("/" if loc.scheme == "s3" else os.sep).replace(os.sep, "/")
         rule = name_rule(rel)
         if rule:

@@ -12,6 +12,7 @@ Hive; staged files do not end in `.parquet`, so duckdb's `**/*.parquet` does not
     dt=<date>/run=<id>/_SUCCESS            the commit marker, written after the last part
     _runs/run=<id>.json                    the same record: the index of committed runs
     _ledger/<model sha256>/*.ledger        latest result per input, appended one object per run (`ledger`)
+    _quarantine/                           intents and tombstones recovery could not read or trust
 
 How a run gets there: `publish`.
 """
@@ -31,6 +32,7 @@ from pipeline.core import storage
 SUCCESS = "_SUCCESS"
 ACCURACY = "_accuracy.json"
 STAGING, COMMITS, LEDGER, RUNS, ROLLED_BACK = "_staging", "_commits", "_ledger", "_runs", "_rolled_back"
+QUARANTINE = "_quarantine"  # bookkeeping objects recovery could not read or trust, kept for a person
 STAGED_SUFFIX = ".parquet.staged"
 
 

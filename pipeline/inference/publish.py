@@ -24,6 +24,7 @@ from pipeline.inference.ledger import append_ledger
 from pipeline.inference.outputs import (
     ACCURACY,
     COMMITS,
+    QUARANTINE,
     ROLLED_BACK,
     STAGING,
     SUCCESS,
@@ -154,6 +155,44 @@ def roll_back(layout: Layout, intent: Intent, lease, why: str) -> None:
     storage.delete(layout.intent(intent.run_id).uri)
 
 
+def _under(layout: Layout, uri: str, *parts: str) -> bool:
+    """Whether `uri` lies strictly inside `--output`/`parts` (same store, no `..`): what recovery may touch."""
+    try:
+        loc = storage.parse_uri(uri)
+    except Exception:  # noqa: BLE001 - not a URI at all
+        return False
+    base = layout.output.join(*parts) if parts else layout.output
+    if (loc.scheme, loc.bucket) != (base.scheme, base.bucket) or ".." in loc.path.split("/"):
+        return False
+    return loc.path.startswith(base.path.rstrip("/") + "/")
+
+
+def untrusted(layout: Layout, intent: Intent) -> str | None:
+    """Why an intent may not be acted on (a path outside this output's own folders), or None. Intents and
+    tombstones are files anyone with write access to the prefix can put there: recovery deletes and copies
+    what they name, so it refuses anything outside `--output`."""
+    if not isinstance(intent.run_dir, str) or not _under(layout, intent.run_dir) or "/dt=" not in intent.run_dir:
+        return f"run_dir {intent.run_dir!r} is not a run folder under {layout.output.uri}"
+    try:
+        for staged, dest in intent.parts:
+            if not _under(layout, staged, STAGING) or not _under(layout, dest) or not dest.startswith(intent.run_dir):
+                return f"part {staged!r} -> {dest!r} is not this output's staging -> run folder"
+    except (TypeError, ValueError):
+        return f"parts {intent.parts!r} are not [staged, published] pairs"
+    if intent.ledger and not (isinstance(intent.success, dict) and intent.success.get("model_sha256")):
+        return "it feeds the ledger but names no model_sha256"
+    return None
+
+
+def quarantine(layout: Layout, uri: str, why: str) -> None:
+    """Move a bookkeeping object recovery cannot trust or read to `_quarantine/` (kept for a person to look
+    at, skipped by every reader), so one bad object never blocks every later run."""
+    log.warning("quarantining %s: %s", uri, why)
+    name = uri.rsplit("/", 1)[-1]
+    if storage.copy(uri, layout.output.join(QUARANTINE, f"{int(time.time())}-{name}").uri, missing_ok=True):
+        storage.delete(uri)
+
+
 @dataclass
 class Recovered:  # runs rolled forward, runs rolled back, staged / stray / temporary files deleted
     finished: list[str] = field(default_factory=list)
@@ -168,9 +207,14 @@ def recover(layout: Layout, lease) -> Recovered:
     for uri, _ in files_under(layout.output.join(COMMITS)):
         try:
             intent = Intent.from_json(storage.read_bytes(uri))
-        except (ValueError, TypeError) as e:  # a torn or foreign file: nothing it names can be trusted
-            log.warning("removing an unreadable commit intent %s: %s", uri, e)
-            storage.delete(uri)
+        except storage.StorageError as e:  # gone between the listing and the read: finished by its writer
+            log.info("commit intent %s went away while recovering (%s)", uri, e)
+            continue
+        except (ValueError, TypeError, KeyError) as e:  # a torn or foreign file: nothing it names can be trusted
+            quarantine(layout, uri, f"unreadable commit intent ({e})")
+            continue
+        if why := untrusted(layout, intent):
+            quarantine(layout, uri, why)
             continue
         log.warning("finishing the commit of run %s (fence %d), interrupted", intent.run_id, intent.fence)
         try:
@@ -182,8 +226,18 @@ def recover(layout: Layout, lease) -> Recovered:
     now = time.time()
     for uri, _ in files_under(layout.output.join(ROLLED_BACK)):
         lease.check()
-        stone = json.loads(storage.read_bytes(uri))
-        for stray, _ in files_under(storage.parse_uri(stone["run_dir"])):
+        try:
+            stone = json.loads(storage.read_bytes(uri))
+            run_dir = stone["run_dir"]
+        except storage.StorageError:
+            continue
+        except (ValueError, TypeError, KeyError) as e:
+            quarantine(layout, uri, f"unreadable tombstone ({e})")
+            continue
+        if not _under(layout, run_dir) or "/dt=" not in run_dir:
+            quarantine(layout, uri, f"tombstone names {run_dir!r}, not a run folder under {layout.output.uri}")
+            continue
+        for stray, _ in files_under(storage.parse_uri(run_dir)):
             log.warning("removing %s: written late by rolled-back run %s", stray, stone["run_id"])
             storage.delete(stray)
             out.removed += 1

@@ -49,6 +49,7 @@ from pipeline.training.step import (
     epoch_todo,
     full_epoch,
     optimizer_step,
+    order_settings,
     record_keys,
     report_is_due,
 )
@@ -329,7 +330,7 @@ def train(
                 if epoch_ends:
                     break
                 if ckpt_due:  # where every rank stands: the checkpoint resumes at the next sample
-                    state.todo = still_to_do(run, state, todo, began)
+                    state.todo, state.order = still_to_do(run, state, todo, began), order_settings(cfg)
                     first_keyed = record_keys(run, state, keys, first_keyed)
                     checkpoint(run, state, {**last, "step": state.step, "epoch": state.epoch})
                 elif report_due:
@@ -347,6 +348,7 @@ def train(
             # collector would end its split's execution later, whichever epoch that is by then.
             batches.close()
             state.todo = None if epoch_done else still_to_do(run, state, todo, began)
+            state.order = None if epoch_done else order_settings(cfg)
             record_keys(run, state, keys, first_keyed)
             upcoming = state.epoch + epoch_done
             if cfg.data.prefetch_next_epoch and state.step < run.total_steps and upcoming < cfg.train.epochs:

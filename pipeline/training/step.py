@@ -71,6 +71,7 @@ class TrainState:
     dropped_samples: int = 0  # undecodable samples left out of the loss
     skipped_batches: int = 0  # micro-batches without one valid sample
     todo: list | None = None  # mid-epoch: the epoch's positions still to read (order.advance)
+    order: dict | None = None  # the settings `todo` is a position in (ORDER_SETTINGS); a resume must match them
     history: list[dict] = field(default_factory=list)  # one entry per epoch
 
     @classmethod
@@ -215,6 +216,15 @@ def optimizer_step(run: Run, state: TrainState, batches: Iterator, window: Repor
 
 
 # ---- the data position -----------------------------------------------------------------------
+ORDER_SETTINGS = ("data.manifest", "data.train_split", "data.shuffle_seed", "data.window_shards")
+
+
+def order_settings(cfg) -> dict:
+    """What the epoch's order is a function of, besides the batch size (checked by its count): a position in
+    `todo` means the same samples only under the same values."""
+    return {k: getattr(cfg.data, k.split(".", 1)[1]) for k in ORDER_SETTINGS}
+
+
 def full_epoch(run: Run) -> list[list[int]]:
     return [[0, run.steps_per_epoch * run.cfg.train.batch_size]]
 
@@ -224,6 +234,15 @@ def epoch_todo(run: Run, state: TrainState) -> list[list[int]]:
     checkpoint without a record, from before exact order: its steps' share of the start of every part)."""
     if state.step_in_epoch == 0:
         return full_epoch(run)
+    if state.order is not None:
+        now = order_settings(run.cfg)
+        changed = [f"{k} {state.order.get(k)!r} -> {now[k]!r}" for k in ORDER_SETTINGS if state.order.get(k) != now[k]]
+        if changed:
+            raise ValueError(
+                f"the checkpoint stopped {state.step_in_epoch} steps into epoch {state.epoch} under other order "
+                f"settings ({', '.join(changed)}): resumed so, some samples would be trained twice this epoch and "
+                "others never. Resume with the settings the run started with, or start a new --name"
+            )
     if state.todo is None:
         return order.advance(full_epoch(run), run.session.world_size, state.step_in_epoch * run.per_rank)
     want = (run.steps_per_epoch - state.step_in_epoch) * run.cfg.train.batch_size

@@ -22,8 +22,9 @@ from pipeline.inference.rows import output_schema
 
 CATALOG_ENV, WAREHOUSE_ENV = "VITRAY_CATALOG", "VITRAY_WAREHOUSE"
 # pyiceberg's own retry rebases an append onto whatever landed meanwhile without validating it: ours does
-# (`snapshots.commit`), so the table's must be off
-NO_REBASE = {"commit.retry.num-retries": "0"}
+# (`snapshots.commit`), so the table's must be off. Merged manifests: planning reads a few manifests, not one
+# per run (measured by bench/table.py).
+NO_REBASE = {"commit.retry.num-retries": "0", "commit.manifest-merge.enabled": "true"}
 
 
 class TableRefused(ValueError):

@@ -87,12 +87,15 @@ def _plan(cfg: InferConfig, pre: batch.LoadedModel, table, base):
     mark = None
     if inputs.kind != "shards":
         mark = pc.max(inputs.table["image_uri"]).as_py() if len(inputs) else start_after
-    held = snapshots.seen(table, base.snapshot_id if base else None, sha) if cfg.since_last_run else None
-    if start_after and held is not None:
-        transient = pc.equal(pc.fill_null(held["error_kind"], ""), rows.TRANSIENT)
-        again = [u for u in held.filter(transient)["image_uri"].to_pylist() if u.startswith(prefix)]
-        if again:
-            inputs.table = pa.concat_tables([inputs.table, rows.input_table({"image_uri": again})])
+    held, snapshot_id = None, base.snapshot_id if base else None
+    if start_after:  # below the mark, the listing no longer returns what failed transiently: add it back
+        tried = snapshots.transient_failures(table, snapshot_id, sha, prefix)
+        latest = snapshots.seen(table, snapshot_id, sha, only=tried) if tried else None
+        again = [] if latest is None else latest.filter(pc.equal(latest["error_kind"], rows.TRANSIENT))["image_uri"]
+        if len(again):
+            inputs.table = pa.concat_tables([inputs.table, rows.input_table({"image_uri": again.to_pylist()})])
+    if cfg.since_last_run:
+        held = snapshots.seen(table, snapshot_id, sha, only=inputs.table["image_uri"].to_pylist())
     return inputs, held, ({prefix: mark} if mark else {}), time.time() - t
 
 
