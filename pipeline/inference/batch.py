@@ -14,8 +14,6 @@ The layout under --output, what each reader sees, and why a crash anywhere is sa
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import logging
 import time
 import uuid
@@ -25,15 +23,16 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.core import exported, storage
+from pipeline.core import storage
 from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_ERROR_RATE, EXIT_PARTIAL
 from pipeline.core.lease import LeaseLost, output_lease
 from pipeline.core.signals import in_job, unwind_on_sigterm
 from pipeline.data.manifest import load_manifest
 from pipeline.inference import ledger, outputs, publish, rows
 from pipeline.inference.infer_config import ALIASES, InferConfig  # noqa: F401 - the job's schema, re-exported
-from pipeline.inference.inputs import Inputs, fetch_and_preprocess, is_shards, list_inputs, preprocess, shard_rows
+from pipeline.inference.inputs import Inputs, fetch_and_preprocess, list_inputs, preprocess, shard_rows
 from pipeline.inference.predictor import Predictor
+from pipeline.inference.preflight import LoadedModel, preflight
 from pipeline.inference.run_report import (
     TIMELINE,
     StageTimes,
@@ -42,7 +41,6 @@ from pipeline.inference.run_report import (
     startup_seconds,
     summarize_staged,
 )
-from vit_model import ViTConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +62,6 @@ class RunIdTaken(ValueError):
     exit_code = EXIT_BAD_INPUT
 
 
-# ---- inputs ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """What the driver checked and read before writing anything: the model's bytes, read once."""
-
-    weights: bytes  # model.safetensors
-    config: str  # config.json
-    weights_sha256: str
-    model_cfg: ViTConfig  # preprocessing (mean/std, crop, interpolation) included
-    class_names: list[str]
-
-
 @dataclass
 class Staged:
     """A run's staged files, not yet published, and what Ray Data measured while writing them."""
@@ -88,39 +72,6 @@ class Staged:
 
 
 # ---- the job -----------------------------------------------------------------------------------
-def preflight(cfg: InferConfig) -> LoadedModel:
-    """Everything that can be checked without writing: arguments, the model (read once here), buckets."""
-    for name in ("model", "input", "table" if cfg.table else "output"):
-        if not getattr(cfg, name):
-            raise ValueError(f"--{name} is required")
-    if cfg.table and cfg.output:
-        raise ValueError("--table and --output are two outputs: give one (the prefix of Parquet runs, or the table)")
-    weights, config = exported.read(cfg.model)
-    json.loads(config)  # a config.json that does not parse is refused here, before any cluster work
-    storage.check_bucket(cfg.input)
-    if cfg.output:
-        storage.check_bucket(cfg.output)
-    if cfg.output and _inside(cfg.output, cfg.input):
-        raise ValueError(
-            f"--output {cfg.output} is inside --input {cfg.input}: the published parts would be listed as inputs "
-            "by the next run. Put the output beside the input, e.g. s3://bucket/predictions next to s3://bucket/images"
-        )
-    if cfg.input_append_only and not cfg.since_last_run:
-        raise ValueError("--input-append-only needs --since-last-run (it lists what came after the last run)")
-    if cfg.since_last_run and is_shards(cfg.input):
-        raise ValueError("--since-last-run works on image prefixes, not on shards (shards are immutable data sets)")
-    model_cfg = exported.model_config(config)  # this project's export or a timm folder; preprocessing included
-    return LoadedModel(weights, config, hashlib.sha256(weights).hexdigest(), model_cfg, exported.class_names(config))
-
-
-def _inside(child: str, parent: str) -> bool:
-    c, p = storage.parse_uri(child), storage.parse_uri(parent)
-    if c.scheme != p.scheme:
-        return False
-    cp, pp = c.path.rstrip("/"), p.path.rstrip("/")
-    return cp == pp or cp.startswith(pp + "/")
-
-
 def predict_to_staging(
     cfg: InferConfig,
     pre: LoadedModel,

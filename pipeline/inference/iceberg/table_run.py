@@ -32,6 +32,7 @@ from pipeline.inference.iceberg import catalog as catalogs
 from pipeline.inference.iceberg import maintenance, snapshots
 from pipeline.inference.infer_config import InferConfig
 from pipeline.inference.inputs import list_inputs
+from pipeline.inference.preflight import LoadedModel, inside, preflight
 from pipeline.inference.run_report import TIMELINE, StageTimes, summarize_staged
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,11 @@ def run(cfg: InferConfig) -> dict:
     CatalogUnavailable / Conflict (exit 75, nothing committed), ErrorRateExceeded (nothing committed)."""
     stages = StageTimes()
     with stages("preflight"):
-        pre = batch.preflight(cfg)
+        pre = preflight(cfg)
         cat = catalogs.open_catalog(cfg.catalog, cfg.warehouse)
         table = catalogs.open_table(cat, cfg.table, cfg.embeddings)
     location = storage.parse_uri(table.location())
-    if batch._inside(location.uri, cfg.input):
+    if inside(location.uri, cfg.input):
         raise ValueError(
             f"--table {cfg.table} lives under --input ({location.uri}): its files would be listed as inputs"
         )
@@ -75,7 +76,7 @@ class _Unleased:
         pass
 
 
-def _plan(cfg: InferConfig, pre: batch.LoadedModel, table, base):
+def _plan(cfg: InferConfig, pre: LoadedModel, table, base):
     """(inputs, the model's rows at `base` or None, the listing's mark, seconds): what is new, from the table."""
     t = time.time()
     prefix = storage.parse_uri(cfg.input).uri
