@@ -303,3 +303,21 @@ def test_append_only_planning_adds_back_only_what_is_still_failed_transiently(tm
     assert inputs.table["image_uri"].to_pylist() == [a]  # b succeeded later: not added back
     todo = inputs.table.filter(__import__("pipeline.inference.ledger", fromlist=["x"]).todo(held, inputs.table))
     assert todo["image_uri"].to_pylist() == [a]
+
+
+def test_two_schedules_started_together_leave_one_row_per_input_version(stack, bucket, model_uri, where):
+    """No lease: both plan on the same snapshot; the one that commits second finds the other's rows and exits 75
+    with nothing committed (or, if it planned after the first commit, has nothing new): never two rows."""
+    _put_images(f"{bucket}/in", 4)
+    args = ["--model", model_uri, "--input", f"{bucket}/in", "--table", "preds.t", "--since-last-run"]
+    args += ["--catalog", where["catalog"], "--warehouse", where["warehouse"]]
+    catalog.open_table(catalog.open_catalog(where["catalog"], where["warehouse"]), "preds.t", embeddings=False)
+    a, b = _job(*args), _job(*args)
+    outs = [p.communicate(timeout=300)[0] for p in (a, b)]
+    codes = sorted(p.returncode for p in (a, b))
+    assert codes in ([0, 0], [0, 75]), outs
+    if codes == [0, 75]:
+        loser = outs[[a.returncode, b.returncode].index(75)]
+        assert "committed by another run after it planned" in loser and "Traceback" not in loser
+    assert len(_versions(where)) == 4 == len(set(_versions(where)))
+    assert len(_table(where).snapshots()) == 1
