@@ -115,6 +115,22 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
 
 
+def _toy_batches():
+    """64 random samples of 64 patches, in order: a split for the plain loop."""
+    rng = np.random.default_rng(0)
+    data = {
+        "patches": rng.integers(0, 255, (64, 64, 48), dtype=np.uint8),
+        "label": rng.integers(0, 10, 64),
+        "valid": np.ones(64, bool),
+    }
+
+    def batches(split, bs, epoch, train_):
+        for i in range(0, 64 - bs + 1, bs):
+            yield {k: v[i : i + bs] for k, v in data.items()}
+
+    return batches
+
+
 def test_plain_loop_runs_without_ray_and_resumes(tmp_path):
     """The worker loop as a plain function (world size 1): trains, checkpoints, resumes at the step."""
     cfg = PretrainConfig.model_validate(
@@ -153,17 +169,7 @@ def test_a_mid_epoch_resume_under_other_order_settings_is_refused_by_name(tmp_pa
             "optim": {"warmup_steps": 1},
         }
     )
-    rng = np.random.default_rng(0)
-    data = {
-        "patches": rng.integers(0, 255, (64, 64, 48), dtype=np.uint8),
-        "label": rng.integers(0, 10, 64),
-        "valid": np.ones(64, bool),
-    }
-
-    def batches(split, bs, epoch, train_):
-        for i in range(0, 64 - bs + 1, bs):
-            yield {k: v[i : i + bs] for k, v in data.items()}
-
+    batches = _toy_batches()
     train(cfg, LocalSession(batches, tmp_path, device=torch.device("cpu")), num_classes=10, train_count=64)
     for field, value in (("window_shards", 2), ("shuffle_seed", 7)):
         other = cfg.model_copy(

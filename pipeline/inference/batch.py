@@ -28,7 +28,7 @@ from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_ERROR_RATE, EXIT_PARTIAL
 from pipeline.core.lease import LeaseLost, output_lease
 from pipeline.core.signals import in_job, unwind_on_sigterm
 from pipeline.data.manifest import load_manifest
-from pipeline.inference import ledger, outputs, publish, rows
+from pipeline.inference import ledger, outputs, publish, rows, run_report
 from pipeline.inference.infer_config import ALIASES, InferConfig  # noqa: F401 - the job's schema, re-exported
 from pipeline.inference.inputs import Inputs, fetch_and_preprocess, list_inputs, preprocess, shard_rows
 from pipeline.inference.predictor import Predictor
@@ -235,18 +235,7 @@ def run(cfg: InferConfig) -> dict:
 
 
 def _run_held(cfg, pre, layout, lease, run_id, started, stages) -> dict:
-    result = {
-        "run_id": run_id,
-        "rows": 0,
-        "inputs": 0,
-        "errors": 0,
-        "output": None,
-        "images_per_s": 0.0,
-        "accuracy_full": None,
-        "model_sha256": pre.weights_sha256,
-        "already_done": 0,
-        "skipped_inputs": 0,
-    }
+    result = run_report.nothing_yet(run_id, pre.weights_sha256)
     with stages("recover"):
         try:
             rec = publish.recover(layout, lease)

@@ -127,6 +127,22 @@ class StageTimes:
         self.s[name] = round(self.s.get(name, 0.0) + time.time() - t, 3)
 
 
+def nothing_yet(run_id: str, model_sha256: str) -> dict:
+    """A run's result before it has predicted anything (what a run with nothing new returns)."""
+    return {
+        "run_id": run_id,
+        "rows": 0,
+        "inputs": 0,
+        "errors": 0,
+        "output": None,
+        "images_per_s": 0.0,
+        "accuracy_full": None,
+        "model_sha256": model_sha256,
+        "already_done": 0,
+        "skipped_inputs": 0,
+    }
+
+
 def print_summary(r: dict) -> None:
     lines = [
         "=" * 64,

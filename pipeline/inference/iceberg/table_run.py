@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from pipeline.core import storage
 from pipeline.core.lease import output_lease
 from pipeline.core.signals import in_job, unwind_on_sigterm
-from pipeline.inference import batch, ledger, rows
+from pipeline.inference import batch, ledger, rows, run_report
 from pipeline.inference.iceberg import catalog as catalogs
 from pipeline.inference.iceberg import maintenance, snapshots
 from pipeline.inference.infer_config import InferConfig
@@ -101,19 +101,7 @@ def _plan(cfg: InferConfig, pre: LoadedModel, table, base):
 
 
 def _run_planned(cfg, pre, cat, table, run_id, started, staging, stages) -> dict:
-    result = {
-        "run_id": run_id,
-        "rows": 0,
-        "inputs": 0,
-        "errors": 0,
-        "output": None,
-        "images_per_s": 0.0,
-        "accuracy_full": None,
-        "model_sha256": pre.weights_sha256,
-        "already_done": 0,
-        "skipped_inputs": 0,
-        "table": cfg.table,
-    }
+    result = {**run_report.nothing_yet(run_id, pre.weights_sha256), "table": cfg.table}
     base = table.current_snapshot()
     with ThreadPoolExecutor(1) as pool:
         planning = pool.submit(_plan, cfg, pre, table, base)
