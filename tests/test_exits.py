@@ -1,11 +1,17 @@
 """The jobs' exit codes come from one table (`pipeline.core.exits`)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from pipeline.core import exits, storage
 from pipeline.core.lease import LeaseHeld
 from pipeline.inference.batch import ErrorRateExceeded
 from pipeline.training.trainer import JobError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _raise(e):
@@ -31,3 +37,24 @@ def test_known_failures_map_to_their_codes_and_one_line(capsys):
 def test_an_unexpected_error_keeps_its_traceback():
     with pytest.raises(KeyError):
         exits.run_job("job", _raise(KeyError("x")))
+
+
+def test_an_interrupt_swallowed_where_exceptions_are_ignored_is_delivered_again():
+    """A lease's interrupt that lands in a weakref callback or a `__del__` was printed ("Exception ignored")
+    and lost: the main thread ran on and the job exited 75 only after its 120 s grace, with a traceback."""
+    code = (
+        "import time\n"
+        "from pipeline.core.signals import unwind_on_sigterm\n"
+        "unwind_on_sigterm()\n"
+        "class Dies:\n"
+        "    def __del__(self):\n"
+        "        raise KeyboardInterrupt\n"
+        "try:\n"
+        "    d = Dies(); del d\n"
+        "    time.sleep(5)\n"
+        "    print('ran on')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('unwound')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "unwound" and "Traceback" not in r.stderr, r.stdout + r.stderr

@@ -24,6 +24,17 @@ def _interrupted(signum, frame):
     raise KeyboardInterrupt
 
 
+def _deliver_swallowed(unraisable) -> None:
+    """sys.unraisablehook in a job: a KeyboardInterrupt that landed where Python ignores exceptions (a weakref
+    callback, a `__del__`: "Exception ignored in ...") would leave the main thread running and its interrupter
+    waiting; it is delivered again, at the next point where it can unwind the run."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        main = threading.main_thread().ident  # from another thread: sent from here it would land in this hook
+        threading.Timer(0.05, signal.pthread_kill, (main, INTERRUPT)).start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def unwind_on_sigterm() -> None:
     """Make SIGTERM unwind the job like an exception (exit 143): `finally` blocks run, so a run removes what
     it staged and releases its lease; and let `interrupt_main` reach the main thread. Ray's driver installs
@@ -31,6 +42,7 @@ def unwind_on_sigterm() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(INTERRUPT, _interrupted)
+        sys.unraisablehook = _deliver_swallowed
 
 
 def in_job() -> bool:
