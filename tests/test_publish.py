@@ -30,10 +30,27 @@ def base(request, tmp_path):
 
 
 # ---- lease -------------------------------------------------------------------------------------
+class Watch:
+    """An injected monotonic clock for a run that watches another holder's lease: each sleep advances it."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, s: float) -> None:
+        self.t += s
+
+
+def _watching(base, run_id, watch, **kw) -> Lease:
+    return Lease(base, run_id, clock=watch, sleep=watch.sleep, **kw)
+
+
 def test_second_lease_is_refused_with_holder_and_expiry(base):
-    with Lease(base, "night-1", ttl_s=60):
-        with pytest.raises(LeaseHeld, match=r"run 'night-1' .* expires at 20\d\d-") as e:
-            Lease(base, "night-2", ttl_s=60).acquire()
+    with Lease(base, "night-1", ttl_s=3):  # renewed every second: the second run sees it change
+        with pytest.raises(LeaseHeld, match=r"run 'night-1' .* changed it while this run watched") as e:
+            Lease(base, "night-2", ttl_s=3).acquire()
         assert e.value.holder["run_id"] == "night-1"
     with Lease(base, "night-2", ttl_s=60):  # released: the next one gets it at once
         pass
@@ -51,18 +68,20 @@ def test_lease_is_renewed_while_held_and_taken_over_after_a_crash(base):
     holder._stop.set()  # the holder crashes: no more renewals, no release
     holder._thread.join()
     time.sleep(3.2)
-    with Lease(base, "tonight", ttl_s=30) as successor:
+    watch = Watch()
+    with _watching(base, "tonight", watch, ttl_s=30) as successor:  # unchanged for one TTL: taken over
+        assert 30 <= watch.t < 33
         assert json.loads(storage.read_bytes(successor.uri))["run_id"] == "tonight"
         with pytest.raises(LeaseLost):  # the old holder finds out before its next irreversible step
             holder.check()
 
 
 def test_two_runs_started_together_get_one_lease(base):
-    results = []
+    results, won = [], []
 
     def contend(i):
         try:
-            Lease(base, f"run-{i}", ttl_s=60).acquire()
+            won.append(Lease(base, f"run-{i}", ttl_s=3).acquire())
             results.append(("won", i))
         except LeaseHeld:
             results.append(("refused", i))
@@ -70,6 +89,7 @@ def test_two_runs_started_together_get_one_lease(base):
     threads = [threading.Thread(target=contend, args=(i,)) for i in range(4)]
     [t.start() for t in threads]
     [t.join() for t in threads]
+    [lease.release() for lease in won]
     assert sorted(r for r, _ in results) == ["refused"] * 3 + ["won"]
 
 
@@ -113,7 +133,7 @@ def _todo(layout, uris, retry_errors=True, versions=None):
     return sorted(listed.filter(mask)["image_uri"].to_pylist())
 
 
-def _run_once(layout, run_id, uris, lease):
+def _run_once(layout, run_id, uris, lease, fence=0):
     """A run of the job minus the model: recover, skip what the ledger has, stage the rest, commit."""
     publish.recover(layout, lease)
     todo = _todo(layout, uris)
@@ -131,6 +151,7 @@ def _run_once(layout, run_id, uris, lease):
         inputs=len(todo),
         errors=0,
         model_sha256=SHA,
+        fence=fence,
     )
     publish.commit(layout, intent, lease)
     return intent
@@ -351,7 +372,7 @@ def test_an_intent_that_landed_after_a_take_over_is_rolled_back_not_wedging_the_
     )
     a._stop.set()  # A is paused: no renewals
     storage.write_bytes(a.uri, json.dumps({"run_id": "A", "expires_at": 0, "generation": 1}).encode())  # expired
-    with Lease(base, "B") as b:
+    with _watching(base, "B", Watch()) as b:
         assert b.generation == 2
         publish.recover(layout, b)  # A's staging is gone
         storage.write_bytes(layout.intent("A").uri, intent.to_json())  # A's late PUT lands
@@ -371,12 +392,56 @@ def test_an_intent_that_landed_after_a_take_over_is_rolled_back_not_wedging_the_
     assert not storage.exists(intent.parts[0][1])
 
 
+def test_a_holder_superseded_at_its_intent_leaves_it_for_the_one_finishing_it(base, monkeypatch):
+    """A writes its intent and is superseded before its next fence; B, taking over, starts finishing A's
+    commit and dies after one part. A must not delete the intent B was finishing: the next holder rolls
+    it forward, so no glob reader is left with parts that no intent, `_SUCCESS` or tombstone accounts for."""
+    layout = outputs.Layout.of(base)
+    uris = [f"s3://in/img{i:02d}.jpg" for i in range(6)]
+    a = Lease(base, "A", ttl_s=3).acquire()
+    intent = publish.plan_commit(
+        layout, "A", "2026-12-03", _stage(layout, "A", uris), accuracy_report=None, ledger=True,
+        fence=a.generation, rows=6, inputs=6, errors=0, model_sha256=SHA,
+    )  # fmt: skip
+    real_fence, real_copy = a.fence, storage.copy
+
+    def superseded_after_its_intent():
+        if storage.exists(layout.intent("A").uri):  # A's second fence: B took over in the meantime
+            a._stop.set()
+            a._thread.join()
+            copies = {"n": 0}
+
+            def dies_after_one(*args, **kw):
+                if copies["n"]:
+                    raise Crash("B is killed mid-copy")
+                copies["n"] += 1
+                return real_copy(*args, **kw)
+
+            b = _watching(base, "B", Watch()).acquire()
+            b._stop.set()  # B dies: it renews no more
+            monkeypatch.setattr(storage, "copy", dies_after_one)
+            with pytest.raises(Crash):
+                publish.recover(layout, b)
+            monkeypatch.setattr(storage, "copy", real_copy)
+        real_fence()
+
+    monkeypatch.setattr(a, "fence", superseded_after_its_intent)
+    with pytest.raises(LeaseLost):
+        publish.commit(layout, intent, a)
+    assert publish.outcome(layout, "A") == "pending"  # the intent stays for whoever holds the output next
+    with _watching(base, "C", Watch()) as c:
+        assert publish.recover(layout, c).finished == ["A"]
+    assert publish.outcome(layout, "A") == "published"
+    assert sorted(outputs.read_published(base).column("image_uri").to_pylist()) == sorted(uris)
+    assert _readers_see(base) == {"pandas": 6, "pyarrow": 6, "duckdb": 6, "duckdb_committed": 6}
+
+
 def test_a_superseded_holder_finds_out_at_its_fence(base):
     a = Lease(base, "A", ttl_s=3).acquire()
     a._stop.set()  # paused past its TTL
     a._thread.join()
     time.sleep(3.2)
-    with Lease(base, "B", ttl_s=60) as b:
+    with _watching(base, "B", Watch(), ttl_s=60) as b:
         assert b.generation == a.generation + 1
         with pytest.raises(LeaseLost, match="not renewed"):  # its own clock tells it
             a.fence()
@@ -406,6 +471,70 @@ def test_a_retried_put_whose_first_attempt_landed_is_ours(base, monkeypatch):
     monkeypatch.undo()
     lease.release()
     assert json.loads(storage.read_bytes(lease.uri))["released"]
+
+
+def test_expiry_is_judged_by_watching_the_lease_not_by_the_holders_clock(base):
+    """A crashed holder whose clock is a day fast is taken over after one TTL of watching; a live holder
+    whose clock is an hour slow (its lease looks long expired) is left alone."""
+    uri = storage.parse_uri(base).join("_lease.json").uri
+
+    def body(run_id, expires_at, token):
+        return json.dumps(
+            {"run_id": run_id, "token": token, "generation": 4, "expires_at": expires_at, "ttl_s": 3, "released": False}
+        ).encode()
+
+    conditional.write_conditional(uri, body("fast", time.time() + 86400, "t0"), if_absent=True)
+    watch = Watch()
+    with _watching(base, "next", watch, ttl_s=3) as taker:
+        assert 3 <= watch.t < 4 and taker.generation == 5
+    stop, renewals = threading.Event(), [0]
+
+    def slow_live_holder():
+        tag = conditional.read_with_tag(uri)[1]
+        while not stop.wait(0.3):
+            renewals[0] += 1
+            tag = conditional.write_conditional(uri, body("slow", time.time() - 3600, str(renewals[0])), if_match=tag)
+
+    conditional.write_conditional(
+        uri, body("slow", time.time() - 3600, "t1"), if_match=conditional.read_with_tag(uri)[1]
+    )
+    holder = threading.Thread(target=slow_live_holder)
+    holder.start()
+    try:
+        with pytest.raises(LeaseHeld, match="'slow'"):
+            Lease(base, "eager", ttl_s=3).acquire()  # the real clock: it sees a renewal within the TTL
+    finally:
+        stop.set()
+        holder.join()
+    assert json.loads(storage.read_bytes(uri))["run_id"] == "slow" and renewals[0] >= 1
+
+
+def test_the_generation_only_grows_when_the_lease_is_deleted_or_unreadable(base, monkeypatch):
+    """An operator deletes a stuck lease on a compacted output (or it is overwritten with garbage): the
+    next holder continues the generation from the output's records, so its ledger object sorts after the
+    merged base and is read: nothing is predicted twice, and --unsafe-no-lease continues it too."""
+    from pipeline.core.lease import NoLease
+
+    monkeypatch.setattr(ledger, "COMPACT_AFTER", 1)
+    layout = outputs.Layout.of(base)
+    floor = lambda: outputs.highest_fence(layout)  # noqa: E731
+    uris = [f"s3://in/img{i:02d}.jpg" for i in range(6)]
+    for i in range(3):
+        with Lease(base, f"r{i}", floor=floor) as lease:
+            _run_once(layout, f"r{i}", uris[: 2 * (i + 1)], lease, fence=lease.generation)
+    assert lease.generation == 3 and outputs.highest_fence(layout) == 3
+    for damage in (lambda: storage.delete(lease.uri), lambda: storage.write_bytes(lease.uri, b"not json")):
+        damage()
+        with Lease(base, "after", floor=floor) as nxt:
+            assert nxt.generation == 4
+    more = [*uris, "s3://in/new.jpg"]
+    with NoLease(floor) as unleased:
+        assert unleased.generation == 4
+        assert _run_once(layout, "after", more, unleased, fence=unleased.generation).success["inputs"] == 1
+    assert outputs.highest_fence(layout) == 4
+    with Lease(base, "again", floor=floor) as lease:
+        assert _todo(layout, more) == []  # the newest run's ledger object is read: nothing twice
+        assert _run_once(layout, "again", more, lease, fence=lease.generation) is None
 
 
 def test_409_conditional_request_conflict_is_a_lost_race():
@@ -549,3 +678,36 @@ def test_recovery_touches_nothing_outside_the_output_and_one_bad_object_never_bl
     assert not outputs.files_under(layout.output.join(outputs.COMMITS))
     with Lease(base, "S") as lease:  # and the next run goes on as usual
         assert publish.recover(layout, lease).finished == []
+
+
+def test_runs_an_older_version_committed_stay_visible_once_new_runs_are_indexed(base):
+    """#38 item 5: an output whose early runs have `_SUCCESS` but no `_runs/` record (written by an older
+    version). Once a new run adds its record, `committed_runs` used to read `_runs/` alone and the early
+    runs vanished from `read_published`; recovery now indexes them once, and the run id stays taken."""
+    layout = outputs.Layout.of(base)
+    old_uris, new_uris = [f"s3://in/old{i}.jpg" for i in range(3)], [f"s3://in/new{i}.jpg" for i in range(2)]
+    with Lease(base, "old") as lease:
+        _run_once(layout, "old", old_uris, lease)
+    storage.delete(layout.output.join(outputs.RUNS).uri, recursive=True)  # as an older version left it
+    assert [r["run_id"] for r in outputs.committed_runs(base)] == ["old"]  # found by listing the output
+    with Lease(base, "new") as lease:
+        _run_once(layout, "new", old_uris + new_uris, lease)  # recover indexes "old" before it commits
+    assert storage.exists(layout.run_record("old").uri)
+    assert sorted(r["run_id"] for r in outputs.committed_runs(base)) == ["new", "old"]
+    assert sorted(outputs.read_published(base).column("image_uri").to_pylist()) == sorted(old_uris + new_uris)
+    with Lease(base, "again") as lease:
+        assert publish.index_runs(layout) == 0  # once only: later runs read `_runs/` alone
+
+
+def test_a_killed_local_writers_tmp_in_any_bookkeeping_folder_never_reaches_recovery(tmp_path):
+    """#38 item 5: a killed local writer leaves `_commits/_tmp/...` (or the ledger's): it is removed before
+    recovery lists the intents, instead of being read as one (or quarantined as a torn one)."""
+    out = tmp_path / "preds"
+    layout = outputs.Layout.of(str(out))
+    for folder in ("_commits", f"_ledger/{SHA}", "_rolled_back"):
+        (out / folder / "_tmp").mkdir(parents=True)
+        (out / folder / "_tmp" / "half.json.123").write_bytes(b'{"run_id": "x", "run_d')
+    with Lease(str(out), "next") as lease:
+        rec = publish.recover(layout, lease)
+    assert rec.removed == 3 and not rec.rolled_back
+    assert not list(out.rglob("_tmp")) and not (out / outputs.QUARANTINE).exists()

@@ -15,9 +15,19 @@ our token in the object tells that it was ours.
 
 Renewed every ttl/3 only while the run makes progress (`progress()` changes within `stall_s`) and for
 at most `max_run_s`: a hung holder stops renewing, is interrupted (`on_lost`), and the next run takes
-over after one TTL. A run that finds a live lease touches nothing and exits with EXIT_LEASE_HELD, which
-a scheduler can tell apart from a failure. Release writes `released: true` (keeping the generation).
-Expiry compares wall clocks: keep the nodes' clocks in sync (NTP) and the TTL well above any skew.
+over after one TTL. Release writes `released: true` (keeping the generation).
+
+Expiry is judged by observation, never by comparing clocks: a run that finds the lease held watches the
+object on its own monotonic clock. If it changes (a renewal, a release, another taker) its holder is
+alive and this run touches nothing and exits with EXIT_LEASE_HELD, which a scheduler can tell apart from
+a failure; if it stays unchanged for one TTL (the longer of the holder's and ours) the holder has stopped,
+and it is taken over with a compare-and-swap on what was watched. A holder stops writing 2/3 TTL after
+its last renewal on its own monotonic clock, so the two never overlap whatever the wall clocks say; the
+`expires_at` in the object is for people. A run that meets a live holder waits up to one renewal period
+(ttl/3) to see it renew; one that meets a crashed holder waits one TTL and goes on.
+
+The generation only grows: when the object is gone (an operator deleted a stuck lease) or unreadable,
+the next one continues from `floor()`, the greatest generation the output's own records carry.
 """
 
 from __future__ import annotations
@@ -45,14 +55,22 @@ class LeaseHeld(RuntimeError):
 
     exit_code = EXIT_LEASE_HELD
 
-    def __init__(self, output: str, holder: dict):
+    def __init__(self, output: str, holder: dict, watched_s: float = 0.0):
         self.holder = holder
-        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(holder.get("expires_at", 0)))
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(_number(holder.get("expires_at"))))
         super().__init__(
             f"another run holds the lease on {output}: run {holder.get('run_id')!r} on "
-            f"{holder.get('holder')!r}, lease expires at {expires} unless renewed. "
+            f"{holder.get('holder')!r} changed it while this run watched ({watched_s:.0f} s), so it is alive "
+            f"(it says it expires at {expires}, by its own clock, unless renewed). "
             f"This run wrote nothing; the next scheduled run will try again"
         )
+
+
+def _number(value, default: float = 0.0) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
 
 
 class LeaseLost(RuntimeError):
@@ -79,6 +97,9 @@ class Lease:
         stall_s: float | None = None,
         progress: Callable[[], object] | None = None,
         on_lost: Callable[[], None] | None = None,
+        floor: Callable[[], int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ):
         if ttl_s < 3:
             raise ValueError(f"lease ttl_s must be at least 3 seconds, got {ttl_s}")
@@ -86,6 +107,8 @@ class Lease:
         self.uri = self.output.join(LEASE).uri
         self.run_id, self.ttl_s = run_id, ttl_s
         self.max_run_s, self.stall_s, self.progress, self.on_lost = max_run_s, stall_s, progress, on_lost
+        self.floor = floor or (lambda: 0)  # the greatest generation the output's records carry
+        self._clock, self._sleep = clock, sleep  # for watching another holder's lease (injected in tests)
         self.token = uuid.uuid4().hex
         self.generation = 0
         self.tag: str | None = None
@@ -119,9 +142,12 @@ class Lease:
         if current is None:
             return None
         try:
-            return json.loads(current[0]), current[1]
+            body = json.loads(current[0])
+            if isinstance(body, dict) and isinstance(body.get("generation", 0), int):
+                return body, current[1]
         except ValueError:
-            return {"run_id": "(unreadable lease)", "expires_at": 0}, current[1]
+            pass
+        return {"run_id": "(unreadable lease)", "unreadable": True}, current[1]
 
     def _ours(self) -> str | None:
         """The object's tag if it is our own last write (a retried request that did land), else None."""
@@ -132,26 +158,39 @@ class Lease:
 
     # ---- taking, keeping, giving back ----------------------------------------------------------
     def acquire(self) -> Lease:
-        """Take the lease or raise LeaseHeld (naming the holder and its expiry)."""
+        """Take the lease, or raise LeaseHeld (naming the holder) once it was seen to change."""
         self.acquired_at, self._started = time.time(), time.monotonic()
-        holder: dict = {"run_id": "(unknown)"}
-        for _ in range(5):  # the holder may release or renew between our requests
+        watched: tuple[str, float] | None = None  # (the holder's tag, our clock when we first read it)
+        while True:
             started = time.monotonic()
             current = self._read()
             if current is None:
-                self.generation, cond = 1, {"if_absent": True}
+                self.generation, cond = self.floor() + 1, {"if_absent": True}
             else:
                 holder, tag = current
-                if not holder.get("released") and holder.get("expires_at", 0) > time.time():
-                    raise LeaseHeld(self.output.uri, holder)
-                if not holder.get("released"):
+                if watched and watched[0] != tag:  # renewed, released or taken while we watched
+                    raise LeaseHeld(self.output.uri, holder, self._clock() - watched[1])
+                if holder.get("unreadable"):
+                    log.warning("the lease on %s is not one of ours (unreadable): replacing it", self.output.uri)
+                    self.generation = self.floor() + 1
+                elif not holder.get("released"):
+                    watched = watched or (tag, self._clock())
+                    ttl = max(self.ttl_s, _number(holder.get("ttl_s"), self.ttl_s))
+                    waited = self._clock() - watched[1]
+                    if waited < ttl:
+                        self._sleep(min(max(ttl / 12, 0.05), 10.0, ttl - waited))
+                        continue
                     log.warning(
-                        "taking over the expired lease of run %s on %s (it expired at %s)",
+                        "taking over the lease of run %s on %s: unchanged for %.0f s (its TTL is %.0f s)",
                         holder.get("run_id"),
                         self.output.uri,
-                        time.strftime("%H:%M:%SZ", time.gmtime(holder.get("expires_at", 0))),
+                        waited,
+                        ttl,
                     )
-                self.generation, cond = int(holder.get("generation") or 0) + 1, {"if_match": tag}
+                    self.generation = int(holder.get("generation") or 0) + 1
+                else:
+                    self.generation = int(holder.get("generation") or 0) + 1
+                cond = {"if_match": tag}
             try:
                 self.tag = conditional.write_conditional(self.uri, self._body(), **cond)
                 break
@@ -159,8 +198,8 @@ class Lease:
                 self.tag = self._ours()  # our PUT landed and its retry was refused: it is ours
                 if self.tag:
                     break
-        else:
-            raise LeaseHeld(self.output.uri, holder)
+                current = self._read()  # another run wrote it between our read and our write: it is alive
+                raise LeaseHeld(self.output.uri, current[0] if current else {"run_id": "(unknown)"}) from None
         self.renewed_at = started
         self._progress_seen, self._progress_at = self._progress_value(), time.monotonic()
         self._thread = threading.Thread(target=self._renew_loop, name="lease-renewal", daemon=True)
@@ -279,11 +318,15 @@ class Lease:
 
 
 class NoLease:
-    """--unsafe-no-lease: the lease's interface, holding nothing (generation 0 marks the output's records)."""
+    """--unsafe-no-lease: the lease's interface, holding nothing. Its generation continues the output's."""
 
-    generation, lost = 0, None
+    lost = None
+
+    def __init__(self, floor: Callable[[], int] | None = None):
+        self.floor, self.generation = floor or (lambda: 0), 0
 
     def __enter__(self):
+        self.generation = self.floor() + 1
         return self
 
     def __exit__(self, *exc):
@@ -305,14 +348,15 @@ def output_lease(
     max_run_s: float | None = None,
     stall_s: float | None = None,
     progress: Callable[[], object] | None = None,
+    floor: Callable[[], int] | None = None,
 ) -> Lease | NoLease:
     """A job's lease on `output`, after the store showed it honours conditional writes. Renewed while the
     run makes progress (`progress()` changes); when it is lost or given up the main thread is interrupted
-    and the run stops."""
+    and the run stops. `floor()`: the greatest generation the output's records carry."""
     if unsafe_no_lease:
         log.warning("--unsafe-no-lease: writing %s without a lease; a second run at the same time corrupts it", output)
-        return NoLease()
+        return NoLease(floor)
     conditional.probe(output, run_id)
-    lease = Lease(output, run_id, ttl_s, max_run_s=max_run_s, stall_s=stall_s, progress=progress)
+    lease = Lease(output, run_id, ttl_s, max_run_s=max_run_s, stall_s=stall_s, progress=progress, floor=floor)
     lease.on_lost = lambda: interrupt_main(unwound=lease.closing)
     return lease

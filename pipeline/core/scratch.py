@@ -32,12 +32,19 @@ def remove_dead_owners(prefix: str) -> list[str]:
     return removed
 
 
-def remove_local_tmp(folder: str | os.PathLike) -> int:
-    """Remove what killed local writers left in `folder/_tmp/`; returns how many files went."""
+def remove_local_tmp(folder: str | os.PathLike, recursive: bool = False) -> int:
+    """Remove what killed local writers left in `folder/_tmp/` (and, `recursive`, in every `_tmp/` below
+    `folder`: the bookkeeping folders' own); returns how many files went."""
     loc = storage.parse_uri(folder)
-    tmp = Path(loc.path) / storage.LOCAL_TMP
-    if loc.scheme != "file" or not tmp.is_dir():
+    if loc.scheme != "file" or not Path(loc.path).is_dir():
         return 0
-    n = len(list(tmp.iterdir()))
-    shutil.rmtree(tmp, ignore_errors=True)
+    if recursive:
+        tmps = [Path(d) / storage.LOCAL_TMP for d, subdirs, _ in os.walk(loc.path) if storage.LOCAL_TMP in subdirs]
+    else:
+        tmps = [Path(loc.path) / storage.LOCAL_TMP]
+    n = 0
+    for tmp in tmps:
+        if tmp.is_dir() and not tmp.is_symlink():
+            n += sum(len(files) for _, _, files in os.walk(tmp))
+            shutil.rmtree(tmp, ignore_errors=True)
     return n

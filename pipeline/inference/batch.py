@@ -192,12 +192,10 @@ def _list_and_state(cfg: InferConfig, pre: LoadedModel, layout: outputs.Layout):
 
 def _check_run_id(layout: outputs.Layout, run_id: str) -> None:
     """Refuse an id that any run left a trace of: committed, rolled back (its tombstone's sweep would delete the
-    new run's files), or with a commit intent (checked after `recover`, which finishes or rolls back those)."""
+    new run's files), or with a commit intent (checked after `recover`, which finishes or rolls back those,
+    and gives runs of older versions their record in `_runs/`)."""
     used = [layout.run_record(run_id), layout.tombstone(run_id), layout.intent(run_id)]
-    if any(storage.exists(loc.uri) for loc in used) or (
-        not storage.list_files(layout.output.join(outputs.RUNS).uri)
-        and any(r["run_id"] == run_id for r in outputs.committed_runs(layout.output.uri))
-    ):
+    if any(storage.exists(loc.uri) for loc in used):
         raise RunIdTaken(
             f"--run-id {run_id}: a run with this id is already committed (or was rolled back) under "
             f"{layout.output.uri}; "
@@ -224,6 +222,7 @@ def run(cfg: InferConfig) -> dict:
         max_run_s=cfg.max_run_s,
         stall_s=cfg.stall_s,
         progress=lambda: (len(stages.s), len(storage.list_files(staging))),
+        floor=lambda: outputs.highest_fence(layout),
     )
     try:
         with lease:
@@ -329,12 +328,17 @@ def _run_held(cfg, pre, layout, lease, run_id, started, stages) -> dict:
     with stages("publish"):
         try:
             publish.commit(layout, intent, lease)
-        except LeaseLost:
-            if storage.exists(layout.intent(run_id).uri):
+        except LeaseLost as e:
+            fate = publish.outcome(layout, run_id)
+            if fate == "published":  # the new holder finished our commit: every part and _SUCCESS are there
+                log.warning("run %s lost its lease while publishing (%s); the new holder published it", run_id, e)
+            elif fate == "pending":
                 raise PartialOutput(
-                    f"run {run_id} lost its lease while publishing; the new holder finishes it"
+                    f"run {run_id} lost its lease while publishing ({e}); its commit intent stays, and the run "
+                    "that holds the output next finishes it or rolls it back"
                 ) from None
-            raise
+            else:
+                raise LeaseLost(f"{e}; run {run_id} is {fate}: nothing of it is published") from None
         except (Exception, KeyboardInterrupt, SystemExit) as e:
             if isinstance(e, KeyboardInterrupt) and not lease.lost:
                 raise

@@ -91,8 +91,8 @@ class InferConfig(DecodeRuleFields):
     lease_ttl_s: float = Field(
         600.0,
         ge=3,
-        description="the output's lease expires this long after its last renewal "
-        "(a crashed run blocks the next one for at most this long)",
+        description="the output's lease is taken over once it was seen unchanged this long "
+        "(the next run watches a crashed run's lease this long, then goes on)",
     )
 
     @field_validator("replicas", mode="before")

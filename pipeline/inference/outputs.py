@@ -11,6 +11,7 @@ Hive; staged files do not end in `.parquet`, so duckdb's `**/*.parquet` does not
     dt=<date>/run=<id>/_accuracy.json      when the inputs had labels
     dt=<date>/run=<id>/_SUCCESS            the commit marker, written after the last part
     _runs/run=<id>.json                    the same record: the index of committed runs
+    _runs/INDEXED                          the index is complete (runs of older versions added once)
     _ledger/<model sha256>/*.ledger        latest result per input, appended one object per run (`ledger`)
     _quarantine/                           intents and tombstones recovery could not read or trust
 
@@ -34,6 +35,7 @@ ACCURACY = "_accuracy.json"
 STAGING, COMMITS, LEDGER, RUNS, ROLLED_BACK = "_staging", "_commits", "_ledger", "_runs", "_rolled_back"
 QUARANTINE = "_quarantine"  # bookkeeping objects recovery could not read or trust, kept for a person
 STAGED_SUFFIX = ".parquet.staged"
+RUNS_INDEXED = "INDEXED"  # in `_runs/`: every committed run has its record there (older outputs: `index_runs`)
 
 
 @dataclass(frozen=True)
@@ -97,18 +99,48 @@ def files_under(loc: storage.Location) -> list[tuple[str, str]]:
     return out
 
 
+def highest_fence(layout: Layout) -> int:
+    """The greatest lease generation the output's own records carry (ledger object names, intents, run
+    records): where the next generation continues when the lease object is gone or unreadable."""
+    best = 0
+    for _, name in files_under(layout.output.join(LEDGER)):
+        head = name.split("-", 2)
+        if len(head) == 3 and head[0] in ("d", "base") and head[1].isdigit():
+            best = max(best, int(head[1]))
+    for uri, name in files_under(layout.output.join(COMMITS)) + files_under(layout.output.join(RUNS)):
+        if not name.endswith(".json"):
+            continue
+        try:
+            best = max(best, int(json.loads(storage.read_bytes(uri)).get("fence") or 0))
+        except (ValueError, TypeError, AttributeError, storage.StorageError):
+            continue  # recovery quarantines what cannot be read
+    return best
+
+
 # ---- readers -----------------------------------------------------------------------------------
+def legacy_runs(output: str) -> list[tuple[str, dict]]:
+    """(URI, record) of every `dt=*/run=*/_SUCCESS` under `output`: one listing of the whole output."""
+    out = storage.parse_uri(output)
+    found = []
+    for f in storage.list_files(out.uri):
+        parts = posixpath.relpath(f.path, out.path).split("/")
+        if len(parts) == 3 and parts[0].startswith("dt=") and parts[1].startswith("run=") and parts[2] == SUCCESS:
+            uri = storage.to_uri(out, f.path)
+            found.append((uri, json.loads(storage.read_bytes(uri))))
+    return found
+
+
 def committed_runs(output: str) -> list[dict]:
     """The `_SUCCESS` records of every committed run under `output`, in commit order (fence, then run id):
-    from the `_runs/` index (one listing of small names); outputs of older versions are listed whole."""
+    from the `_runs/` index (one listing of small names). Until a run of this version has indexed the
+    output (`_runs/INDEXED`), the runs an older version committed are listed from the whole output too."""
     out = storage.parse_uri(output)
-    records = [json.loads(storage.read_bytes(u)) for u, n in files_under(out.join(RUNS)) if n.endswith(".json")]
-    if not records:
-        for f in storage.list_files(out.uri):
-            parts = posixpath.relpath(f.path, out.path).split("/")
-            if len(parts) == 3 and parts[0].startswith("dt=") and parts[1].startswith("run=") and parts[2] == SUCCESS:
-                records.append(json.loads(storage.read_bytes(storage.to_uri(out, f.path))))
-    return sorted(records, key=lambda r: (r.get("fence", 0), r.get("started_at", ""), r["run_id"]))
+    index = files_under(out.join(RUNS))
+    records = {r["run_id"]: r for r in (json.loads(storage.read_bytes(u)) for u, n in index if n.endswith(".json"))}
+    if not any(n == RUNS_INDEXED for _, n in index):
+        for _, record in legacy_runs(out.uri):
+            records.setdefault(record["run_id"], record)
+    return sorted(records.values(), key=lambda r: (r.get("fence", 0), r.get("started_at", ""), r["run_id"]))
 
 
 def read_published(output: str, model_sha256: str | None = None, columns: list[str] | None = None) -> pa.Table:

@@ -26,10 +26,13 @@ from pipeline.inference.outputs import (
     COMMITS,
     QUARANTINE,
     ROLLED_BACK,
+    RUNS,
+    RUNS_INDEXED,
     STAGING,
     SUCCESS,
     Layout,
     files_under,
+    legacy_runs,
 )
 
 log = logging.getLogger(__name__)
@@ -84,19 +87,23 @@ def plan_commit(
 
 def commit(layout: Layout, intent: Intent, lease) -> None:
     """Publish a staged run: confirm the lease, write the intent (the point of no return), confirm the lease
-    again (a holder superseded while its intent was in flight takes the intent back), then roll forward."""
+    again, then roll forward. A holder superseded while its intent was in flight leaves the intent alone:
+    the new holder may be finishing it, and whoever holds the lease next finishes it or rolls it back (its
+    staging gone), so no part it copies is ever left without an intent, a `_SUCCESS` or a tombstone."""
     lease.fence()
-    uri = layout.intent(intent.run_id).uri
-    storage.write_bytes(uri, intent.to_json())
-    try:
-        lease.fence()
-    except Exception:
-        try:  # the new holder may already have deleted our staging: without us the intent can only wedge
-            storage.delete(uri)
-        except storage.StorageError as e:
-            log.warning("could not take back the intent %s (the next run rolls it back): %s", uri, e)
-        raise
+    storage.write_bytes(layout.intent(intent.run_id).uri, intent.to_json())
+    lease.fence()
     roll_forward(layout, intent, lease)
+
+
+def outcome(layout: Layout, run_id: str) -> str:
+    """What became of a run whose holder lost the lease while publishing: "published" (the new holder
+    finished it), "pending" (its intent waits for the next holder), "rolled back", or "not written"."""
+    if storage.exists(layout.run_record(run_id).uri):
+        return "published"
+    if storage.exists(layout.intent(run_id).uri):
+        return "pending"
+    return "rolled back" if storage.exists(layout.tombstone(run_id).uri) else "not written"
 
 
 def _copy_parts(intent: Intent, lease) -> list[str]:
@@ -204,6 +211,9 @@ def recover(layout: Layout, lease) -> Recovered:
     """Under the lease: finish (or roll back) the commits of crashed or superseded runs, delete what they
     staged, and sweep the folders of rolled-back runs for a late write of a stale holder."""
     out = Recovered()
+    if layout.output.scheme == "file":  # before any listing: a killed local writer's `_tmp/` is no intent
+        out.removed += scratch.remove_local_tmp(layout.output.uri, recursive=True)
+    index_runs(layout)
     for uri, _ in files_under(layout.output.join(COMMITS)):
         try:
             intent = Intent.from_json(storage.read_bytes(uri))
@@ -250,5 +260,22 @@ def recover(layout: Layout, lease) -> Recovered:
         out.removed += 1
     if layout.output.scheme == "file":
         storage.delete(layout.output.join(STAGING).uri, recursive=True)  # empty local folders
-        out.removed += scratch.remove_local_tmp(layout.output.uri)
     return out
+
+
+def index_runs(layout: Layout) -> int:
+    """Once per output: give every run that an older version committed (a `_SUCCESS` with no record in
+    `_runs/`) its record, then mark the index complete, so `committed_runs` reads `_runs/` alone from then
+    on. Returns how many records were added (one full listing, the first time only)."""
+    if storage.exists(layout.output.join(RUNS, RUNS_INDEXED).uri):
+        return 0
+    indexed = {n for _, n in files_under(layout.output.join(RUNS))}
+    added = 0
+    for uri, record in legacy_runs(layout.output.uri):
+        if f"run={record['run_id']}.json" not in indexed:
+            storage.write_bytes(layout.run_record(record["run_id"]).uri, storage.read_bytes(uri))
+            added += 1
+    if added:
+        log.warning("indexed %d runs that an older version committed under %s", added, layout.output.uri)
+    storage.write_bytes(layout.output.join(RUNS, RUNS_INDEXED).uri, b"every committed run has its record here\n")
+    return added
