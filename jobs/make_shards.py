@@ -48,6 +48,7 @@ def main(argv=None) -> int:
             reads=cfg.reads,
             executor="local" if cfg.local else "ray",
             keep_versions=cfg.keep_versions,
+            prune_in_use=cfg.prune_in_use,
         )
         print(written.summary)
 

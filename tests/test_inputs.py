@@ -400,3 +400,29 @@ def test_a_local_input_folder_with_a_symlink_loop_lists_each_image_once(tmp_path
     reasons = " | ".join(s["reason"] for s in got.skipped)
     assert "symlink loop" in reasons and "dangling symlink" in reasons and "not a regular file" in reasons
     assert got.table["input_size"].to_pylist() == [os.path.getsize(u) for u in uris]
+
+
+def test_a_listing_is_progress_for_the_lease_page_by_page(bucket, tmp_path, monkeypatch):
+    """#38 item 9: stall detection counted finished stages only, so a listing that outlasted --stall-s gave
+    the lease up every run and a huge prefix was never processed. Each page (or local folder) listed now
+    changes the run's progress value, whatever the stage."""
+    from pipeline.inference.run_report import StageTimes
+
+    for i in range(23):
+        storage.write_bytes(f"{bucket}/in/img{i:03d}.jpg", b"x")
+    monkeypatch.setattr(storage, "LIST_PAGE", 5)
+    for where in (f"{bucket}/in", str(tmp_path / "in")):
+        if not where.startswith("s3://"):
+            for d in range(4):
+                (tmp_path / "in" / f"d{d}").mkdir(parents=True)
+                (tmp_path / "in" / f"d{d}" / "a.jpg").write_bytes(b"x")
+        stages, seen = StageTimes(), []
+
+        def page(n, stages=stages, seen=seen, staging=f"{bucket}/out/_staging/run=r"):
+            before = inference.progress(stages, staging)
+            stages.listed += n
+            seen.append(inference.progress(stages, staging) != before)
+
+        cfg = InferConfig.model_validate({"model": "m", "input": where, "output": f"{bucket}/out"})
+        inference.list_inputs(cfg, [], None, page)
+        assert len(seen) >= 5 and all(seen), where  # 5 pages of S3 keys; the root and 4 folders locally

@@ -14,6 +14,7 @@ import vit_model
 from pipeline.core import storage
 from pipeline.core.config import ConfigError, build_parser, load_config
 from pipeline.core.runs import RunLayout
+from pipeline.data import manifest as manifest_record
 from pipeline.data.manifest import Split, load_manifest
 from pipeline.training import trainer
 from pipeline.training.loop import train
@@ -233,7 +234,10 @@ def test_the_next_epoch_stream_starts_while_the_epoch_evaluates(prefetch):
 
 def test_smoke_two_workers_checkpoints_and_exported_model_reproduces_val(ray_cluster, digits_shards, bucket):
     cfg = _smoke(digits_shards, f"{bucket}/runs")
+    held = load_manifest(digits_shards)
     summary = trainer.run(cfg)
+    claim = manifest_record._claim(held, trainer.run_layout(cfg).uri)
+    assert claim is not None and not storage.exists(claim.uri)  # finished: --keep-versions may prune it again
     files = [f.path for f in storage.list_files(f"{bucket}/runs/smoke")]
     assert any("/checkpoint_" in p and p.endswith("optimizer.safetensors") for p in files)
     assert any(p.endswith("/model/model.safetensors") for p in files)

@@ -131,15 +131,38 @@ def test_a_rerun_leaves_the_version_a_job_holds_byte_for_byte(ray_cluster, tmp_p
     )
     trainer.pin_data(cfg, held)
     assert trainer.preflight(cfg).manifest.version == v1.version
-    # pruning keeps the newest N complete versions and never the current one
+    # pruning keeps the newest N complete versions, never the current one, and (#38 item 12) none that an
+    # unfinished run reads: the pinned run claimed v1
     written = shard_writer.make_shards(
         str(root), out, val_fraction=0.0, shard_size=2, progress=False, executor="local", keep_versions=2
     )
-    assert "pruned 1 old version" in written.summary and written.manifest.version > v2.version
-    assert not storage.list_files(f"{out}/versions/{v1.version}")
-    assert storage.list_files(f"{out}/versions/{v2.version}")
+    assert "pruned" not in written.summary and written.manifest.version > v2.version
+    assert f"kept 1 old version(s) that unfinished runs use ({v1.version}: {trainer.run_layout(cfg).uri}" in (
+        written.summary
+    )
+    assert trainer.preflight(cfg).manifest.version == v1.version  # it can still resume
+    v4 = shard_writer.make_shards(
+        str(root), out, val_fraction=0.0, shard_size=2, progress=False, executor="local", keep_versions=2
+    ).manifest
+    assert not storage.list_files(f"{out}/versions/{v2.version}")  # not in use: pruned as before
+    # once the run has finished its claim goes, and the next make_shards prunes v1
+    manifest.release_version(held, trainer.run_layout(cfg).uri)
+    written = shard_writer.make_shards(
+        str(root), out, val_fraction=0.0, shard_size=2, progress=False, executor="local", keep_versions=2
+    )
+    assert "pruned 2 old version" in written.summary  # v1 and the one after v2
+    assert not storage.list_files(f"{out}/versions/{v1.version}") and storage.list_files(f"{out}/versions/{v4.version}")
     with pytest.raises(trainer.JobError, match="which is gone"):
         trainer.preflight(cfg)
+    # --prune-in-use prunes a claimed version anyway
+    later = manifest.load_manifest(out)
+    manifest.claim_version(later, "s3://runs/other")
+    shard_writer.make_shards(str(root), out, val_fraction=0.0, shard_size=2, progress=False, executor="local")
+    written = shard_writer.make_shards(
+        str(root), out, val_fraction=0.0, shard_size=2, progress=False, executor="local", keep_versions=1,
+        prune_in_use=True,
+    )  # fmt: skip
+    assert not storage.list_files(f"{out}/versions/{later.version}")
 
 
 def test_version_ids_sort_in_creation_order():

@@ -15,6 +15,7 @@ import posixpath
 import re
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -242,6 +243,7 @@ def read_bytes(uri: str | os.PathLike, large: bool = False) -> bytes:
         raise explain(e, loc, "read") from None
 
 
+LIST_PAGE = 1000  # keys per listing request (S3's maximum)
 LOCAL_TMP = "_tmp"  # beside a local file being written: `_`-named, so no reader (pyarrow, pandas, Spark) looks in
 
 
@@ -283,14 +285,20 @@ def exists(uri: str | os.PathLike) -> bool:
         raise explain(e, loc, "look up") from None
 
 
-def list_files(uri: str | os.PathLike, recursive: bool = True, start_after: str | None = None) -> list[pafs.FileInfo]:
+def list_files(
+    uri: str | os.PathLike,
+    recursive: bool = True,
+    start_after: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[pafs.FileInfo]:
     """Files under a prefix/folder, sorted by path; empty if it does not exist. On S3 (recursive) the keys
     come from the listing itself, exactly as stored: pyarrow's listing folds `a//b.jpg` into `a/b.jpg`, a
-    key that does not exist."""
+    key that does not exist. `progress(n)`: called as each page of n keys arrives (a long listing is
+    progress, not a stall)."""
     loc = parse_uri(uri)
     try:
         if loc.scheme == "s3" and recursive:
-            return _list_s3(loc, start_after)
+            return _list_s3(loc, start_after, progress)
         infos = loc.filesystem.get_file_info(pafs.FileSelector(loc.path, recursive=recursive, allow_not_found=True))
     except Exception as e:
         raise explain(e, loc, "list") from None
@@ -298,12 +306,19 @@ def list_files(uri: str | os.PathLike, recursive: bool = True, start_after: str 
     return sorted((i for i in infos if i.type == pafs.FileType.File and i.path > after), key=lambda i: i.path)
 
 
-def _list_s3(loc: Location, start_after: str | None = None) -> list[pafs.FileInfo]:
+def _list_s3(loc: Location, start_after: str | None = None, progress=None) -> list[pafs.FileInfo]:
     """`start_after`: a URI; only keys after it (S3 lists in key order, so the store skips the rest)."""
     prefix = f"{loc.key.rstrip('/')}/" if loc.key else ""
     out = []
     extra = {"StartAfter": parse_uri(start_after).key} if start_after else {}
-    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix, **extra):
+    pages = (
+        s3_client()
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket=loc.bucket, Prefix=prefix, PaginationConfig={"PageSize": LIST_PAGE}, **extra)
+    )
+    for page in pages:
+        if progress:
+            progress(len(page.get("Contents", [])))
         for o in page.get("Contents", []):
             if o["Key"].endswith("/"):  # a console-made "folder" marker, not a file
                 continue

@@ -12,15 +12,21 @@ files. `base` is where the manifest was read from (the root), never written.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import posixpath
+import time
 from dataclasses import asdict, dataclass, field
 
 from pipeline.core import storage
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 VERSIONS = "versions"
+USERS = "_users"  # versions/<v>/_users/<run key>.json: an unfinished run reads this version
+STALE_INCOMPLETE_S = 24 * 3600
 SPLITS = ("train", "val")
 IMAGE_MEMBER = "image"
 
@@ -162,3 +168,80 @@ def write_manifest(output: str, manifest: Manifest) -> None:
 def current_version(output: str) -> str | None:
     """The version `<output>/manifest.json` names."""
     return json.loads(storage.read_bytes(storage.parse_uri(output).join(MANIFEST).uri)).get("version")
+
+
+def prune_versions(
+    output: str, keep: int, now: float | None = None, prune_in_use: bool = False
+) -> tuple[list[str], dict[str, list[str]]]:
+    """Remove all but the newest `keep` complete versions, and incomplete version folders older than a day
+    (a crashed run's); never the version manifest.json names, nor (without `prune_in_use`) one that an
+    unfinished training run claimed (`claim_version`). Returns (removed ids, {kept id: the runs using it})."""
+    out = storage.parse_uri(output)
+    current = current_version(out.uri)
+    files = storage.list_files(out.join(VERSIONS).uri)
+    versions: dict[str, dict] = {}
+    base = out.join(VERSIONS).path
+    for f in files:
+        rel = (
+            posixpath.relpath(f.path, base)
+            if out.scheme == "s3"
+            else os.path.relpath(f.path, base).replace(os.sep, "/")
+        )
+        v = rel.split("/", 1)[0]
+        info = versions.setdefault(v, {"complete": False, "newest": 0.0, "users": []})
+        info["complete"] |= rel == f"{v}/{MANIFEST}"
+        if rel.startswith(f"{v}/{USERS}/") and rel.endswith(".json"):
+            info["users"].append(storage.to_uri(out, f.path))
+        if f.mtime is not None:
+            info["newest"] = max(info["newest"], f.mtime.timestamp())
+    now = now or time.time()
+    complete = sorted(v for v, i in versions.items() if i["complete"])
+    old = [v for v in complete[:-keep] if v != current]
+    in_use = {v: [_run_of(u) for u in versions[v]["users"]] for v in old if versions[v]["users"]}
+    doomed = [v for v in old if prune_in_use or v not in in_use]
+    doomed += [
+        v for v, i in versions.items() if not i["complete"] and v != current and now - i["newest"] > STALE_INCOMPLETE_S
+    ]
+    for v in doomed:
+        if v in in_use:
+            log.warning("pruning version %s although runs still use it (--prune-in-use): %s", v, in_use[v])
+        storage.delete(out.join(f"{VERSIONS}/{v}").uri, recursive=True)
+    return sorted(doomed), {v: runs for v, runs in in_use.items() if v not in doomed}
+
+
+def _run_of(claim_uri: str) -> str:
+    try:
+        return json.loads(storage.read_bytes(claim_uri)).get("run", claim_uri)
+    except (storage.StorageError, ValueError, AttributeError):
+        return claim_uri
+
+
+def _claim(manifest: Manifest, run: str) -> storage.Location | None:
+    if manifest.layout < 2 or not manifest.version:
+        return None  # a set without versions, or another tool's: nothing is ever pruned from it
+    key = hashlib.sha256(run.encode()).hexdigest()[:32]
+    return storage.parse_uri(manifest.base).join(VERSIONS, manifest.version, USERS, f"{key}.json")
+
+
+def claim_version(manifest: Manifest, run: str) -> bool:
+    """Record that the training run at `run` reads this version until it finishes, so `--keep-versions`
+    keeps it. Best effort: a run that may only read the shard set warns and trains on (unprotected)."""
+    loc = _claim(manifest, run)
+    if loc is None:
+        return False
+    try:
+        storage.write_bytes(loc.uri, json.dumps({"run": run, "since": time.time()}).encode())
+        return True
+    except storage.StorageError as e:
+        log.warning("could not mark shard version %s as in use (%s): --keep-versions may prune it", manifest.version, e)
+        return False
+
+
+def release_version(manifest: Manifest, run: str) -> None:
+    """The run finished: its version may be pruned again."""
+    loc = _claim(manifest, run)
+    if loc is not None:
+        try:
+            storage.delete(loc.uri)
+        except storage.StorageError as e:
+            log.warning("could not release shard version %s (%s): it is kept until removed", manifest.version, e)

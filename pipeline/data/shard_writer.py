@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import os
-import posixpath
 import resource
 import shutil
 import tarfile
@@ -41,13 +40,12 @@ from pipeline.data.manifest import (
     Manifest,
     ShardEntry,
     Split,
-    current_version,
+    prune_versions,
     write_manifest,
 )
 from pipeline.data.sources import assign_shards, plan_digits, plan_source, skip_counts, skip_examples
 
 log = logging.getLogger(__name__)
-STALE_INCOMPLETE_S = 24 * 3600
 SHARD_TMP_PREFIX = "vitray-shard-"
 
 
@@ -237,6 +235,7 @@ def make_shards(
     reads: int = 8,
     executor: str = "ray",
     keep_versions: int | None = None,
+    prune_in_use: bool = False,
     progress: bool = True,
     on_result=None,
 ) -> ShardSetWritten:
@@ -334,13 +333,24 @@ def make_shards(
         base=out.uri if out.scheme == "s3" else out.path,  # as load_manifest gives it
     )
     write_manifest(out.uri, manifest)
-    pruned = prune_versions(out.uri, keep_versions) if keep_versions else []
+    pruned, in_use = prune_versions(out.uri, keep_versions, prune_in_use=prune_in_use) if keep_versions else ([], {})
     dt = time.time() - t0
     summary = (
         f"{manifest.summary()}, {n_inputs / max(dt, 1e-9):.0f} images/s -> version {version} at "
-        f"{out.join(MANIFEST).uri}" + (f"; pruned {len(pruned)} old version(s)" if pruned else "")
+        f"{out.join(MANIFEST).uri}"
+        + (f"; pruned {len(pruned)} old version(s)" if pruned else "")
+        + (
+            f"; kept {len(in_use)} old version(s) that unfinished runs use ({_users(in_use)}; "
+            "--prune-in-use removes them anyway, and those runs can then never resume)"
+            if in_use
+            else ""
+        )
     )
     return ShardSetWritten(manifest, summary, entries)
+
+
+def _users(in_use: dict[str, list[str]]) -> str:
+    return ", ".join(f"{v}: {', '.join(runs[:3])}" + (" ..." if len(runs) > 3 else "") for v, runs in in_use.items())
 
 
 def _progress(total: int, on: bool):
@@ -361,33 +371,3 @@ def _run_ray(
     kwargs = {"output": output, "fmt": fmt, "rules": rules, "reads": reads, "max_side": max_side}
     ds = ds.map(_write_rows, fn_kwargs=kwargs, num_cpus=1)
     return ds.iter_rows()
-
-
-def prune_versions(output: str, keep: int, now: float | None = None) -> list[str]:
-    """Remove all but the newest `keep` complete versions, and incomplete version folders older than a day
-    (a crashed run's); never the version manifest.json names. Returns the removed version ids."""
-    out = storage.parse_uri(output)
-    current = current_version(out.uri)
-    files = storage.list_files(out.join(VERSIONS).uri)
-    versions: dict[str, dict] = {}
-    base = out.join(VERSIONS).path
-    for f in files:
-        rel = (
-            posixpath.relpath(f.path, base)
-            if out.scheme == "s3"
-            else os.path.relpath(f.path, base).replace(os.sep, "/")
-        )
-        v = rel.split("/", 1)[0]
-        info = versions.setdefault(v, {"complete": False, "newest": 0.0})
-        info["complete"] |= rel == f"{v}/{MANIFEST}"
-        if f.mtime is not None:
-            info["newest"] = max(info["newest"], f.mtime.timestamp())
-    now = now or time.time()
-    complete = sorted(v for v, i in versions.items() if i["complete"])
-    doomed = [v for v in complete[:-keep] if v != current]
-    doomed += [
-        v for v, i in versions.items() if not i["complete"] and v != current and now - i["newest"] > STALE_INCOMPLETE_S
-    ]
-    for v in doomed:
-        storage.delete(out.join(f"{VERSIONS}/{v}").uri, recursive=True)
-    return sorted(doomed)

@@ -57,7 +57,12 @@ class ShardsConfig(DecodeRuleFields):
     )
     reads: int = Field(8, ge=1, description="concurrent reads within one shard task")
     keep_versions: int | None = Field(
-        None, description="after writing, keep only the newest N versions (default: keep all)"
+        None,
+        description="after writing, keep only the newest N versions (default: keep all); older ones that an "
+        "unfinished training run reads are kept too",
+    )
+    prune_in_use: bool = Field(
+        False, description="with --keep-versions: prune old versions even if unfinished runs read them"
     )
     local: bool = Field(False, description="no Ray: write the shards one after another in this process")
 

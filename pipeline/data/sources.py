@@ -72,12 +72,15 @@ def _skip(path: str, reason: str) -> dict:
     return {"path": path, "reason": reason}
 
 
-def list_local(root: str) -> tuple[list[Listed], list[dict], list[str]]:
+def list_local(root: str, progress=None) -> tuple[list[Listed], list[dict], list[str]]:
     """Files, skipped entries, and folders without files. Symlinked folders and files are followed; a
-    folder reached again through a link (a loop) and a dangling link are listed skips."""
+    folder reached again through a link (a loop) and a dangling link are listed skips. `progress(n)`:
+    called with each folder's count of entries as it is listed."""
     files, skipped, empty = [], [], []
     seen = {os.path.realpath(root): root}  # real folder -> the path it was first listed under
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        if progress:
+            progress(len(dirnames) + len(filenames))
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
         real_here = os.path.realpath(dirpath)
         keep = []

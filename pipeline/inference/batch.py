@@ -167,7 +167,7 @@ def predict_to_staging(
     return staged
 
 
-def _list_and_state(cfg: InferConfig, pre: LoadedModel, layout: outputs.Layout):
+def _list_and_state(cfg: InferConfig, pre: LoadedModel, layout: outputs.Layout, stages: StageTimes):
     """(inputs, the model's ledger or None, the listing's high-water mark, seconds it took). With
     --input-append-only the listing starts after the last run's mark, and the inputs that failed
     transiently below it are added back from the ledger."""
@@ -176,7 +176,11 @@ def _list_and_state(cfg: InferConfig, pre: LoadedModel, layout: outputs.Layout):
     start_after = None
     if cfg.since_last_run and cfg.input_append_only:
         start_after = ledger.high_water_marks(layout, pre.weights_sha256).get(prefix)
-    inputs = list_inputs(cfg, pre.class_names, start_after)
+
+    def listed(n: int) -> None:
+        stages.listed += n
+
+    inputs = list_inputs(cfg, pre.class_names, start_after, listed)
     mark = None
     if inputs.kind != "shards":
         mark = pc.max(inputs.table["image_uri"]).as_py() if len(inputs) else start_after
@@ -213,7 +217,6 @@ def run(cfg: InferConfig) -> dict:
     layout = outputs.Layout.of(cfg.output)
     started = dt.datetime.now(dt.timezone.utc)
     run_id = cfg.run_id or f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-    staging = layout.staging(run_id).uri
     lease = output_lease(
         cfg.output,
         run_id,
@@ -221,7 +224,7 @@ def run(cfg: InferConfig) -> dict:
         unsafe_no_lease=cfg.unsafe_no_lease,
         max_run_s=cfg.max_run_s,
         stall_s=cfg.stall_s,
-        progress=lambda: (len(stages.s), len(storage.list_files(staging))),
+        progress=lambda: progress(stages, layout.staging(run_id).uri),
         floor=lambda: outputs.highest_fence(layout),
     )
     try:
@@ -231,6 +234,11 @@ def run(cfg: InferConfig) -> dict:
         if lease.lost:  # the renewal thread interrupted us: the run stops, the next one takes over
             raise LeaseLost(f"run {run_id} stopped: {lease.lost}") from None
         raise
+
+
+def progress(stages: StageTimes, staging: str) -> tuple:
+    """What changes while a run makes progress: stages finished, entries listed, files staged."""
+    return len(stages.s), stages.listed, len(storage.list_files(staging))
 
 
 def _run_held(cfg, pre, layout, lease, run_id, started, stages) -> dict:
@@ -252,7 +260,7 @@ def _run_held(cfg, pre, layout, lease, run_id, started, stages) -> dict:
     # prefix the listing takes as long as the start-up. The weights go to the object store only when
     # there is something to predict.
     with ThreadPoolExecutor(1) as pool:
-        listing = pool.submit(_list_and_state, cfg, pre, layout)
+        listing = pool.submit(_list_and_state, cfg, pre, layout, stages)
         with stages("connect"):
             from pipeline.core.ray_runtime import connect
 

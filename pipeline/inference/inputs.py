@@ -52,9 +52,10 @@ def is_shards(uri: str) -> bool:
     return loc.uri.endswith(".json") or storage.exists(loc.join(MANIFEST).uri)
 
 
-def list_inputs(cfg: InferConfig, class_names: list[str], start_after: str | None = None) -> Inputs:
+def list_inputs(cfg: InferConfig, class_names: list[str], start_after: str | None = None, progress=None) -> Inputs:
     """Every input under --input by make_shards' naming rule (`_DSC0001.JPG` is an input, a hidden name a
-    listed skip, our own bookkeeping passed over), sorted as listed, keys exactly as the listing gave them."""
+    listed skip, our own bookkeeping passed over), sorted as listed, keys exactly as the listing gave them.
+    `progress(n)`: called as each page (folder) of n entries is listed."""
     loc = storage.parse_uri(cfg.input)
     if is_shards(loc.uri):
         manifest = load_manifest(loc.uri)
@@ -62,7 +63,7 @@ def list_inputs(cfg: InferConfig, class_names: list[str], start_after: str | Non
         return Inputs(rows.input_table({"image_uri": uris}), "shards")
     files, skipped = [], []
     if loc.scheme == "file":  # make_shards' walker: a symlink loop, a dangling link, a FIFO are listed skips
-        listed, skipped, _ = list_local(loc.path)
+        listed, skipped, _ = list_local(loc.path, progress)
         after = storage.parse_uri(start_after).path if start_after else ""
         for item in sorted(listed, key=lambda x: x.uri):
             if item.uri > after:
@@ -71,7 +72,7 @@ def list_inputs(cfg: InferConfig, class_names: list[str], start_after: str | Non
                     path=item.uri, size=st.st_size, mtime=dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc)
                 )
                 files.append((info, item.rel))
-    for f in storage.list_files(loc.uri, start_after=start_after) if loc.scheme != "file" else []:
+    for f in storage.list_files(loc.uri, start_after=start_after, progress=progress) if loc.scheme != "file" else []:
         rel = f.path[len(loc.path) :].lstrip("/" if loc.scheme == "s3" else os.sep).replace(os.sep, "/")
         rule = name_rule(rel)
         if rule:

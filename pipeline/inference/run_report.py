@@ -115,10 +115,11 @@ def accuracy_summary(table: pa.Table | None, class_names: list[str]) -> dict | N
 
 
 class StageTimes:
-    """Wall seconds per stage of the job, for the summary line."""
+    """Wall seconds per stage of the job, for the summary line; `listed` counts entries listed so far (the
+    lease's progress while a long listing runs)."""
 
     def __init__(self):
-        self.t0, self.s = time.time(), {}
+        self.t0, self.s, self.listed = time.time(), {}, 0
 
     @contextmanager
     def __call__(self, name: str):

@@ -19,7 +19,7 @@ from pipeline.core import exported, ray_runtime, storage
 from pipeline.core.config import to_yaml
 from pipeline.core.exits import EXIT_BAD_INPUT
 from pipeline.core.runs import RunLayout
-from pipeline.data.manifest import Manifest, load_manifest
+from pipeline.data.manifest import Manifest, claim_version, load_manifest, release_version
 from pipeline.training.objectives import objective_for
 from pipeline.training.train_config import PretrainConfig
 
@@ -112,11 +112,14 @@ def pinned_manifest(cfg: PretrainConfig) -> Manifest | None:
 
 
 def pin_data(cfg: PretrainConfig, manifest: Manifest) -> None:
-    pin = run_layout(cfg).data_pin
-    if storage.exists(pin.uri):
+    """Pin the version in the run (data.json) and claim it in the shard set, so `--keep-versions` keeps it
+    until the run finishes (`release_version`)."""
+    layout = run_layout(cfg)
+    claim_version(manifest, layout.uri)
+    if storage.exists(layout.data_pin.uri):
         return
     uri = manifest.uri if manifest.layout >= 2 else cfg.data.manifest
-    storage.write_bytes(pin.uri, json.dumps({"manifest": uri, "version": manifest.version}).encode())
+    storage.write_bytes(layout.data_pin.uri, json.dumps({"manifest": uri, "version": manifest.version}).encode())
 
 
 def check_cluster_fits(cfg: PretrainConfig) -> None:
@@ -285,6 +288,7 @@ def run(cfg: PretrainConfig) -> dict:
     elapsed = time.time() - t0
     if result.error:
         raise result.error
+    release_version(pre.manifest, layout.uri)  # finished: nothing will resume on this version
     m = result.metrics or {}
     summary = {
         "run": layout.uri,
