@@ -2,6 +2,7 @@
 one writer per prefix, a crash after any step of a commit, and what pandas, pyarrow and duckdb see."""
 
 import datetime as dt
+import hashlib
 import importlib.util
 import io
 import json
@@ -565,14 +566,17 @@ def test_the_probe_passes_a_store_that_honours_conditional_writes(bucket):
     assert not storage.list_files(f"{bucket}/out")
 
 
-def test_the_probe_refuses_a_store_that_ignores_conditional_writes(bucket, monkeypatch):
-    """A tiny S3 look-alike that answers 200 to every PUT and DELETE, whatever the headers say."""
+def _look_alike(mode: str):
+    """A tiny S3 look-alike. "ignoring": 200 to every PUT and DELETE, whatever the headers say.
+    "check-then-write": honours If-None-Match / If-Match one request at a time, but checks apart from the
+    write (two PUTs that both arrive before either wrote both pass: a barrier makes them overlap)."""
     import http.server
     import socketserver
 
-    objects = {}
+    objects, writes = {}, threading.Lock()
+    overlap = threading.Barrier(2, timeout=5)  # a probe that never sends two at once: the wait times out
 
-    class Ignoring(http.server.BaseHTTPRequestHandler):
+    class Store(http.server.BaseHTTPRequestHandler):
         def _send(self, code, body=b"", etag=None):
             self.send_response(code)
             if etag:
@@ -583,12 +587,26 @@ def test_the_probe_refuses_a_store_that_ignores_conditional_writes(bucket, monke
 
         def do_PUT(self):
             data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            objects[self.path] = data
-            self._send(200, etag=f'"{len(objects):032x}"')
+            if mode == "check-then-write":
+                current = objects.get(self.path)
+                tag = current and f'"{hashlib.md5(current).hexdigest()}"'
+                refused = (self.headers.get("If-None-Match") == "*" and current is not None) or (
+                    self.headers.get("If-Match") not in (None, tag)
+                )
+                if refused:
+                    return self._send(412, b"<Error><Code>PreconditionFailed</Code></Error>")
+                if self.path.endswith("-race"):
+                    try:
+                        overlap.wait()  # the check is done; the write comes later
+                    except threading.BrokenBarrierError:
+                        pass
+            with writes:
+                objects[self.path] = data
+            self._send(200, etag=f'"{hashlib.md5(data).hexdigest()}"')
 
         def do_GET(self):
             if self.path in objects:
-                self._send(200, objects[self.path], etag='"1"')
+                self._send(200, objects[self.path], etag=f'"{hashlib.md5(objects[self.path]).hexdigest()}"')
             else:
                 self._send(404, b"<Error><Code>NoSuchKey</Code></Error>")
 
@@ -599,16 +617,53 @@ def test_the_probe_refuses_a_store_that_ignores_conditional_writes(bucket, monke
         def log_message(self, *a):
             pass
 
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Ignoring)
+    return socketserver.ThreadingTCPServer(("127.0.0.1", 0), Store), objects
+
+
+@pytest.mark.parametrize(
+    "mode, accepted",
+    [
+        ("ignoring", "a second PUT with If-None-Match"),
+        ("check-then-write", r"\d of 4 PUTs with If-None-Match: \* sent at once"),
+    ],
+)
+def test_the_probe_refuses_a_store_that_ignores_conditional_writes(bucket, monkeypatch, mode, accepted):
+    """#38 item 10: a store that checks the condition apart from the write passes every sequential check;
+    the probe's concurrent PUTs catch it."""
+    server, objects = _look_alike(mode)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
-        with pytest.raises(conditional.UnsafeStore, match="If-None-Match.*--unsafe-no-lease"):
+        with pytest.raises(conditional.UnsafeStore, match=f"{accepted}.*--unsafe-no-lease"):
             conditional.probe("s3://any/out", "t")
-        assert not objects  # the scratch key is removed
+        assert not objects  # the scratch keys are removed
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_local_output_on_a_mount_without_shared_locks_is_refused(tmp_path):
+    """#38 item 10: local outputs rely on flock, which does not lock across machines on FUSE object-store
+    mounts, SMB or NFS mounted nolock; /proc/self/mountinfo says which mount holds the output."""
+    line = "36 25 0:32 / {point} rw,relatime - {fstype} server:/x rw,{opts}\n"
+    base = line.format(point="/", fstype="ext4", opts="discard")
+    for fstype, opts, refused in (
+        ("ext4", "discard", False),
+        ("nfs4", "vers=4.2,hard", False),
+        ("nfs", "vers=3,nolock", True),
+        ("nfs4", "vers=4.1,local_lock=all", True),
+        ("fuse.s3fs", "user_id=0", True),
+        ("cifs", "vers=3.0", True),
+    ):
+        info = base + line.format(point="/mnt/shared", fstype=fstype, opts=opts)
+        assert conditional.mount_of("/mnt/shared/preds", info)[0] == fstype
+        if refused:
+            with pytest.raises(conditional.UnsafeStore, match=f"{fstype} mount.*--unsafe-no-lease"):
+                conditional.check_local_locking("/mnt/shared/preds", info)
+        else:
+            conditional.check_local_locking("/mnt/shared/preds", info)
+        conditional.check_local_locking("/home/preds", info)  # another mount: not affected
+    conditional.probe(str(tmp_path / "out"), "t")  # this machine's own disk passes
 
 
 def test_a_local_writer_killed_mid_copy_leaves_nothing_a_reader_trips_on(tmp_path):

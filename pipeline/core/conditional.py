@@ -1,12 +1,12 @@
 """Conditional operations: compare-and-swap on one object, what the output lease and the ledger stand on.
 
-S3: `If-None-Match: *` (create only), `If-Match: <ETag>` (replace or delete only what was read); a
+S3: `If-None-Match: *` (create only), `If-Match: <ETag>` (replace only what was read); a
 lost race is `PreconditionFailed`: 412, and AWS's 409 `ConditionalRequestConflict` for two conditional
 writes in flight at once. Local folders: the same semantics under an flock, the tag a sha256.
 
 `probe()`: a store that accepts the headers but does not honour them (SeaweedFS before about 3.97, a
-gateway that drops them) would give two writers a 200 each; the probe asks it, on one scratch key, before
-a job relies on it.
+gateway that drops them), or checks them apart from the write, would give two writers a 200 each; the
+probe asks it, one request after another and several at once, before a job relies on it.
 """
 
 from __future__ import annotations
@@ -65,20 +65,23 @@ def _is_precondition_failure(exc: BaseException) -> bool:
 
 
 def probe(prefix: str | os.PathLike, name: str) -> None:
-    """Check, on the scratch key `{prefix}/_probe-{name}`, that the store refuses what a lease relies on it
-    refusing: a second create-only PUT, a PUT and a DELETE with a wrong ETag. Raises UnsafeStore naming
-    what was accepted; the scratch key is removed either way. Local folders always pass (O_EXCL + flock)."""
+    """Check, on scratch keys `{prefix}/_probe-{name}*`, that the store refuses what a lease relies on it
+    refusing: a second create-only PUT and a PUT with a wrong ETag, one after another, and of RACERS
+    create-only PUTs (then RACERS If-Match PUTs on one tag) sent at once, exactly one wins; a store that
+    checks, then writes, lets several through. Raises UnsafeStore naming what was accepted; the scratch
+    keys are removed either way. Local folders: O_EXCL + flock, refused on a mount where flock is not
+    known to lock (`check_local_locking`)."""
     loc = parse_uri(prefix)
     if loc.scheme == "file":
+        check_local_locking(loc.path)
         return
-    uri = loc.join(f"_probe-{name}").uri
+    uri, race = loc.join(f"_probe-{name}").uri, loc.join(f"_probe-{name}-race").uri
     accepted = []
     try:
         tag = write_conditional(uri, b"first", if_absent=True)
         for what, attempt in (
             ("a second PUT with If-None-Match: *", lambda: write_conditional(uri, b"second", if_absent=True)),
             ("a PUT with If-Match on a wrong ETag", lambda: write_conditional(uri, b"third", if_match=_WRONG_TAG)),
-            ("a DELETE with If-Match on a wrong ETag", lambda: delete_conditional(uri, _WRONG_TAG)),
         ):
             try:
                 attempt()
@@ -88,17 +91,93 @@ def probe(prefix: str | os.PathLike, name: str) -> None:
         current = read_with_tag(uri)
         if not accepted and (current is None or current[1] != tag):
             accepted.append("nothing, yet the object changed")
+        if not accepted:
+            wins = _race(lambda i: write_conditional(race, b"%d" % i, if_absent=True))
+            if wins != 1:
+                accepted.append(f"{wins} of {RACERS} PUTs with If-None-Match: * sent at once")
+            elif (raced := read_with_tag(race)) is not None:
+                wins = _race(lambda i: write_conditional(race, b"m%d" % i, if_match=raced[1]))
+                if wins != 1:
+                    accepted.append(f"{wins} of {RACERS} PUTs with If-Match on one ETag sent at once")
     finally:
-        scratch = parse_uri(uri)
-        try:
-            s3_client().delete_object(Bucket=scratch.bucket, Key=scratch.key)
-        except Exception:  # noqa: BLE001 - a leftover scratch key is `_`-named, skipped by every reader
-            pass
+        for key in (uri, race):
+            scratch = parse_uri(key)
+            try:
+                s3_client().delete_object(Bucket=scratch.bucket, Key=scratch.key)
+            except Exception:  # noqa: BLE001 - a leftover scratch key is `_`-named, skipped by every reader
+                pass
     if accepted:
         raise UnsafeStore(
-            f"the store behind {loc.uri} accepted {', '.join(accepted)}: it ignores conditional writes, so the "
-            "output's lease cannot keep a second run out (SeaweedFS before 4.17 and some gateways do this). "
-            "Upgrade the store, or pass --unsafe-no-lease if only one run can ever write this output"
+            f"the store behind {loc.uri} accepted {', '.join(accepted)}: it ignores conditional writes (or checks "
+            "them apart from the write), so the output's lease cannot keep a second run out (SeaweedFS before "
+            "4.17 and some gateways do this). Upgrade the store, or pass --unsafe-no-lease if only one run can "
+            "ever write this output"
+        )
+
+
+RACERS = 4  # conditional PUTs the probe sends at once
+
+
+def _race(put) -> int:
+    """How many of RACERS calls `put(i)`, started together, were not refused."""
+    import threading
+
+    start, wins, lock = threading.Barrier(RACERS), [], threading.Lock()
+
+    def one(i):
+        start.wait()
+        try:
+            put(i)
+            with lock:
+                wins.append(i)
+        except PreconditionFailed:
+            pass
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(RACERS)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return len(wins)
+
+
+# Filesystems on which flock() does not exclude a writer on another machine (or at all): FUSE object-store
+# mounts, 9p/virtiofs shares, SMB, and NFS mounted with `nolock`/`local_lock`.
+_NO_SHARED_FLOCK = ("fuse", "9p", "virtiofs", "vboxsf", "cifs", "smb3", "smbfs", "ceph-fuse")
+
+
+def mount_of(path: str, mountinfo: str | None = None) -> tuple[str, str]:
+    """(filesystem type, mount options) of the mount that holds `path`, from /proc/self/mountinfo."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return "", ""
+    real, best = os.path.realpath(path), ("", "", "")
+    for line in mountinfo.splitlines():
+        head, _, tail = line.partition(" - ")
+        fields, rest = head.split(), tail.split()
+        if len(fields) < 6 or len(rest) < 3:
+            continue
+        point = fields[4].replace("\\040", " ")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0]):
+            best = (point, rest[0], f"{fields[5]},{rest[2]}")
+    return best[1], best[2]
+
+
+def check_local_locking(path: str, mountinfo: str | None = None) -> None:
+    """Refuse a local output on a mount whose flock does not lock across machines: two runs would both
+    take the lease. NFS locks (NLM / NFSv4) unless mounted `nolock` or `local_lock=...`."""
+    fstype, options = mount_of(path, mountinfo)
+    opts = set(options.split(","))
+    unsafe = fstype.split(".")[0] in _NO_SHARED_FLOCK or (
+        fstype.startswith("nfs")
+        and ("nolock" in opts or any(o.startswith("local_lock=") and o != "local_lock=none" for o in opts))
+    )
+    if unsafe:
+        raise UnsafeStore(
+            f"{path} is on a {fstype} mount ({options}), where a file lock does not keep a run on another "
+            "machine out, so the output's lease cannot either. Write the output to S3 (conditional writes), "
+            "to a local disk, or pass --unsafe-no-lease if only one run can ever write it"
         )
 
 
@@ -152,20 +231,3 @@ def write_conditional(
                 f"{loc.uri} {'exists already' if if_absent else 'changed since it was read'}"
             ) from None
         raise explain(e, loc, "write") from None
-
-
-def delete_conditional(uri: str | os.PathLike, if_match: str) -> None:
-    """Delete one object only if it still carries the tag `if_match`; raises PreconditionFailed."""
-    loc = parse_uri(uri)
-    if loc.scheme == "file":
-        with _local_lock(loc.path):
-            if _local_tag(loc.path) != if_match:
-                raise PreconditionFailed(f"{loc.uri} changed since it was read")
-            os.remove(loc.path)
-        return
-    try:
-        s3_client().delete_object(Bucket=loc.bucket, Key=loc.key, IfMatch=if_match)
-    except Exception as e:
-        if _is_precondition_failure(e):
-            raise PreconditionFailed(f"{loc.uri} changed since it was read") from None
-        raise explain(e, loc, "delete") from None
