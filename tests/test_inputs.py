@@ -426,3 +426,41 @@ def test_a_listing_is_progress_for_the_lease_page_by_page(bucket, tmp_path, monk
         cfg = InferConfig.model_validate({"model": "m", "input": where, "output": f"{bucket}/out"})
         inference.list_inputs(cfg, [], None, page)
         assert len(seen) >= 5 and all(seen), where  # 5 pages of S3 keys; the root and 4 folders locally
+
+
+def test_a_16_bit_image_converts_by_its_top_byte_in_bounded_memory():
+    """#38 item 6: a 16-bit image near the pixel limit made whole-image int64 copies (~2 GB at 89 Mpx) and
+    killed its worker, run after run. The conversion now works a few rows at a time: same pixels, and the
+    peak allocation stays a small multiple of the 8-bit result."""
+    import tracemalloc
+
+    h, w = 2048, 2048
+    ramp = (np.arange(h * w, dtype=np.uint32) * 65535 // (h * w - 1)).astype(np.uint16).reshape(h, w)
+    img = Image.fromarray(ramp)  # mode I;16
+    tracemalloc.start()
+    rgb = images.to_rgb(img)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    got = np.asarray(rgb)[:, :, 0]
+    assert np.array_equal(got, ((ramp.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8))
+    # the 16-bit array, the 8-bit result and a few row blocks (measured 19 MB); whole-image int64 copies: 71 MB
+    assert peak < 2 * h * w + h * w + 32 * images.TO_RGB_CHUNK_PX
+
+
+def test_an_input_without_a_listed_size_is_read_only_up_to_the_cap(tmp_path):
+    """#38 item 6: an input the ledger adds back has no listed size and skipped the size cap, so a huge
+    object was read whole; it is now read to the cap plus one byte, and refused past it."""
+    from pipeline.data.transforms import ImageTransform
+    from pipeline.inference.inputs import fetch_and_preprocess
+
+    big, small = tmp_path / "big.jpg", tmp_path / "small.png"
+    big.write_bytes(b"\0" * 3_000_001)
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(buf, "PNG")
+    small.write_bytes(buf.getvalue())
+    rules = images.DecodeRules(max_object_mb=3.0)
+    t = ImageTransform(32, 4, train=False, rules=rules)
+    out = fetch_and_preprocess({"image_uri": [str(big), str(small)], "input_size": [None, None]}, t, reads=2)
+    assert "larger than --max-object-mb 3" in out["error"][0] and out["error"][1] is None
+    assert list(out["error_kind"])[0] == "permanent"
+    assert storage.read_at_most(str(big), 10) == b"\0" * 10

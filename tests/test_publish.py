@@ -10,6 +10,7 @@ import threading
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -766,3 +767,49 @@ def test_a_killed_local_writers_tmp_in_any_bookkeeping_folder_never_reaches_reco
         rec = publish.recover(layout, lease)
     assert rec.removed == 3 and not rec.rolled_back
     assert not list(out.rglob("_tmp")) and not (out / outputs.QUARANTINE).exists()
+
+
+def test_the_ledger_streams_its_compaction_and_reads_only_what_a_run_needs(base, monkeypatch, tmp_path):
+    """#38 item 8: a compaction merges the base one row group at a time, a listing's rows come from the row
+    groups that can hold them, the transient failures from the base's side object: the result is what
+    merging every run's rows in memory gives, run after run."""
+    monkeypatch.setattr(ledger, "BASE_ROW_GROUP", 8)
+    monkeypatch.setattr(ledger, "COMPACT_AFTER", 3)
+    layout = outputs.Layout.of(base)
+    history = []
+    for r in range(12):
+        uris = [f"s3://in/k{(r * 7 + i * 3) % 90:03d}.jpg" for i in range(15)]  # overlapping runs
+        kinds = [("transient" if (i + r) % 5 == 0 else "permanent" if (i + r) % 7 == 0 else None) for i in range(15)]
+        part = tmp_path / f"part-{r}.parquet"
+        rows = pa.table(
+            {
+                "image_uri": uris,
+                "error": [k and "failed" for k in kinds],
+                "error_kind": kinds,
+                "input_version": [f"v{r}"] * 15,
+            }
+        )
+        pq.write_table(rows, part)
+        history.append(rows.append_column("run_id", pa.array([f"r{r:02d}"] * 15)))
+        success = {"model_sha256": SHA, "listed_through": {"s3://in": uris[-1]}}
+        ledger.append_ledger(layout, publish.Intent(f"r{r:02d}", "", [["", str(part)]], None, True, success, fence=r))
+        expected = ledger.latest_per_input(pa.concat_tables(history)).sort_by("image_uri")
+        got = ledger.read_ledger(layout, SHA).sort_by("image_uri")
+        assert got.to_pylist() == expected.select(got.column_names).to_pylist(), f"after run {r}"
+        transient = expected.filter(pc.equal(pc.fill_null(expected["error_kind"], ""), "transient"))
+        assert sorted(ledger.transient_failures(layout, SHA)) == sorted(transient["image_uri"].to_pylist())
+        few = expected["image_uri"].to_pylist()[:3] + ["s3://in/never.jpg"]
+        assert ledger.read_ledger(layout, SHA, only=pa.array(few)).num_rows == 3
+    names = [n for _, n in outputs.files_under(layout.ledger_dir(SHA))]
+    bases = [n for n in names if n.startswith("base-")]
+    assert len(bases) == 1 and f"transient-{bases[0]}" in names  # the old base and its side object are gone
+    meta = pq.ParquetFile(io.BytesIO(storage.read_bytes(layout.ledger_dir(SHA).join(bases[0]).uri))).metadata
+    assert meta.num_row_groups > 2  # streamed in groups, each sorted and disjoint from the next
+    read_groups = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(
+        pq.ParquetFile, "read_row_group", lambda self, g, **kw: read_groups.append(g) or real(self, g, **kw)
+    )
+    ledger.read_ledger(layout, SHA, only=pa.array([expected["image_uri"][0].as_py()]))
+    assert len(read_groups) == 1  # one row group of the base, not all of it
+    assert ledger.high_water_marks(layout, SHA) == {"s3://in": max(h["image_uri"][-1].as_py() for h in history)}

@@ -243,6 +243,20 @@ def read_bytes(uri: str | os.PathLike, large: bool = False) -> bytes:
         raise explain(e, loc, "read") from None
 
 
+def read_at_most(uri: str | os.PathLike, limit: int) -> bytes:
+    """The object's first `limit` bytes at most (all of it when smaller): a ranged GET, so an object whose
+    size is not known is never read past a cap."""
+    loc = parse_uri(uri)
+    try:
+        if loc.scheme == "s3":
+            got = s3_client().get_object(Bucket=loc.bucket, Key=loc.key, Range=f"bytes=0-{max(limit - 1, 0)}")
+            return got["Body"].read()
+        with open(loc.path, "rb") as f:
+            return f.read(limit)
+    except Exception as e:
+        raise explain(e, loc, "read") from None
+
+
 LIST_PAGE = 1000  # keys per listing request (S3's maximum)
 LOCAL_TMP = "_tmp"  # beside a local file being written: `_`-named, so no reader (pyarrow, pandas, Spark) looks in
 

@@ -77,15 +77,22 @@ def display_size(img: Image.Image) -> tuple[int, int]:
     return (h, w) if orientation(img) in TRANSPOSED else (w, h)
 
 
+TO_RGB_CHUNK_PX = 1 << 18  # pixels converted at once from 16/32-bit: bounds the int64 copies to 2 MB each
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any mode -> 8-bit RGB: 16/32-bit integer by the top byte, alpha over white, the rest by Pillow."""
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(img).astype(np.int64)
+        a = np.asarray(img)
         peak = 65535 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255
-        a = (np.clip(a, 0, peak) * 255 + peak // 2) // peak
-        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+        out = np.empty(a.shape, np.uint8)
+        rows = max(1, TO_RGB_CHUNK_PX // max(a.shape[1], 1))  # int64 working copies of a few rows, not the image
+        for r in range(0, a.shape[0], rows):
+            block = np.clip(a[r : r + rows].astype(np.int64), 0, peak)
+            out[r : r + rows] = (block * 255 + peak // 2) // peak
+        return Image.fromarray(out, "L").convert("RGB")
     if img.mode == "F":
         a = np.asarray(img, np.float32)
         scale = 255.0 if a.max(initial=0) <= 1.0 else 1.0

@@ -100,14 +100,24 @@ def list_inputs(cfg: InferConfig, class_names: list[str], start_after: str | Non
 
 def fetch_and_preprocess(batch: dict, transform: ImageTransform, reads: int) -> dict:
     """map_batches step: image URIs -> their bytes (`reads` GETs in flight) -> eval-transformed patches.
-    A file that cannot be read, or is over the size cap by its listed size (never read; one listed without a
-    size is capped by the decoder, on the bytes read), keeps its row with the reason, as an undecodable one does."""
+    A file that cannot be read, or is over the size cap by its listed size (never read; one without a
+    listed size, such as an input the ledger added back, is read only up to the cap plus one byte), keeps
+    its row with the reason, as an undecodable one does."""
     n = len(batch["image_uri"])
     uris, sizes = rows.values(batch, "image_uri", n), rows.values(batch, "input_size", n)
+    cap = int(transform.rules.max_object_mb * 1e6)
 
     def get(i):
         try:
             transform.rules.check_object_size(sizes[i])
+            if sizes[i] is None:
+                data = storage.read_at_most(uris[i], cap + 1)
+                if len(data) > cap:
+                    raise ImageDecodeError(
+                        f"object larger than --max-object-mb {transform.rules.max_object_mb:g} (read no further): "
+                        "not read"
+                    )
+                return data, "", None
             return storage.read_bytes(uris[i]), "", None
         except ImageDecodeError as e:
             return b"", str(e), PERMANENT  # over the size cap: final until the object changes

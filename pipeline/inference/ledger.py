@@ -2,21 +2,28 @@
 
 One Parquet object per committed run (`d-<fence>-<run id>.ledger`, its name orders it), merged into one base
 sorted by image_uri every COMPACT_AFTER objects; the columns are `rows.LEDGER_SCHEMA`. The objects'
-metadata carries each input prefix's high-water mark for `--input-append-only`.
+metadata carries each input prefix's high-water mark for `--input-append-only`; beside each base,
+`transient-<name>` holds its rows whose last attempt failed transiently.
+
+What a run costs does not grow with the history: the marks come from the objects' footers (ranged reads),
+a listing's rows from the base's row groups whose image_uri range can hold them, the transient failures
+from the small side object and the deltas; a compaction streams the base one row group at a time.
 """
 
 from __future__ import annotations
 
-import io
+import bisect
 import json
 import logging
+import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.core import storage
+from pipeline.core import scratch, storage
 from pipeline.inference.outputs import (
     LEDGER,
     Layout,
@@ -32,6 +39,7 @@ log = logging.getLogger(__name__)
 COMPACT_AFTER = 32  # ledger objects appended before they are merged into one
 HIGH_WATER = "vitray.listed_through"  # ledger object metadata: {input prefix: greatest key listed}
 BASE_ROW_GROUP = 16384  # rows per row group of a merged ledger: the unit a filtered read skips
+TRANSIENT = "transient-"  # beside base-<name>: its rows whose last attempt failed transiently
 
 
 def _ledger_rows(table: pa.Table, run_id: str) -> pa.Table:
@@ -53,13 +61,91 @@ def append_ledger(layout: Layout, intent) -> None:
     storage.write_bytes(layout.ledger_delta(sha, intent.fence, intent.run_id).uri, parquet_bytes(rows, mark))
     base, deltas = _ledger_objects(layout, sha)
     if len(deltas) > COMPACT_AFTER:
-        merged = read_ledger(layout, sha).sort_by("image_uri")  # sorted: a reader of a few inputs skips row groups
-        name = "base-" + deltas[-1][1][2:]
-        marks = json.dumps(high_water_marks(layout, sha))
-        data = parquet_bytes(merged, {HIGH_WATER: marks}, row_group_size=BASE_ROW_GROUP)
-        storage.write_bytes(layout.ledger_dir(sha).join(name).uri, data)
-        for uri, _ in deltas + ([base] if base else []):
-            storage.delete(uri)
+        compact(layout, sha, base, deltas)
+
+
+def compact(layout: Layout, sha: str, base, deltas) -> None:
+    """Merge the deltas into a new base, streaming the old one a row group at a time (the driver holds one
+    row group and the deltas, never the whole ledger), then its transient side object; the old objects go
+    once both are written."""
+    name = "base-" + deltas[-1][1][2:]
+    marks = json.dumps(high_water_marks(layout, sha))
+    newer = pa.concat_tables([_as_ledger(_read(u)) for u, _ in deltas])
+    newer = latest_per_input(newer).sort_by("image_uri")
+    keys = newer["image_uri"].to_pylist()
+    schema = LEDGER_SCHEMA.with_metadata({HIGH_WATER: marks})
+    transient = []
+    tmp = scratch.owned_temp_dir("vitray-ledger-")
+    try:
+        path = os.path.join(tmp, name)
+        with pq.ParquetWriter(path, schema) as writer:
+            taken = 0
+            groups = _base_groups(base[0]) if base else _legacy_group(layout, sha)
+            for i, (hi, read) in enumerate(groups):
+                upto = len(keys) if i == len(groups) - 1 else bisect.bisect_right(keys, hi)
+                merged = _merge(_as_ledger(read()), newer.slice(taken, upto - taken))
+                taken = upto
+                writer.write_table(merged.replace_schema_metadata(schema.metadata), row_group_size=BASE_ROW_GROUP)
+                transient.append(_transient(merged))
+            if not groups or taken < len(keys):
+                rest = newer.slice(taken)
+                writer.write_table(rest.replace_schema_metadata(schema.metadata), row_group_size=BASE_ROW_GROUP)
+                transient.append(_transient(rest))
+        storage.write_bytes(
+            layout.ledger_dir(sha).join(TRANSIENT + name).uri, parquet_bytes(pa.concat_tables(transient))
+        )
+        storage.upload_file(path, layout.ledger_dir(sha).join(name).uri)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for uri, _ in deltas + ([base] if base else []):
+        storage.delete(uri)
+    if base:
+        storage.delete(layout.ledger_dir(sha).join(TRANSIENT + base[1]).uri)
+
+
+def _legacy_group(layout: Layout, sha: str):
+    """An older version's single, unsorted ledger object as one group (merged whole, once)."""
+    legacy = layout.output.join(LEDGER, f"{sha}.ledger").uri
+    return [(None, lambda: _read(legacy))] if storage.exists(legacy) else []
+
+
+def _merge(older: pa.Table, newer: pa.Table) -> pa.Table:
+    """One row per input, the newer's where both have it, sorted by image_uri."""
+    if newer.num_rows == 0:
+        return older
+    return latest_per_input(pa.concat_tables([older, newer])).sort_by("image_uri")
+
+
+def _transient(t: pa.Table) -> pa.Table:
+    return t.filter(pc.equal(pc.fill_null(t["error_kind"], ""), "transient"))
+
+
+def _open(uri: str):
+    """A random-access file on the object: a footer or a few row groups are ranged reads, not the object."""
+    loc = storage.parse_uri(uri)
+    try:
+        return loc.filesystem.open_input_file(loc.path)
+    except Exception as e:
+        raise storage.explain(e, loc, "read") from None
+
+
+def _read(uri: str) -> pa.Table:
+    with _open(uri) as f:
+        return pq.read_table(f)
+
+
+def _base_groups(uri: str):
+    """[(greatest image_uri in the row group, a reader of it)] of a sorted base, from its footer."""
+    f = pq.ParquetFile(_open(uri))
+    col = f.schema_arrow.get_field_index("image_uri")
+    out = []
+    for g in range(f.metadata.num_row_groups):
+        stats = f.metadata.row_group(g).column(col).statistics
+        hi = stats.max if stats is not None and stats.has_min_max else None
+        out.append((hi, lambda g=g: f.read_row_group(g)))
+    if any(hi is None for hi, _ in out):  # no statistics (another writer): one group, read whole
+        return [(None, lambda: f.read())]
+    return out
 
 
 def _ledger_objects(layout: Layout, sha: str) -> tuple[tuple[str, str] | None, list[tuple[str, str]]]:
@@ -74,20 +160,30 @@ def _ledger_objects(layout: Layout, sha: str) -> tuple[tuple[str, str] | None, l
 
 def high_water_marks(layout: Layout, sha: str) -> dict[str, str]:
     """{input prefix: the greatest key a committed run of this model listed under it}, from the ledger
-    objects' metadata (--input-append-only lists only what comes after)."""
+    objects' footers (--input-append-only lists only what comes after)."""
     base, deltas = _ledger_objects(layout, sha)
     marks: dict[str, str] = {}
     for uri, _ in ([base] if base else []) + deltas:
-        meta = pq.read_schema(io.BytesIO(storage.read_bytes(uri, large=True))).metadata or {}
+        with _open(uri) as f:
+            meta = pq.read_schema(f).metadata or {}
         for prefix, key in json.loads(meta.get(HIGH_WATER.encode(), b"{}")).items():
             marks[prefix] = max(marks.get(prefix, ""), key)
     return marks
 
 
 def transient_failures(layout: Layout, sha: str) -> list[str]:
-    """Inputs whose last attempt failed transiently: an append-only listing no longer returns them."""
-    t = read_ledger(layout, sha)
-    return t.filter(pc.equal(pc.fill_null(t["error_kind"], ""), "transient"))["image_uri"].to_pylist()
+    """Inputs whose last attempt failed transiently: an append-only listing no longer returns them. Read
+    from the base's side object and the deltas after it (a base without one, an older version's, whole)."""
+    base, deltas = _ledger_objects(layout, sha)
+    if base is None and not deltas:
+        t = read_ledger(layout, sha)
+        return _transient(t)["image_uri"].to_pylist()
+    tables = []
+    if base:
+        side = layout.ledger_dir(sha).join(TRANSIENT + base[1]).uri
+        tables.append(_as_ledger(_read(side) if storage.exists(side) else _transient(_as_ledger(_read(base[0])))))
+    tables += [_as_ledger(_read(u)) for u, _ in deltas]
+    return _transient(latest_per_input(pa.concat_tables(tables)))["image_uri"].to_pylist()
 
 
 def latest_per_input(table: pa.Table) -> pa.Table:
@@ -119,17 +215,31 @@ def read_ledger(layout: Layout, model_sha256: str, only: pa.Array | None = None)
                 tables += [_ledger_rows(read_parquet(u, ["image_uri", "error"]), r["run_id"]) for u in r["files"]]
     uris += [u for u, _ in deltas]
     wanted = None if only is None else pa.array(only, pa.string())
+    keys = None if only is None else sorted(set(wanted.to_pylist()) - {None})
     for uri in uris:
-        data = io.BytesIO(storage.read_bytes(uri, large=True))
         if wanted is None:
-            tables.append(pq.read_table(data))
+            tables.append(_read(uri))
+        elif base and uri == base[0]:  # only the row groups whose image_uri range can hold a wanted key
+            tables += [t.filter(pc.is_in(t["image_uri"], value_set=wanted)) for t in _groups_holding(uri, keys)]
         else:
-            tables.append(pq.read_table(data, filters=pc.field("image_uri").isin(wanted)))
-    if wanted is not None:
-        tables = [t.filter(pc.is_in(t["image_uri"], value_set=wanted)) for t in tables]
+            t = _read(uri)
+            tables.append(t.filter(pc.is_in(t["image_uri"], value_set=wanted)))
     if not tables:
         return LEDGER_SCHEMA.empty_table()
     return latest_per_input(pa.concat_tables([_as_ledger(t) for t in tables]))
+
+
+def _groups_holding(uri: str, keys: list[str]):
+    """The row groups of a sorted base whose [min, max] image_uri holds one of `keys` (sorted), read."""
+    f = pq.ParquetFile(_open(uri))
+    col = f.schema_arrow.get_field_index("image_uri")
+    for g in range(f.metadata.num_row_groups):
+        stats = f.metadata.row_group(g).column(col).statistics
+        if stats is not None and stats.has_min_max:
+            i = bisect.bisect_left(keys, stats.min)
+            if i == len(keys) or keys[i] > stats.max:
+                continue
+        yield f.read_row_group(g)
 
 
 def _as_ledger(t: pa.Table) -> pa.Table:
