@@ -378,3 +378,58 @@ def test_append_only_with_a_limit_marks_what_was_predicted(ray_cluster, bucket, 
     for _ in range(3):
         _run(**kw, input_append_only=True, limit=2)
     assert _committed(f"{bucket}/out") == sorted(uris)
+
+
+SEGFAULTING_DECODER = """
+import os, signal
+from PIL import PngImagePlugin
+
+_load = PngImagePlugin.PngImageFile.load
+
+
+def load(self):  # a decoder bug that one input triggers: the process dies by SIGSEGV
+    if self.info.get("vitray-test") == "segfault":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return _load(self)
+
+
+PngImagePlugin.PngImageFile.load = load
+"""
+
+
+@pytest.mark.e2e
+def test_an_input_that_kills_its_decoder_is_isolated_and_recorded_once(stack, bucket, model_uri, tmp_path):
+    """#38 item 6: Ray Data retries a task whose worker died forever, so one input that crashes the decoder
+    hung every scheduled run. Now the task is retried twice, its block's inputs are decoded alone in fresh
+    processes, the one that kills them every time becomes a row with a permanent error, the others are
+    predicted, and the next run does not meet it again. The crash is real (SIGSEGV in every process of the
+    job, Ray's workers included, through a sitecustomize that patches Pillow's PNG loader)."""
+    from PIL import PngImagePlugin
+
+    uris = _put_images(f"{bucket}/in", 5)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("vitray-test", "segfault")
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(buf, "PNG", pnginfo=info)
+    poison = f"{bucket}/in/zz-poison.png"
+    storage.write_bytes(poison, buf.getvalue())
+    (tmp_path / "sitecustomize.py").write_text(SEGFAULTING_DECODER)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT)])  # a job-local Ray: its workers get it too
+    out = f"{bucket}/out"
+    args = ["--model", model_uri, "--input", f"{bucket}/in", "--output", out, "--since-last-run", "--batch-size", 2]
+    job = _job(*args, env=env)
+    text = job.communicate(timeout=600)[0]
+    assert job.returncode == 0, text[-4000:]
+    assert "poison input" in text and "killed by SIGSEGV" in text, text[-4000:]
+    published = outputs.read_published(out)
+    rows_by_uri = {r["image_uri"]: r for r in published.to_pylist()}
+    assert sorted(rows_by_uri) == sorted(uris + [poison])  # nothing dropped, one row each
+    assert (
+        rows_by_uri[poison]["error_kind"] == "permanent"
+        and "killed its process 2 times" in rows_by_uri[poison]["error"]
+    )
+    assert all(rows_by_uri[u]["error"] is None for u in uris)
+    again = _job(*args, env=env)
+    text = again.communicate(timeout=600)[0]
+    assert again.returncode == 0 and "nothing new to predict" in text, text[-3000:]

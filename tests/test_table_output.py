@@ -238,6 +238,25 @@ def test_a_locked_catalog_is_a_clear_exit_75_with_nothing_committed(stack, bucke
         _table(where)  # never created
 
 
+def test_an_unreachable_rest_catalog_is_a_clear_exit_75_with_nothing_written(stack, bucket, model_uri):
+    """The cluster's REST catalog is down (nothing listens on its port): the job says which catalog and
+    why, exits 75 for the scheduler to try again, and writes nothing to the warehouse."""
+    import socket
+
+    _put_images(f"{bucket}/in", 2)
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    job = _job(
+        "--model", model_uri, "--input", f"{bucket}/in", "--table", "preds.t",
+        "--catalog", f"rest+http://127.0.0.1:{port}/api/catalog", "--warehouse", f"{bucket}/warehouse",
+    )  # fmt: skip
+    text = job.communicate(timeout=300)[0]
+    assert job.returncode == 75, text[-3000:]
+    assert f"cannot open the catalog http://127.0.0.1:{port}/api/catalog" in text and "Traceback" not in text
+    assert not storage.list_files(f"{bucket}/warehouse")
+
+
 def test_maintenance_expires_old_snapshots_and_keeps_the_current_one(ray_cluster, bucket, model_uri, where):
     _put_images(f"{bucket}/in", 2)
     for i in range(3):

@@ -28,6 +28,7 @@ from pipeline.core.exits import EXIT_BAD_INPUT, EXIT_ERROR_RATE, EXIT_PARTIAL
 from pipeline.core.lease import LeaseLost, output_lease
 from pipeline.core.signals import in_job, unwind_on_sigterm
 from pipeline.data.manifest import load_manifest
+from pipeline.inference import inputs as feed
 from pipeline.inference import ledger, outputs, publish, rows, run_report
 from pipeline.inference.infer_config import ALIASES, InferConfig  # noqa: F401 - the job's schema, re-exported
 from pipeline.inference.inputs import Inputs, fetch_and_preprocess, list_inputs, preprocess, shard_rows
@@ -43,6 +44,8 @@ from pipeline.inference.run_report import (
 )
 
 log = logging.getLogger(__name__)
+DECODE_RETRIES = 2  # attempts after the first of a decode task whose worker died, before its inputs are isolated
+MAX_SUSPECTS = 256  # inputs of crashed blocks decoded alone at most; more is not one poison input
 
 
 class ErrorRateExceeded(RuntimeError):
@@ -80,6 +83,7 @@ def predict_to_staging(
     started: dt.datetime,
     staging: storage.Location | None = None,
     suffix: str = outputs.STAGED_SUFFIX,
+    poison: dict[str, str] | None = None,
 ) -> Staged:
     """Run the Ray Data pipeline into `staging` (default: `{output}/_staging/run={run_id}/`), files named
     `part-*{suffix}`. Nothing is published."""
@@ -124,12 +128,14 @@ def predict_to_staging(
         n_blocks = max(1, min(len(inputs) // cfg.batch_size, 2000))
         per = -(-len(inputs) // n_blocks)
         ds = ray.data.from_arrow([inputs.table.slice(i, per) for i in range(0, len(inputs), per)])
+        marks = (staging or outputs.Layout.of(cfg.output).staging(run_id)).join(feed.DECODING).uri
         ds = ds.map_batches(
             fetch_and_preprocess,
-            fn_kwargs={"transform": eval_transform, "reads": cfg.reads},
+            fn_kwargs={"transform": eval_transform, "reads": cfg.reads, "marks": marks, "poison": poison or {}},
             batch_size=None,
             batch_format="numpy",
             num_cpus=cfg.decode_cpus,
+            max_retries=DECODE_RETRIES,  # Ray Data's default retries a task whose worker died forever
         )
     weights = ray.put(pre.weights)  # read once by the driver: every replica gets these exact bytes
     staging = staging or outputs.Layout.of(cfg.output).staging(run_id)
@@ -236,6 +242,29 @@ def run(cfg: InferConfig) -> dict:
         raise
 
 
+def _predict_isolating(cfg, pre, inputs, run_id, started, layout) -> Staged:
+    """`predict_to_staging`; when it failed and tasks died decoding (their blocks' marks stayed), each of those
+    inputs is decoded alone in fresh processes, and the ones that kill them every time are predicted again as
+    rows with a permanent error (the ledger keeps them, so no later run meets them again)."""
+    poison: dict[str, str] = {}
+    marks = layout.staging(run_id).join(feed.DECODING).uri
+    while True:
+        try:
+            return predict_to_staging(cfg, pre, inputs, run_id, started, poison=poison)
+        except Exception:
+            suspects = [] if inputs.kind == "shards" else [u for u in feed.crashed_inputs(marks) if u not in poison]
+            if not suspects or len(suspects) > MAX_SUSPECTS:
+                raise
+            log.error("tasks died decoding %d inputs: decoding each alone to find the one(s) at fault", len(suspects))
+            found = feed.isolate(suspects)
+            if not found:
+                raise
+            for uri, why in found.items():
+                log.error("poison input %s: %s", uri, why)
+            poison.update(found)
+            storage.delete(layout.staging(run_id).uri, recursive=True)
+
+
 def progress(stages: StageTimes, staging: str) -> tuple:
     """What changes while a run makes progress: stages finished, entries listed, files staged."""
     return len(stages.s), stages.listed, len(storage.list_files(staging))
@@ -288,7 +317,7 @@ def _run_held(cfg, pre, layout, lease, run_id, started, stages) -> dict:
         return {**result, "elapsed_s": time.time() - stages.t0, "timings_s": stages.s}
     try:
         with stages("predict"):
-            staged = predict_to_staging(cfg, pre, inputs, run_id, started)
+            staged = _predict_isolating(cfg, pre, inputs, run_id, started, layout)
         summary = summarize_staged(staged.files, pre.class_names)
         n_inputs = summary["rows"] if inputs.kind == "shards" else len(inputs)
         if summary["rows"] != n_inputs:

@@ -10,7 +10,12 @@ preprocess(): map_batches step, encoded images -> eval patches; the carried colu
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
+import signal
+import subprocess
+import sys
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -98,7 +103,9 @@ def list_inputs(cfg: InferConfig, class_names: list[str], start_after: str | Non
     return Inputs(table, "class-tree" if tree else "images", skipped)
 
 
-def fetch_and_preprocess(batch: dict, transform: ImageTransform, reads: int) -> dict:
+def fetch_and_preprocess(
+    batch: dict, transform: ImageTransform, reads: int, marks: str | None = None, poison: dict | None = None
+) -> dict:
     """map_batches step: image URIs -> their bytes (`reads` GETs in flight) -> eval-transformed patches.
     A file that cannot be read, or is over the size cap by its listed size (never read; one without a
     listed size, such as an input the ledger added back, is read only up to the cap plus one byte), keeps
@@ -106,8 +113,11 @@ def fetch_and_preprocess(batch: dict, transform: ImageTransform, reads: int) -> 
     n = len(batch["image_uri"])
     uris, sizes = rows.values(batch, "image_uri", n), rows.values(batch, "input_size", n)
     cap = int(transform.rules.max_object_mb * 1e6)
+    poison = poison or {}
 
     def get(i):
+        if uris[i] in poison:  # it killed every process that decoded it (`isolate`): never read again
+            return b"", poison[uris[i]], PERMANENT
         try:
             transform.rules.check_object_size(sizes[i])
             if sizes[i] is None:
@@ -131,7 +141,70 @@ def fetch_and_preprocess(batch: dict, transform: ImageTransform, reads: int) -> 
         "error": [e or None for _, e, _ in got],
         "error_kind": [k for _, _, k in got],
     }
-    return preprocess({**batch, **found, "bytes": [b for b, _, _ in got]}, transform)
+    mark = marks and f"{marks}/{uuid.uuid4().hex}.json"
+    if mark:  # removed once decoded: a mark that stays names the inputs of a task whose process died
+        storage.write_bytes(mark, json.dumps(uris).encode())
+    out = preprocess({**batch, **found, "bytes": [b for b, _, _ in got]}, transform)
+    if mark:
+        storage.delete(mark)
+    return out
+
+
+DECODING = "_decoding"  # under a run's staging: the marks of blocks being decoded
+ISOLATE_TRIES = 2  # fresh processes an input must kill before it is recorded as poison
+_DECODE_ALONE = """
+import sys
+from pipeline.core import storage
+from pipeline.data.images import decode_rgb
+try:
+    decode_rgb(storage.read_bytes(sys.argv[1]))
+except MemoryError:
+    sys.exit(86)
+except Exception:
+    pass  # an ordinary decode error: the run's error row says it
+"""
+
+
+def crashed_inputs(marks: str) -> list[str]:
+    """The inputs of blocks whose decode never finished (their marks under `marks` stayed)."""
+    found: set[str] = set()
+    for f in storage.list_files(marks):
+        try:
+            found.update(json.loads(storage.read_bytes(storage.to_uri(storage.parse_uri(marks), f.path))))
+        except (storage.StorageError, ValueError, TypeError):
+            continue
+    return sorted(found)
+
+
+def isolate(uris: list[str], tries: int = ISOLATE_TRIES, timeout_s: float = 300.0) -> dict[str, str]:
+    """Decode each suspect alone in a fresh process, up to `tries` times: {input: reason} for those that
+    killed it (a signal, MemoryError, or no end within `timeout_s`) every time. The others decode, or fail
+    with an ordinary error, on their own: the crash was not theirs."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    poison = {}
+    for uri in uris:
+        deaths = []
+        for _ in range(tries):
+            try:
+                proc = subprocess.run(
+                    [sys.executable, "-c", _DECODE_ALONE, uri], env=env, capture_output=True, timeout=timeout_s
+                )
+            except subprocess.TimeoutExpired:
+                deaths.append(f"no end within {timeout_s:.0f} s")
+                continue
+            if proc.returncode < 0:
+                deaths.append(f"killed by {signal.Signals(-proc.returncode).name}")
+            elif proc.returncode == 86:
+                deaths.append("MemoryError")
+            else:
+                break
+        if len(deaths) == tries:
+            poison[uri] = (
+                f"decoding it killed its process {tries} times alone ({deaths[-1]}) after its task's worker died: "
+                "recorded as a permanent error until the object changes"
+            )
+    return poison
 
 
 def shard_rows(batch: dict) -> dict:
