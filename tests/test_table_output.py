@@ -340,3 +340,38 @@ def test_two_schedules_started_together_leave_one_row_per_input_version(stack, b
         assert "committed by another run after it planned" in loser and "Traceback" not in loser
     assert len(_versions(where)) == 4 == len(set(_versions(where)))
     assert len(_table(where).snapshots()) == 1
+
+
+@pytest.mark.e2e
+def test_a_writer_paused_after_planning_commits_nothing_twice(stack, bucket, model_uri, where):
+    """Run A (a subprocess) is stopped with SIGSTOP once it writes its data files, after it planned; run B
+    plans, predicts and commits everything; A resumes: its commit finds B's rows for its input versions and
+    exits 75 with nothing committed. One row per input version, B's snapshot only, A's files orphans that
+    maintenance may remove."""
+    _put_images(f"{bucket}/in", 6)
+    args = ["--model", model_uri, "--input", f"{bucket}/in", "--table", "preds.t", "--since-last-run"]
+    args += ["--catalog", where["catalog"], "--warehouse", where["warehouse"], "--batch-size", 2]
+    location = storage.parse_uri(
+        catalog.open_table(catalog.open_catalog(where["catalog"], where["warehouse"]), "preds.t", False).location()
+    )
+    a = _job(*args, "--run-id", "a")
+    deadline = time.time() + 240
+    while time.time() < deadline and a.poll() is None:
+        if storage.list_files(location.join("data", "vitray-run=a").uri):
+            break
+        time.sleep(0.05)
+    os.killpg(a.pid, signal.SIGSTOP)
+    try:
+        b = _job(*args, "--run-id", "b")
+        text_b = b.communicate(timeout=300)[0]
+        assert b.returncode == 0, text_b[-3000:]
+    finally:
+        os.killpg(a.pid, signal.SIGCONT)
+    text_a = a.communicate(timeout=300)[0]
+    runs = [snapshots.summary(s)[snapshots.RUN_ID] for s in _table(where).snapshots()]
+    if runs == ["b"]:  # paused before its commit (what this test is for): refused at its commit
+        assert a.returncode == 75 and "committed by another run after it planned" in text_a, text_a[-3000:]
+    else:  # A had committed in the instant before the stop: B then found nothing new
+        assert runs == ["a"] and a.returncode == 0 and "nothing new to predict" in text_b, (runs, text_a[-2000:])
+    assert "Traceback" not in text_a
+    assert len(_versions(where)) == 6 == len(set(_versions(where)))

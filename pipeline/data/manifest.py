@@ -64,6 +64,7 @@ class Manifest:
     max_object_mb: float | None = None
     max_side: int | None = None  # images stored with their longer side at most this (None: as they came)
     image_member: str = IMAGE_MEMBER
+    provenance: dict | None = None  # pseudo-labels: the teacher, its predictions' run(s), threshold, budget
     base: str = field(default="", compare=False)  # the set's root URI or path, as read; not in the JSON
 
     # ---- JSON --------------------------------------------------------------------------------

@@ -236,6 +236,8 @@ def make_shards(
     executor: str = "ray",
     keep_versions: int | None = None,
     prune_in_use: bool = False,
+    provenance: dict | None = None,
+    label_skips: dict[str, str] | None = None,
     progress: bool = True,
     on_result=None,
 ) -> ShardSetWritten:
@@ -270,6 +272,8 @@ def make_shards(
         classes, samples, skipped = plan_source(
             source, labels=labels, val_fraction=val_fraction, seed=seed, unlabeled=unlabeled
         )
+        if label_skips:  # why an input got no label (pseudo-labels): said instead of "not in the labels file"
+            skipped = [{**x, "reason": label_skips.get(x["path"], x["reason"])} for x in skipped]
     version = new_version()
     descs = assign_shards(samples, shard_size, seed, "parquet" if fmt == "parquet" else "tar", f"{VERSIONS}/{version}/")
     n_inputs = len(samples)
@@ -329,6 +333,7 @@ def make_shards(
         max_aspect=rules.max_aspect,
         max_object_mb=rules.max_object_mb,
         max_side=max_side,
+        provenance=provenance,
         skip_counts=skip_counts(skipped),
         base=out.uri if out.scheme == "s3" else out.path,  # as load_manifest gives it
     )

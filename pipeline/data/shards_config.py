@@ -65,6 +65,26 @@ class ShardsConfig(DecodeRuleFields):
         False, description="with --keep-versions: prune old versions even if unfinished runs read them"
     )
     local: bool = Field(False, description="no Ray: write the shards one after another in this process")
+    labels_from: str | None = Field(
+        None,
+        description="pseudo-labels: the --output prefix of a batch inference over --source (self-training); "
+        "needs --labelled",
+    )
+    labelled: str | None = Field(
+        None, description="with --labels-from: the labelled set's manifest (its classes; none of its images is taken)"
+    )
+    min_confidence: float = Field(0.0, description="with --labels-from: the least top-1 probability taken")
+    per_class_max: int | None = Field(
+        None, description="with --labels-from: at most N per class, the most confident first (Noisy Student)"
+    )
+    teacher_sha256: str | None = Field(None, description="with --labels-from: this model's predictions only")
+    teacher_run: str | None = Field(None, description="with --labels-from: this run's predictions only")
+
+    @model_validator(mode="after")
+    def _pseudo_labels_need_their_set(self):
+        if self.labels_from and (self.labels or not self.labelled):
+            raise ValueError("--labels-from needs --labelled <manifest> and excludes --labels")
+        return self
 
 
 SHARDS_ALIASES = {

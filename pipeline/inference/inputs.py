@@ -47,7 +47,8 @@ class Inputs:
         return self.table.num_rows
 
 
-def _version(f) -> str:
+def object_version(f) -> str:
+    """An object's `input_version`: its size and whole-second mtime (what tells a changed object)."""
     mtime = f.mtime.timestamp() if f.mtime is not None else 0
     return f"{f.size}:{int(mtime)}"
 
@@ -96,7 +97,7 @@ def list_inputs(cfg: InferConfig, class_names: list[str], start_after: str | Non
         {
             "image_uri": [storage.to_uri(loc, f.path) for f, _ in files],
             "label_id": [index[r.split("/")[0]] if tree else None for _, r in files],
-            "input_version": [_version(f) for f, _ in files],
+            "input_version": [object_version(f) for f, _ in files],
             "input_size": [f.size for f, _ in files],
         }
     )
