@@ -5,6 +5,7 @@ per-image time is the slope between the two sizes; then the cost of reading the
 row, the way it was done before). Needs `make up`.
   python bench/infer.py
   python bench/infer.py --state-only      # only the state-read cost (no Ray)
+  python bench/infer.py --table --sizes 2000 0   # the Iceberg table output's images/s against the prefix's
   python bench/infer.py --device cuda      # no Ray: ViT-B/16 bf16 inference images/s on a GPU
 """
 
@@ -169,6 +170,78 @@ def cpu(args):
     storage.delete(f"s3://{bucket}", recursive=True)
 
 
+def table_vs_prefix(args):
+    """Images/s of the Ray Data job writing the Iceberg table (--table, SQLite catalog, warehouse in the
+    bench bucket) against the Parquet prefix output, same images, alternated, in the same run."""
+    import tempfile
+
+    import local_stack
+
+    local_stack.env()  # before importing ray: its auth mode is read at import
+    import ray
+
+    from pipeline.core import storage
+    from pipeline.inference import batch as inference
+    from pipeline.inference.batch import InferConfig
+    from pipeline.inference.iceberg import table_run
+
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    bucket = f"bench-table-{uuid.uuid4().hex[:6]}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    m = vit_model.create_model(args.cpu_model, num_classes=10)
+    w, c = vit_model.export_bytes(m, class_names=[str(i) for i in range(10)])
+    storage.write_bytes(f"s3://{bucket}/model/model.safetensors", w)
+    storage.write_bytes(f"s3://{bucket}/model/config.json", c)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    n = args.sizes[0]
+
+    def put(i):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(buf, "JPEG")
+        storage.write_bytes(f"s3://{bucket}/in/{i:05d}.jpg", buf.getvalue())
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, range(n)))
+    common = dict(
+        model=f"s3://{bucket}/model", input=f"s3://{bucket}/in", replicas=(1, 1), batch_size=args.batch,
+        reads=args.reads, cpus_per_replica=args.cpus_per_replica, decode_cpus=args.decode_cpus,
+    )  # fmt: skip
+    got = {"prefix": [], "table": []}
+    with tempfile.TemporaryDirectory(prefix="bench-catalog-") as tmp:
+        for rep in range(args.repeats):
+            for kind in ("prefix", "table") if rep % 2 == 0 else ("table", "prefix"):
+                if kind == "prefix":
+                    r = inference.run(InferConfig(**common, output=f"s3://{bucket}/out{rep}"))
+                else:
+                    r = table_run.run(
+                        InferConfig(
+                            **common,
+                            table=f"bench.t{rep}",
+                            catalog=f"sqlite:///{tmp}/catalog.db",
+                            warehouse=f"s3://{bucket}/warehouse",
+                        )  # fmt: skip
+                    )
+                got[kind].append((r["images_per_s"], r["elapsed_s"]))
+                print(
+                    f"{kind:6s} run {rep}: {r['images_per_s']:6.1f} images/s in predict, {r['elapsed_s']:5.1f} s "
+                    "end to end (stages: " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings_s"].items()) + ")",
+                    flush=True,
+                )
+    med = {k: sorted(v)[len(v) // 2] for k, v in got.items()}
+    print(
+        f"{n} images, median of {args.repeats}: table {med['table'][0]:.1f} images/s, prefix {med['prefix'][0]:.1f}: "
+        f"table/prefix {med['table'][0] / med['prefix'][0]:.2f} (goal >= 0.95); end to end "
+        f"{med['prefix'][1] / med['table'][1]:.2f}"
+    )
+    storage.delete(f"s3://{bucket}", recursive=True)
+
+
 def state_cost(args):
     """Seconds to read the --since-last-run state as history grows: the model's ledger (one object)
     against reading every published run's rows (embeddings included), measured in the same run."""
@@ -276,9 +349,14 @@ def main():
     )
     ap.add_argument("--state-rows", type=int, default=50, help="new images per committed run in the state-cost part")
     ap.add_argument("--state-only", action="store_true")
+    ap.add_argument("--table", action="store_true", help="only --table against the prefix output, images/s")
+    ap.add_argument("--repeats", type=int, default=3, help="--table: runs of each, alternated")
     args = ap.parse_args()
     if args.state_only:
         return state_cost(args)
+    if args.table:
+        args.batch = min(args.batch, 128)
+        return table_vs_prefix(args)
     if args.device == "cpu":
         args.batch = min(args.batch, 128)
     if args.device == "cuda":

@@ -137,6 +137,8 @@ def roll_forward(layout: Layout, intent: Intent, lease) -> None:
     record = json.dumps(intent.success, indent=2).encode()
     storage.write_bytes(run_dir.join(SUCCESS).uri, record)
     storage.write_bytes(layout.run_record(intent.run_id).uri, record)
+    if not storage.exists(layout.output.join(RUNS, RUNS_INDEXED).uri):  # the first commit of this version
+        _mark_indexed(layout)
     if intent.ledger:
         append_ledger(layout, intent)
     storage.delete(layout.staging(intent.run_id).uri, recursive=True)
@@ -271,11 +273,17 @@ def index_runs(layout: Layout) -> int:
         return 0
     indexed = {n for _, n in files_under(layout.output.join(RUNS))}
     added = 0
-    for uri, record in legacy_runs(layout.output.uri):
+    legacy = legacy_runs(layout.output.uri)
+    for uri, record in legacy:
         if f"run={record['run_id']}.json" not in indexed:
             storage.write_bytes(layout.run_record(record["run_id"]).uri, storage.read_bytes(uri))
             added += 1
     if added:
         log.warning("indexed %d runs that an older version committed under %s", added, layout.output.uri)
-    storage.write_bytes(layout.output.join(RUNS, RUNS_INDEXED).uri, b"every committed run has its record here\n")
+    if legacy or indexed:  # an output without runs gets its mark with its first commit (`roll_forward`)
+        _mark_indexed(layout)
     return added
+
+
+def _mark_indexed(layout: Layout) -> None:
+    storage.write_bytes(layout.output.join(RUNS, RUNS_INDEXED).uri, b"every committed run has its record here\n")
