@@ -463,4 +463,4 @@ def test_an_input_without_a_listed_size_is_read_only_up_to_the_cap(tmp_path):
     out = fetch_and_preprocess({"image_uri": [str(big), str(small)], "input_size": [None, None]}, t, reads=2)
     assert "larger than --max-object-mb 3" in out["error"][0] and out["error"][1] is None
     assert list(out["error_kind"])[0] == "permanent"
-    assert storage.read_at_most(str(big), 10) == b"\0" * 10
+    assert storage.read_bytes(str(big), limit=10) == b"\0" * 10

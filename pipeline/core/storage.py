@@ -15,7 +15,6 @@ import posixpath
 import re
 import urllib.parse
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -229,30 +228,18 @@ def _odd_key(loc: Location) -> bool:
     return loc.scheme == "s3" and ("//" in loc.key or any(p in (".", "..") for p in loc.key.split("/")))
 
 
-def read_bytes(uri: str | os.PathLike, large: bool = False) -> bytes:
-    """The whole object. `large` (weights, shards: megabytes and up): one GET of the size a HEAD
+def read_bytes(uri: str | os.PathLike, large: bool = False, limit: int | None = None) -> bytes:
+    """The whole object, or its first `limit` bytes at most (a ranged GET: an object whose size is not known
+    is never read past a cap). `large` (weights, shards: megabytes and up): one GET of the size a HEAD
     returned, about 5x faster from S3 than pyarrow's buffered stream (100 MB: 0.2 against 1.2 s);
     small objects (images, JSON) skip the HEAD. Keys are read exactly as given (`a//b.jpg` too)."""
     loc = parse_uri(uri)
     try:
-        if _odd_key(loc):
-            return s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+        if _odd_key(loc) or (limit is not None and loc.scheme == "s3"):
+            ranged = {} if limit is None else {"Range": f"bytes=0-{max(limit - 1, 0)}"}
+            return s3_client().get_object(Bucket=loc.bucket, Key=loc.key, **ranged)["Body"].read()
         with (loc.filesystem.open_input_file if large else loc.filesystem.open_input_stream)(loc.path) as f:
-            return f.read()
-    except Exception as e:
-        raise explain(e, loc, "read") from None
-
-
-def read_at_most(uri: str | os.PathLike, limit: int) -> bytes:
-    """The object's first `limit` bytes at most (all of it when smaller): a ranged GET, so an object whose
-    size is not known is never read past a cap."""
-    loc = parse_uri(uri)
-    try:
-        if loc.scheme == "s3":
-            got = s3_client().get_object(Bucket=loc.bucket, Key=loc.key, Range=f"bytes=0-{max(limit - 1, 0)}")
-            return got["Body"].read()
-        with open(loc.path, "rb") as f:
-            return f.read(limit)
+            return f.read() if limit is None else f.read(limit)
     except Exception as e:
         raise explain(e, loc, "read") from None
 
@@ -299,12 +286,7 @@ def exists(uri: str | os.PathLike) -> bool:
         raise explain(e, loc, "look up") from None
 
 
-def list_files(
-    uri: str | os.PathLike,
-    recursive: bool = True,
-    start_after: str | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> list[pafs.FileInfo]:
+def list_files(uri: str | os.PathLike, recursive: bool = True, start_after: str | None = None, progress=None):
     """Files under a prefix/folder, sorted by path; empty if it does not exist. On S3 (recursive) the keys
     come from the listing itself, exactly as stored: pyarrow's listing folds `a//b.jpg` into `a/b.jpg`, a
     key that does not exist. `progress(n)`: called as each page of n keys arrives (a long listing is
@@ -325,13 +307,9 @@ def _list_s3(loc: Location, start_after: str | None = None, progress=None) -> li
     prefix = f"{loc.key.rstrip('/')}/" if loc.key else ""
     out = []
     extra = {"StartAfter": parse_uri(start_after).key} if start_after else {}
-    pages = (
-        s3_client()
-        .get_paginator("list_objects_v2")
-        .paginate(Bucket=loc.bucket, Prefix=prefix, PaginationConfig={"PageSize": LIST_PAGE}, **extra)
-    )
-    for page in pages:
-        if progress:
+    paginator = s3_client().get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=loc.bucket, Prefix=prefix, PaginationConfig={"PageSize": LIST_PAGE}, **extra):
+        if progress:  # (n) -> None, as each page arrives
             progress(len(page.get("Contents", [])))
         for o in page.get("Contents", []):
             if o["Key"].endswith("/"):  # a console-made "folder" marker, not a file

@@ -122,7 +122,7 @@ def fetch_and_preprocess(
         try:
             transform.rules.check_object_size(sizes[i])
             if sizes[i] is None:
-                data = storage.read_at_most(uris[i], cap + 1)
+                data = storage.read_bytes(uris[i], limit=cap + 1)
                 if len(data) > cap:
                     raise ImageDecodeError(
                         f"object larger than --max-object-mb {transform.rules.max_object_mb:g} (read no further): "
