@@ -171,7 +171,7 @@ def test_append_only_with_a_limit_keeps_the_mark_of_what_was_predicted(ray_clust
     assert list(mark.values())[0] == {storage.parse_uri(f"{bucket}/in").uri: f"{bucket}/in/img004.png"}
 
 
-def _job(*args):
+def _job(*args, env=None):
     return subprocess.Popen(
         [sys.executable, str(ROOT / "jobs/batch_infer.py"), *map(str, args)],
         cwd=ROOT,
@@ -179,6 +179,7 @@ def _job(*args):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        env=env,
     )
 
 
@@ -344,7 +345,8 @@ def test_two_schedules_started_together_leave_one_row_per_input_version(stack, b
 
 @pytest.mark.e2e
 def test_a_writer_paused_after_planning_commits_nothing_twice(stack, bucket, model_uri, where):
-    """Run A (a subprocess) is stopped with SIGSTOP once it writes its data files, after it planned; run B
+    """Run A (a subprocess) is stopped with SIGSTOP (its process group: its driver and job-local Ray) once
+    it writes its data files, after it planned; run B
     plans, predicts and commits everything; A resumes: its commit finds B's rows for its input versions and
     exits 75 with nothing committed. One row per input version, B's snapshot only, A's files orphans that
     maintenance may remove."""
@@ -354,7 +356,9 @@ def test_a_writer_paused_after_planning_commits_nothing_twice(stack, bucket, mod
     location = storage.parse_uri(
         catalog.open_table(catalog.open_catalog(where["catalog"], where["warehouse"]), "preds.t", False).location()
     )
-    a = _job(*args, "--run-id", "a")
+    # each on a job-local Ray of its own: a stopped driver's actors would hold the shared cluster's CPU slots
+    own = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    a = _job(*args, "--run-id", "a", env=own)
     deadline = time.time() + 240
     while time.time() < deadline and a.poll() is None:
         if storage.list_files(location.join("data", "vitray-run=a").uri):
@@ -362,7 +366,7 @@ def test_a_writer_paused_after_planning_commits_nothing_twice(stack, bucket, mod
         time.sleep(0.05)
     os.killpg(a.pid, signal.SIGSTOP)
     try:
-        b = _job(*args, "--run-id", "b")
+        b = _job(*args, "--run-id", "b", env=own)
         text_b = b.communicate(timeout=300)[0]
         assert b.returncode == 0, text_b[-3000:]
     finally:
