@@ -81,29 +81,37 @@ def plain_run(uris: list[str], model_uri: str, out: str, batch: int, reads: int,
         storage.write_bytes(f"{out}/part-{i // batch:05d}.parquet", buf.getvalue())
 
 
+def _stack_bucket(args, name: str) -> str:
+    """Connect to the local stack's Ray and make a bench bucket holding the CPU model at `s3://<it>/model`."""
+    import ray
+    from ray.data import DataContext
+
+    from pipeline.core import storage
+
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    DataContext.get_current().enable_progress_bars = False
+    bucket = f"{name}-{uuid.uuid4().hex[:6]}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    m = vit_model.create_model(args.cpu_model, num_classes=10)
+    w, c = vit_model.export_bytes(m, class_names=[str(i) for i in range(10)])
+    storage.write_bytes(f"s3://{bucket}/model/model.safetensors", w)
+    storage.write_bytes(f"s3://{bucket}/model/config.json", c)
+    return bucket
+
+
 def cpu(args):
     """(a) the job's steps in one plain process and (b) the Ray Data job, each at two sizes; the per-image time
     is the slope between them (start-up, listing and publishing cancel), CPU seconds by role beside it."""
     import local_stack
 
     local_stack.env()  # before importing ray: its auth mode is read at import
-    import ray
     from roles import RoleClock, per_image
 
     from pipeline.core import storage
     from pipeline.inference import batch as inference
     from pipeline.inference.batch import InferConfig
 
-    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
-    bucket = f"bench-{uuid.uuid4().hex[:6]}"
-    storage.s3_client().create_bucket(Bucket=bucket)
-    m = vit_model.create_model(args.cpu_model, num_classes=10)
-    w, c = vit_model.export_bytes(m, class_names=[str(i) for i in range(10)])
-    storage.write_bytes(f"s3://{bucket}/model/model.safetensors", w)
-    storage.write_bytes(f"s3://{bucket}/model/config.json", c)
+    bucket = _stack_bucket(args, "bench")
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
@@ -178,23 +186,12 @@ def table_vs_prefix(args):
     import local_stack
 
     local_stack.env()  # before importing ray: its auth mode is read at import
-    import ray
-
     from pipeline.core import storage
     from pipeline.inference import batch as inference
     from pipeline.inference.batch import InferConfig
     from pipeline.inference.iceberg import table_run
 
-    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
-    bucket = f"bench-table-{uuid.uuid4().hex[:6]}"
-    storage.s3_client().create_bucket(Bucket=bucket)
-    m = vit_model.create_model(args.cpu_model, num_classes=10)
-    w, c = vit_model.export_bytes(m, class_names=[str(i) for i in range(10)])
-    storage.write_bytes(f"s3://{bucket}/model/model.safetensors", w)
-    storage.write_bytes(f"s3://{bucket}/model/config.json", c)
+    bucket = _stack_bucket(args, "bench-table")
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
